@@ -1,0 +1,74 @@
+"""The batch that flows from the data pipeline into the model, the loss and the evaluation.
+
+Conventions (one for the whole package):
+- Frame: the key frame's LiDAR frame (x, y, z in metres; mmdet3d-1.0 LiDAR convention).
+- Boxes: ``(x, y, z, dx, dy, dz, yaw, vx, vy)`` with (x, y, z) the **gravity centre**, dx the length along
+  the heading, dy the width, dz the height, yaw in radians about +z (0 = heading along +x), velocities in
+  m/s in the LiDAR frame.
+- Labels: index into :data:`aqrcmt.config.CLASS_NAMES`.
+- Cameras: the six views in :data:`aqrcmt.config.CAMERA_NAMES` order; images BGR, normalised with the
+  released configs' means/stds; ``lidar2img`` = K4 @ lidar2cam with every image and 3-D augmentation
+  applied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class SampleMeta:
+    """Per-sample facts the model does not need but evaluation and logging do."""
+    sample_token: str
+    lidar2global: torch.Tensor          # (4, 4) float64: key-frame LiDAR frame -> nuScenes global frame
+    timestamp: float = 0.0              # seconds
+    scene_name: str = ""
+
+
+@dataclass
+class Batch:
+    """A collated batch of B samples.
+
+    points:     list of B tensors (N_i, 5) float32: x, y, z, intensity, time lag (s) of the sweep.
+    images:     (B, 6, 3, H, W) float32 normalised images, or None (LiDAR-only model / no cameras).
+    lidar2img:  (B, 6, 4, 4) float64 projection matrices (augmentations included), or None.
+    img_shape:  (H, W) of the images after augmentation (also the padded shape: sizes are multiples of 32).
+    gt_boxes:   list of B tensors (n_i, 9) float32 (see module docstring); empty (0, 9) allowed.
+    gt_labels:  list of B tensors (n_i,) int64.
+    metas:      list of B SampleMeta.
+    """
+    points: list[torch.Tensor]
+    images: Optional[torch.Tensor]
+    lidar2img: Optional[torch.Tensor]
+    img_shape: tuple[int, int]
+    gt_boxes: list[torch.Tensor]
+    gt_labels: list[torch.Tensor]
+    metas: list[SampleMeta] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.points)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """Move every tensor to `device` (metas stay on the CPU)."""
+        def move(x):
+            if isinstance(x, torch.Tensor):
+                return x.to(device, non_blocking=non_blocking)
+            if isinstance(x, list):
+                return [move(v) for v in x]
+            return x
+        return Batch(**{f.name: (getattr(self, f.name) if f.name == "metas" else move(getattr(self, f.name)))
+                        for f in fields(self)})
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True) on custom batch types."""
+        def pin(x):
+            if isinstance(x, torch.Tensor):
+                return x.pin_memory()
+            if isinstance(x, list):
+                return [pin(v) for v in x]
+            return x
+        return Batch(**{f.name: (getattr(self, f.name) if f.name == "metas" else pin(getattr(self, f.name)))
+                        for f in fields(self)})
