@@ -72,3 +72,16 @@ class Batch:
             return x
         return Batch(**{f.name: (getattr(self, f.name) if f.name == "metas" else pin(getattr(self, f.name)))
                         for f in fields(self)})
+
+
+@dataclass
+class Detections:
+    """Decoded detections of one sample, in the same frame and box convention as the ground truth.
+
+    boxes:  (n, 9) float32 (x, y, z gravity centre, dx, dy, dz, yaw, vx, vy), LiDAR frame.
+    scores: (n,) float32 in [0, 1], sorted descending.
+    labels: (n,) int64 class indices.
+    """
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor

@@ -1,0 +1,36 @@
+"""The `aqrcmt` command: one sub-command per task, each implemented in the module that owns the task.
+
+Each module listed in COMMANDS exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-synthetic-nuscenes": ("aqrcmt.data.synthetic", "write a small synthetic nuScenes in the devkit's format"),
+    "build-gt-database": ("aqrcmt.data.gt_database", "build the GT-paste object database from a nuScenes root"),
+    "evaluate": ("aqrcmt.eval.cli", "official nuScenes detection metrics for a results file or a checkpoint"),
+    "convert": ("aqrcmt.checkpoint.convert", "convert an official CMT .pth checkpoint to safetensors (and back)"),
+    "inspect": ("aqrcmt.checkpoint.inspect", "list a checkpoint's keys, shapes and dtypes by module"),
+    "diagnose": ("aqrcmt.models.aqr.diagnose", "AQR rendering/modulation health table, sweeps and map images"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="aqrcmt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Only the chosen sub-command's module is imported (torch/devkit imports are slow).
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == chosen:
+            importlib.import_module(module_name).add_arguments(p)
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
