@@ -1,0 +1,87 @@
+"""AdamW with per-module learning-rate / weight-decay multipliers, and module freezing.
+
+Multipliers are looked up by parameter-name prefix at module boundaries (``"img_backbone"`` matches
+``img_backbone.stem...`` but not ``img_backbone2.x``); the longest matching prefix wins. A learning-rate
+multiplier of 0 freezes the parameter: ``requires_grad=False``, no optimizer state, and every BatchNorm
+inside a fully frozen module stays in eval mode (see :func:`apply_frozen_bn_eval`).
+
+(The released mmcv configs match ``custom_keys`` by substring, longest key first; with the names used
+in this package the prefix rule selects the same parameters for every key of the released configs.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aqrcmt.config import ConfigError, OptimConfig
+
+
+def _match(name: str, table: dict[str, float]) -> tuple[str, float] | None:
+    """Longest key of `table` that is `name` itself or a dotted prefix of it."""
+    best = None
+    for key, value in table.items():
+        if (name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best[0])):
+            best = (key, value)
+    return best
+
+
+@dataclass
+class ParamGroupSpec:
+    lr_mult: float
+    decay_mult: float
+    names: list[str]
+
+
+def group_parameters(model: nn.Module, cfg: OptimConfig) -> dict[tuple[float, float], ParamGroupSpec]:
+    """Partition the trainable parameters by (lr multiplier, decay multiplier).
+
+    Raises ConfigError when a multiplier key matches no parameter (a typo would silently train a module
+    that was meant to be frozen).
+    """
+    names = [n for n, _ in model.named_parameters()]
+    for table_name, table in (("optim.lr_mults", cfg.lr_mults), ("optim.decay_mults", cfg.decay_mults)):
+        for key in table:
+            if not any(n == key or n.startswith(key + ".") for n in names):
+                raise ConfigError(f"config field '{table_name}': key {key!r} matches no parameter of the model")
+    groups: dict[tuple[float, float], ParamGroupSpec] = {}
+    for name, _ in model.named_parameters():
+        lr_mult = (_match(name, cfg.lr_mults) or ("", 1.0))[1]
+        decay_mult = (_match(name, cfg.decay_mults) or ("", 1.0))[1]
+        groups.setdefault((lr_mult, decay_mult), ParamGroupSpec(lr_mult, decay_mult, [])).names.append(name)
+    return groups
+
+
+def frozen_module_prefixes(cfg: OptimConfig) -> list[str]:
+    return sorted(k for k, v in cfg.lr_mults.items() if v == 0)
+
+
+def freeze_and_build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """Freeze lr_mult-0 parameters and build AdamW over the rest, one param group per multiplier pair.
+
+    Each group records its ``base_lr`` (``cfg.lr * lr_mult``) for the schedules.
+    """
+    params = dict(model.named_parameters())
+    param_groups = []
+    for spec in group_parameters(model, cfg).values():
+        if spec.lr_mult == 0:
+            for n in spec.names:
+                params[n].requires_grad_(False)
+            continue
+        group_params = [params[n] for n in spec.names if params[n].requires_grad]
+        if group_params:
+            lr = cfg.lr * spec.lr_mult
+            param_groups.append({"params": group_params, "lr": lr, "base_lr": lr,
+                                 "weight_decay": cfg.weight_decay * spec.decay_mult,
+                                 "lr_mult": spec.lr_mult})
+    if not param_groups:
+        raise ConfigError("config field 'optim.lr_mults': every parameter is frozen, nothing to train")
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def apply_frozen_bn_eval(model: nn.Module, frozen_prefixes: list[str]) -> None:
+    """Put the BatchNorm layers of frozen modules in eval mode (call after every ``model.train()``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _match(name, dict.fromkeys(frozen_prefixes, 0)):
+            module.eval()

@@ -1,0 +1,153 @@
+"""Optimizer grouping/freezing, schedules and crash-safe checkpoints (no model or data needed)."""
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from aqrcmt.config import ConfigError, OptimConfig
+from aqrcmt.training import checkpointing as ckpt
+from aqrcmt.training.optim import apply_frozen_bn_eval, freeze_and_build_optimizer, group_parameters
+from aqrcmt.training.schedule import Schedule
+
+
+def _toy_detector() -> nn.Module:
+    m = nn.Module()
+    m.img_backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    m.img_neck = nn.Conv2d(4, 4, 1)
+    m.pts_bbox_head = nn.Module()
+    m.pts_bbox_head.transformer = nn.Linear(4, 4)
+    m.pts_bbox_head.task_heads = nn.Linear(4, 2)
+    return m
+
+
+def test_longest_prefix_wins_and_unknown_key_is_an_error():
+    model = _toy_detector()
+    cfg = OptimConfig(lr_mults={"pts_bbox_head": 0.5, "pts_bbox_head.task_heads": 0.8}, decay_mults={})
+    groups = group_parameters(model, cfg)
+    by_name = {n: key for key, spec in groups.items() for n in spec.names}
+    assert by_name["pts_bbox_head.task_heads.weight"] == (0.8, 1.0)
+    assert by_name["pts_bbox_head.transformer.weight"] == (0.5, 1.0)
+    assert by_name["img_neck.weight"] == (1.0, 1.0)
+    with pytest.raises(ConfigError, match="img_backbone2"):
+        group_parameters(model, OptimConfig(lr_mults={"img_backbone2": 0.0}))
+
+
+def test_zero_multiplier_freezes_module_and_keeps_its_batchnorm_in_eval():
+    model = _toy_detector()
+    cfg = OptimConfig(lr=1e-3, lr_mults={"img_backbone": 0.0, "img_neck": 0.1}, decay_mults={"img_neck": 5.0})
+    opt = freeze_and_build_optimizer(model, cfg)
+    assert not any(p.requires_grad for p in model.img_backbone.parameters())
+    in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in model.img_backbone.parameters())
+    neck_group = next(g for g in opt.param_groups if any(p is model.img_neck.weight for p in g["params"]))
+    assert neck_group["lr"] == pytest.approx(1e-4) and neck_group["weight_decay"] == pytest.approx(0.05)
+    model.train()
+    apply_frozen_bn_eval(model, ["img_backbone"])
+    bn = model.img_backbone[1]
+    before = bn.running_mean.clone()
+    model.img_backbone(torch.randn(2, 3, 8, 8))
+    assert not bn.training and torch.equal(bn.running_mean, before)
+    with pytest.raises(ConfigError, match="frozen"):
+        freeze_and_build_optimizer(_toy_detector(), OptimConfig(lr_mults={"img_backbone": 0, "img_neck": 0,
+                                                                          "pts_bbox_head": 0}))
+
+
+def test_cyclic_schedule_matches_the_released_policy():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 1e-4, "base_lr": 1e-4}], lr=1e-4)
+    sched = Schedule(opt, OptimConfig(lr=1e-4), total_steps=1000)
+    lrs, betas = [], []
+    for _ in range(1000):
+        lrs.append(opt.param_groups[0]["lr"])
+        betas.append(opt.param_groups[0]["betas"][0])
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4)
+    assert max(lrs) == pytest.approx(8e-4, rel=1e-3) and int(torch.tensor(lrs).argmax()) in (399, 400)
+    assert 1e-8 <= lrs[-1] < 2e-8  # the last step is 1/600 short of the end value
+    assert min(betas) == pytest.approx(0.9 * 0.8947368421052632, rel=1e-4)
+    assert betas[-1] == pytest.approx(0.9, rel=1e-3)
+    restored = Schedule(opt, OptimConfig(lr=1e-4), total_steps=1000)
+    restored.load_state_dict({"step_count": 400, "total_steps": 1000})
+    assert opt.param_groups[0]["lr"] == pytest.approx(lrs[400])
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 1.0, "base_lr": 1.0}], lr=1.0)
+    sched = Schedule(opt, OptimConfig(lr=1.0, schedule="cosine", warmup_steps=10, min_lr_ratio=0.01), 110)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.01, abs=1e-3)
+    assert math.isclose(lrs[60], 0.505, rel_tol=0.02)
+
+
+def _write(run_dir, step, value, keep_last=2):
+    progress = ckpt.TrainingProgress(step=step)
+    return ckpt.write_checkpoint(run_dir, model_state={"w": torch.full((4,), float(value))},
+                                 training_state={"optimizer": {}}, config_json="{}", progress=progress,
+                                 keep_last=keep_last)
+
+
+def test_checkpoints_latest_and_pruning(tmp_path):
+    for step in (1, 2, 3):
+        _write(tmp_path, step, step)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert names == ["step_00000002", "step_00000003"]
+    latest = ckpt.resolve_resume(tmp_path, "latest")
+    tensors, state, _ = ckpt.read_checkpoint(latest, rank=0)
+    assert torch.equal(tensors["w"], torch.full((4,), 3.0)) and state["progress"]["step"] == 3
+
+
+def test_failed_write_keeps_previous_latest(tmp_path, monkeypatch):
+    _write(tmp_path, 1, 1.0)
+
+    def explode(obj, path):
+        raise OSError("disk full")
+    monkeypatch.setattr(ckpt, "torch_save_atomic", explode)
+    with pytest.raises(OSError):
+        _write(tmp_path, 2, 2.0)
+    latest = ckpt.resolve_resume(tmp_path, "latest")
+    assert latest.name == "step_00000001"
+    assert torch.equal(ckpt.read_checkpoint(latest, 0)[0]["w"], torch.ones(4))
+
+
+def test_resume_errors_name_the_problem(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+        ckpt.resolve_resume(tmp_path, "latest")
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint directory"):
+        ckpt.resolve_resume(tmp_path, str(tmp_path))
+
+
+def test_sigkill_while_writing_never_breaks_latest(tmp_path):
+    """A writer process is killed at several moments while writing large checkpoints; 'latest' always loads."""
+    script = textwrap.dedent(f"""
+        import torch, pathlib
+        from aqrcmt.training import checkpointing as ckpt
+        run = pathlib.Path({str(tmp_path)!r})
+        step = 0
+        while True:
+            step += 1
+            ckpt.write_checkpoint(run, model_state={{"w": torch.full((4_000_000,), float(step))}},
+                                  training_state={{"optimizer": {{"x": torch.zeros(1_000_000)}}}}, config_json="{{}}",
+                                  progress=ckpt.TrainingProgress(step=step), keep_last=2)
+    """)
+    for delay in (1.5, 2.2, 2.9):
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        latest = ckpt.resolve_resume(tmp_path, "latest")
+        tensors, state, _ = ckpt.read_checkpoint(latest, 0)
+        step = state["progress"]["step"]
+        assert torch.equal(tensors["w"], torch.full((4_000_000,), float(step)))

@@ -1,0 +1,67 @@
+"""Train (and evaluate) AQR-CMT.
+
+    accelerate launch train/main.py --config cmt_aqr_voxel0075_vov_1600x640_cbgs \
+        --load-from cmt_vov.safetensors --set data.root=/data/nuscenes optim.lr=1e-4
+    python train/main.py --config tiny          # one process, plain Python
+
+Any config field can be overridden with ``--set key.path=value``; the resolved config is saved as
+``<output_dir>/config.json``. See README.md for the checkpoint layout and the monitored signals.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aqrcmt.config import ConfigError, load_config
+from aqrcmt.presets import list_presets
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help=f"a preset ({', '.join(list_presets())}) or a config .json")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    p.add_argument("--output-dir", help="run directory (= --set train.output_dir=...)")
+    p.add_argument("--resume", nargs="?", const="latest", help="continue a run: 'latest' (default) or a checkpoint dir")
+    p.add_argument("--load-from", help="initialise from converted pretrained weights (.safetensors)")
+    p.add_argument("--allow-missing", nargs="*", default=[], metavar="PATTERN",
+                   help="--load-from: accept missing keys matching these fnmatch patterns")
+    p.add_argument("--allow-unexpected", nargs="*", default=[], metavar="PATTERN",
+                   help="--load-from: accept unexpected keys matching these fnmatch patterns")
+    compile_group = p.add_mutually_exclusive_group()
+    compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
+                               help="torch.compile the model (default: on for CUDA)")
+    compile_group.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the (loaded/resumed) model and exit")
+    p.add_argument("--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = list(args.set)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.compile is not None:
+        overrides.append(f"train.compile={args.compile}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from aqrcmt.training.loop import TrainOptions, train  # heavy imports after argument checking
+
+    result = train(cfg, TrainOptions(resume=args.resume, load_from=args.load_from, allow_missing=args.allow_missing,
+                                     allow_unexpected=args.allow_unexpected, eval_only=args.eval_only,
+                                     stop_after_steps=args.stop_after_steps))
+    print(f"run directory: {result.run_dir}")
+    if result.last_checkpoint:
+        print(f"last checkpoint: {result.last_checkpoint / 'model.safetensors'}")
+    if result.metrics:
+        print(f"mAP {result.metrics['mAP']:.4f}  NDS {result.metrics['NDS']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
