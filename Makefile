@@ -26,4 +26,4 @@ test-all: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m ''
 
 bench: install
-	TRITON_INTERPRET=1 $(PY) -m pytest bench -q --benchmark-only -m ''
+	$(PY) -m pytest bench -q --benchmark-only -m '' -o python_files='bench_*.py test_*.py'

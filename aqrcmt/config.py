@@ -119,6 +119,9 @@ class HeadConfig:
     loss_bbox_weight: float = 0.25
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # Normalise losses by the mean of the processes' positive/query counts (all-reduce) instead of the
+    # local counts (the release). With it, N processes compute exactly the 1-process loss of the global batch.
+    sync_loss_normalizers: bool = False
     # decoding
     post_center_range: tuple[float, ...] = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
     max_num: int = 300

@@ -136,7 +136,7 @@ def tiny() -> Config:
         sparse_shape=(41, 160, 160),
     )
     camera = CameraConfig(backbone="tiny", backbone_out_channels=(64, 128), neck_out_channels=64,
-                          image_size=(128, 352), grid_mask=False)
+                          image_size=(128, 352), grid_mask=False, frozen_bn=False)  # trained from scratch
     head = HeadConfig(in_channels=512, hidden_dim=64, num_query=100, depth_num=16, num_layers=2, num_heads=4,
                       ffn_dim=128, head_conv=32, dropout=0.0, dn_max_gt=16, max_num=100)
     return Config(

@@ -196,9 +196,8 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
                 ckpt.update_best(run_dir, ckpt_dir)
         return metrics
 
-    if options.eval_only:
-        path = save()
-        return TrainResult(run_dir, progress, path, run_evaluation(path))
+    if options.eval_only:  # metrics.json and the results file go to <run_dir>/eval
+        return TrainResult(run_dir, progress, None, evaluate(accelerator, unwrapped, cfg, run_dir / "eval"))
 
     aqr = getattr(unwrapped.pts_bbox_head, "aqr", None) if hasattr(unwrapped, "pts_bbox_head") else None
     bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train")

@@ -1,0 +1,305 @@
+"""CmtHead: queries with 3-D reference points decode a joint BEV + camera token memory into boxes.
+
+Forward (cmt_spec.md 2.2): shared 3x3 conv on the BEV map -> denoising queries (training) -> position
+encodings of BEV cells, image cells and queries -> [AQR feature modulation] -> 6-layer decoder -> grouped
+task heads -> centre / height mapped to metres through the reference points. ``loss`` gives the 24
+official terms (Hungarian matching + denoising, every layer), ``decode`` the NMS-free detections.
+Sub-module names equal the official ``pts_bbox_head.*`` checkpoint keys. The LiDAR-only release
+(``with_camera=False``: no rv_embedding, final_kernel 3) and the camera-only release (``with_lidar=False``:
+no shared_conv, image memory only) are the same class.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from aqrcmt.config import AQRConfig, HeadConfig
+from aqrcmt.data.batch import Detections
+from aqrcmt.models.assigner import hungarian_assign, match_cost
+from aqrcmt.models.bbox_coder import box_codes, decode_detections, encode_boxes
+from aqrcmt.models.denoising import Denoising, prepare_denoising
+from aqrcmt.models.losses import sigmoid_focal_loss, weighted_l1_loss
+from aqrcmt.models.position_encoding import (
+    bev_grid_coords, image_ray_points, inverse_sigmoid, pos2embed, projection_matrices, query_ray_points, ray_depths,
+)
+from aqrcmt.models.task_head import SeparateTaskHead
+from aqrcmt.models.transformer import CmtTransformer
+
+PRED_KEYS: tuple[str, ...] = ("center", "height", "dim", "rot", "vel", "cls_logits")
+# Official DN classification normaliser: expected positives = N * (sphere / cube volume) = N pi/6 split^3,
+# with pi written as 3.14159 in the official code.
+_DN_PI = 3.14159
+_NEG_CLS_AVG_WEIGHT = 0.1
+
+
+class ConvBNReLU(nn.Module):
+    """3x3 conv (no bias) -> BatchNorm2d -> ReLU; keys ``conv.weight``, ``bn.*``."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+class CmtHead(nn.Module):
+    """The CMT detection head.
+
+    cfg: head hyper-parameters; pc_range: (x_min, y_min, z_min, x_max, y_max, z_max) in metres; bev_size:
+    (H, W) of the BEV map; with_lidar / with_camera: which memories exist; aqr: optional AQR modulation.
+    """
+
+    def __init__(self, cfg: HeadConfig, *, pc_range: tuple[float, ...], bev_size: tuple[int, int],
+                 with_lidar: bool, with_camera: bool, aqr: Optional[AQRConfig] = None) -> None:
+        super().__init__()
+        if not (with_lidar or with_camera):
+            raise ValueError("CmtHead needs with_lidar or with_camera")
+        if len(pc_range) != 6:
+            raise ValueError(f"pc_range needs 6 values, got {pc_range}")
+        cfg.validate()
+        self.cfg = cfg
+        self.pc_range = tuple(float(v) for v in pc_range)
+        self.bev_size = tuple(bev_size)
+        self.with_lidar, self.with_camera = with_lidar, with_camera
+        hidden = cfg.hidden_dim
+
+        self.shared_conv = ConvBNReLU(cfg.in_channels, hidden) if with_lidar else None
+        self.transformer = CmtTransformer(cfg.num_layers, hidden, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
+        self.reference_points = nn.Embedding(cfg.num_query, 3)
+        nn.init.uniform_(self.reference_points.weight, 0.0, 1.0)
+        self.bev_embedding = _mlp(2 * hidden, hidden, hidden)
+        self.rv_embedding = _mlp(3 * cfg.depth_num, 4 * hidden, hidden) if with_camera else None
+        heads = {"center": 2, "height": 1, "dim": 3, "rot": 2, "vel": 2, "cls_logits": cfg.num_classes}
+        self.task_heads = nn.ModuleList([SeparateTaskHead(hidden, heads, groups=cfg.num_layers,
+                                                          head_conv=cfg.head_conv, final_kernel=cfg.final_kernel)])
+        self.register_buffer("bev_coords", bev_grid_coords(self.bev_size), persistent=False)
+        self.register_buffer("depths", ray_depths(cfg.depth_num, self.pc_range[3]), persistent=False)
+        self.register_buffer("code_weights", torch.tensor(cfg.code_weights, dtype=torch.float32), persistent=False)
+
+        self.aqr = None
+        if aqr is not None and aqr.enabled:
+            from aqrcmt.models.aqr.module import AQRModulation
+            self.aqr = AQRModulation(aqr, head_cfg=cfg, pc_range=self.pc_range, bev_size=self.bev_size)
+
+    # ---------------------------------------------------------------------------------------------
+    # Position encodings
+    # ---------------------------------------------------------------------------------------------
+    def bev_position_embedding(self) -> Tensor:
+        """Embedding of every BEV cell: (H * W, C)."""
+        return self.bev_embedding(pos2embed(self.bev_coords, self.cfg.hidden_dim))
+
+    def image_position_embedding(self, feat_size: tuple[int, int], img2lidar: Tensor,
+                                 img_shape: tuple[int, int]) -> Tensor:
+        """Camera-ray embedding of every image-feature cell: img2lidar (B, V, 4, 4) -> (B * V, h, w, C)."""
+        rays = image_ray_points(img2lidar.flatten(0, 1), feat_size, img_shape, self.depths, self.pc_range)
+        return self.rv_embedding(rays)
+
+    def query_embedding(self, reference: Tensor, lidar2img: Optional[Tensor], img2lidar: Optional[Tensor],
+                        img_shape: tuple[int, int]) -> tuple[Tensor, Optional[Tensor]]:
+        """(BEV part, camera part or None) of the query position embedding, each (B, Nq, C).
+
+        The camera part sums the ray embedding over the views that see the query (0 when none does).
+        """
+        reference = inverse_sigmoid(reference).sigmoid()
+        bev = self.bev_embedding(pos2embed(reference, self.cfg.hidden_dim))
+        if not self.with_camera:
+            return bev, None
+        rays, visible = query_ray_points(reference, lidar2img, img2lidar, img_shape, self.depths, self.pc_range)
+        camera = (self.rv_embedding(rays) * visible.unsqueeze(-1)).sum(dim=1)
+        return bev, camera
+
+    # ---------------------------------------------------------------------------------------------
+    # Forward
+    # ---------------------------------------------------------------------------------------------
+    def forward(self, bev_feat: Optional[Tensor], img_feat: Optional[Tensor], lidar2img: Optional[Tensor],
+                img_shape: tuple[int, int], gt_boxes: Optional[list[Tensor]] = None,
+                gt_labels: Optional[list[Tensor]] = None, dn_noise: Optional[Tensor] = None) -> dict:
+        """Predict boxes for every decoder layer.
+
+        bev_feat: (B, in_channels, H, W) or None; img_feat: (B * 6, C, h, w) or None; lidar2img: (B, 6, 4, 4)
+        float64 (needed with cameras); img_shape: (H, W) of the (padded) images. gt_boxes / gt_labels
+        (gravity-centre (n, 9) / (n,)) enable denoising queries in training; dn_noise optionally replaces
+        their uniform noise draws (see :func:`prepare_denoising`).
+        Returns {key: (L, B, Nq, k)} for center (m), height (m, carries log dx), dim, rot, vel, cls_logits;
+        with denoising also ``dn_<key>`` (L, B, P, k); ``dn`` holds the :class:`Denoising` record or None.
+        """
+        x, x_img, batch = self._check_inputs(bev_feat, img_feat, lidar2img)
+        if x is not None:
+            x = self.shared_conv(x)
+
+        dn = None
+        if self.training and self.cfg.use_dn and gt_boxes is not None:
+            if gt_labels is None:
+                raise ValueError("gt_labels is required together with gt_boxes")
+            dn = prepare_denoising(gt_boxes, gt_labels, cfg=self.cfg, pc_range=self.pc_range, noise=dn_noise)
+        reference = self.reference_points.weight.unsqueeze(0).expand(batch, -1, -1)
+        if dn is not None:
+            reference = torch.cat((dn.reference.to(reference), reference), dim=1)
+        num_dn = dn.pad_size if dn is not None else 0
+
+        l2i = i2l = bev_pos = rv_pos = None
+        if self.with_camera:
+            l2i, i2l = projection_matrices(lidar2img)
+            rv_pos = self.image_position_embedding(x_img.shape[-2:], i2l, img_shape)
+        if self.with_lidar:
+            bev_pos = self.bev_position_embedding()
+        bev_query, rv_query = self.query_embedding(reference, l2i, i2l, img_shape)
+        query_pos = bev_query if rv_query is None else bev_query + rv_query
+
+        if self.aqr is not None:
+            x, x_img = self.aqr(x, x_img, query_pos=query_pos, bev_pos=bev_pos, rv_pos=rv_pos,
+                                reference_points=reference, lidar2img=lidar2img, img_shape=img_shape, num_dn=num_dn)
+
+        features = self.transformer(query_pos, x, bev_pos, x_img, rv_pos,
+                                    dn.attn_mask if dn is not None else None)
+        preds = self.task_heads[0](torch.nan_to_num(features))
+        preds = self._to_metres(preds, inverse_sigmoid(reference))
+
+        outputs: dict = {"dn": dn}
+        for key in PRED_KEYS:
+            outputs[key] = preds[key][:, :, num_dn:]
+            if dn is not None:
+                outputs["dn_" + key] = preds[key][:, :, :num_dn]
+        return outputs
+
+    def _check_inputs(self, bev_feat: Optional[Tensor], img_feat: Optional[Tensor],
+                      lidar2img: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor], int]:
+        cfg = self.cfg
+        batch = None
+        if self.with_lidar:
+            if bev_feat is None or bev_feat.dim() != 4 or bev_feat.shape[1] != cfg.in_channels:
+                raise ValueError(f"bev_feat must be (B, {cfg.in_channels}, H, W), got "
+                                 f"{None if bev_feat is None else tuple(bev_feat.shape)}")
+            if tuple(bev_feat.shape[-2:]) != self.bev_size:
+                raise ValueError(f"bev_feat spatial size {tuple(bev_feat.shape[-2:])} != bev_size {self.bev_size}")
+            batch = bev_feat.shape[0]
+        elif bev_feat is not None:
+            raise ValueError("bev_feat given to a head built with with_lidar=False")
+        if self.with_camera:
+            if lidar2img is None or lidar2img.dim() != 4 or lidar2img.shape[-2:] != (4, 4):
+                raise ValueError(f"lidar2img must be (B, V, 4, 4), got "
+                                 f"{None if lidar2img is None else tuple(lidar2img.shape)}")
+            views = lidar2img.shape[1]
+            batch = lidar2img.shape[0] if batch is None else batch
+            if (img_feat is None or img_feat.dim() != 4 or img_feat.shape[1] != cfg.hidden_dim
+                    or img_feat.shape[0] != batch * views or lidar2img.shape[0] != batch):
+                raise ValueError(f"img_feat must be (B * {views}, {cfg.hidden_dim}, h, w) with B = {batch}, got "
+                                 f"{None if img_feat is None else tuple(img_feat.shape)}")
+        elif img_feat is not None:
+            raise ValueError("img_feat given to a head built with with_camera=False")
+        return bev_feat, img_feat, batch
+
+    def _to_metres(self, preds: dict[str, Tensor], reference_logit: Tensor) -> dict[str, Tensor]:
+        """centre = sigmoid(out + logit(ref_xy)) over the x/y range; height likewise with ref_z over z."""
+        low = reference_logit.new_tensor(self.pc_range[:3])
+        span = reference_logit.new_tensor(self.pc_range[3:6]) - low
+        preds = dict(preds)
+        preds["center"] = (preds["center"] + reference_logit[..., :2]).sigmoid() * span[:2] + low[:2]
+        preds["height"] = (preds["height"] + reference_logit[..., 2:3]).sigmoid() * span[2:] + low[2:]
+        return preds
+
+    # ---------------------------------------------------------------------------------------------
+    # Loss
+    # ---------------------------------------------------------------------------------------------
+    def loss(self, outputs: dict, gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> dict[str, Tensor]:
+        """The official loss terms in fp32: ``loss_cls``, ``loss_bbox`` (last layer), ``d{i}.loss_*`` (earlier
+        layers) and the same with ``dn_`` for the denoising queries (when training with denoising).
+
+        gt_boxes: B tensors (n_b, 9) gravity-centre boxes; gt_labels: B tensors (n_b,).
+        """
+        codes = box_codes(outputs).float()
+        device = codes.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            gt_boxes = [b.to(device).float() for b in gt_boxes]
+            gt_labels = [lab.to(device).long() for lab in gt_labels]
+            cls, bbox = self._matching_losses(outputs["cls_logits"].float(), codes, gt_boxes, gt_labels)
+            terms = {"loss_cls": cls, "loss_bbox": bbox}
+            dn = outputs.get("dn")
+            if dn is not None:
+                terms["dn_loss_cls"], terms["dn_loss_bbox"] = self._denoising_losses(outputs, dn)
+            elif self.training and self.cfg.use_dn:  # no GT in the batch: keep the keys, add zero
+                zero = outputs["cls_logits"].float().sum((1, 2, 3)) * 0.0
+                terms["dn_loss_cls"], terms["dn_loss_bbox"] = zero, zero
+        losses = {}
+        last = codes.shape[0] - 1
+        for name, per_layer in terms.items():
+            per_layer = torch.nan_to_num(per_layer)
+            losses[name] = per_layer[last]
+            for layer in range(last):
+                losses[f"d{layer}.{name}"] = per_layer[layer]
+        return losses
+
+    def _matching_losses(self, logits: Tensor, codes: Tensor, gt_boxes: list[Tensor],
+                         gt_labels: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Hungarian-matched focal and L1 losses per decoder layer: logits (L, B, Q, C), codes (L, B, Q, 10)."""
+        cfg = self.cfg
+        layers, batch, queries, num_classes = logits.shape
+        labels = torch.full((layers, batch, queries), num_classes, dtype=torch.long, device=logits.device)
+        targets = codes.new_zeros(codes.shape)
+        positive = torch.zeros(layers, batch, queries, dtype=torch.bool, device=logits.device)
+        for b, (boxes, sample_labels) in enumerate(zip(gt_boxes, gt_labels)):
+            if boxes.shape[0] == 0:
+                continue
+            gt_codes = encode_boxes(boxes)
+            cost = match_cost(logits[:, b], codes[:, b], sample_labels, gt_codes, self.code_weights,
+                              cls_weight=cfg.loss_cls_weight, reg_weight=cfg.loss_bbox_weight,
+                              alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+            pairs = hungarian_assign(cost)
+            layer_index = torch.cat([torch.full_like(q, layer) for layer, (q, _) in enumerate(pairs)])
+            query_index = torch.cat([q for q, _ in pairs])
+            gt_index = torch.cat([g for _, g in pairs])
+            labels[layer_index, b, query_index] = sample_labels[gt_index]
+            targets[layer_index, b, query_index] = gt_codes[gt_index]
+            positive[layer_index, b, query_index] = True
+
+        num_pos = self._normalizer(positive.flatten(1).sum(1).float())
+        num_neg = self._normalizer(torch.full_like(num_pos, batch * queries)) - num_pos
+        cls_norm = (num_pos + _NEG_CLS_AVG_WEIGHT * num_neg).clamp(min=1.0)
+        focal = sigmoid_focal_loss(logits, labels, cfg.focal_alpha, cfg.focal_gamma).flatten(1).sum(1)
+        weight = (positive & torch.isfinite(targets).all(-1)).unsqueeze(-1) * self.code_weights
+        l1 = weighted_l1_loss(codes, targets, weight).flatten(1).sum(1)
+        return cfg.loss_cls_weight * focal / cls_norm, cfg.loss_bbox_weight * l1 / num_pos.clamp(min=1.0)
+
+    def _denoising_losses(self, outputs: dict, dn: Denoising) -> tuple[Tensor, Tensor]:
+        """Focal loss with the noised labels and L1 to the clean boxes on every denoising query, per layer."""
+        cfg = self.cfg
+        index = (slice(None), dn.batch_index, dn.slot_index)
+        logits = outputs["dn_cls_logits"].float()[index]                     # (L, N, C)
+        codes = box_codes(outputs, "dn_").float()[index]                      # (L, N, 10)
+        targets = encode_boxes(dn.boxes.float())
+        count = self._normalizer(logits.new_tensor(float(dn.labels.numel())))
+        cls_norm = (count * _DN_PI / 6 * cfg.dn_split ** 3).clamp(min=1.0)
+        focal = sigmoid_focal_loss(logits, dn.labels.expand(logits.shape[:2]), cfg.focal_alpha, cfg.focal_gamma)
+        weight = torch.isfinite(targets).all(-1, keepdim=True) * self.code_weights
+        l1 = weighted_l1_loss(codes, targets, weight)
+        return (cfg.loss_cls_weight * focal.flatten(1).sum(1) / cls_norm,
+                cfg.loss_bbox_weight * l1.flatten(1).sum(1) / count.clamp(min=1.0))
+
+    def _normalizer(self, local_count: Tensor) -> Tensor:
+        """A loss normaliser: the local count, or its mean over processes with `sync_loss_normalizers`."""
+        if not (self.cfg.sync_loss_normalizers and torch.distributed.is_available()
+                and torch.distributed.is_initialized()):
+            return local_count
+        total = local_count.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total / torch.distributed.get_world_size()
+
+    # ---------------------------------------------------------------------------------------------
+    # Decoding
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, outputs: dict) -> list[Detections]:
+        """NMS-free detections of the last decoder layer, gravity-centre boxes (see aqrcmt.data.batch)."""
+        return decode_detections(outputs["cls_logits"][-1], box_codes(outputs)[-1], max_num=self.cfg.max_num,
+                                 post_center_range=self.cfg.post_center_range,
+                                 score_threshold=self.cfg.score_threshold)

@@ -1,0 +1,33 @@
+"""Detection losses: sigmoid focal loss and weighted L1, both element-wise (no reduction).
+
+The caller sums, divides by its own normaliser (the official avg_factors, see cmt_spec.md 2.7) and applies
+the loss weight, so each normalisation stays visible where it is decided.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sigmoid_focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Element-wise sigmoid focal loss (..., C).
+
+    logits: (..., C); labels: (...) in [0, C], where C means "no object" (an all-zero target row).
+    Per element: BCE(p, t) * (alpha t + (1 - alpha)(1 - t)) * |t - p|^gamma.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    num_classes = logits.shape[-1]
+    target = F.one_hot(labels.long(), num_classes + 1)[..., :num_classes].to(logits.dtype)
+    prob = logits.sigmoid()
+    modulator = (target - prob).abs().pow(gamma)
+    balance = alpha * target + (1 - alpha) * (1 - target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return bce * balance * modulator
+
+
+def weighted_l1_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """|pred - target| * weight element-wise; zero-weight elements give exactly 0 (even if non-finite)."""
+    diff = (pred - target).abs() * weight
+    return torch.where(weight != 0, diff, torch.zeros_like(diff))
