@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-synthetic-nuscenes": ("aqrcmt.data.synthetic", "write a small synthetic nuScenes in the devkit's format"),
     "build-gt-database": ("aqrcmt.data.gt_database", "build the GT-paste object database from a nuScenes root"),
+    "create-infos": ("aqrcmt.data.nuscenes_dataset", "write mmdet3d/CMT-style nuscenes_infos_*.pkl from a nuScenes root"),
     "evaluate": ("aqrcmt.eval.cli", "official nuScenes detection metrics for a results file or a checkpoint"),
     "convert": ("aqrcmt.checkpoint.convert", "convert an official CMT .pth checkpoint to safetensors (and back)"),
     "inspect": ("aqrcmt.checkpoint.inspect", "list a checkpoint's keys, shapes and dtypes by module"),

@@ -1,0 +1,248 @@
+"""Official nuScenes detection metrics for aqrcmt detections.
+
+Path: ``Detections`` (LiDAR frame, see :mod:`aqrcmt.data.batch`) -> global-frame nuScenes boxes (the export of
+the released code: gravity centre, size (w, l, h) = (dy, dx, dz), rotation about z by yaw, velocity (vx, vy, 0),
+then LiDAR -> global with the key frame's 4x4 transform) -> results JSON with a default attribute per class ->
+``nuscenes.eval.detection.DetectionEval`` (config ``detection_cvpr_2019``) -> a flat metrics dict.
+
+Pitfalls handled here (see shared/docs/nuscenes_synthetic.md): the results must cover exactly the split's
+samples; an all-empty submission crashes inside the devkit, so it is scored here as mAP = NDS = 0; at most
+500 boxes per sample; velocities must be global; the JSON needs a ``meta`` entry.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from pyquaternion import Quaternion
+
+from aqrcmt.config import CLASS_NAMES
+from aqrcmt.data.batch import Detections, SampleMeta
+
+MAX_BOXES_PER_SAMPLE = 500
+EVAL_CONFIG = "detection_cvpr_2019"
+TP_METRICS: dict[str, str] = {            # devkit name -> the usual abbreviation
+    "trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "vel_err": "mAVE", "attr_err": "mAAE",
+}
+# mmdet3d's NuScenesDataset.DefaultAttribute; `attribute_name` applies its speed > 0.2 m/s rule on top.
+DEFAULT_ATTRIBUTE: dict[str, str] = {
+    "car": "vehicle.parked", "pedestrian": "pedestrian.moving", "trailer": "vehicle.parked",
+    "truck": "vehicle.parked", "bus": "vehicle.moving", "motorcycle": "cycle.without_rider",
+    "construction_vehicle": "vehicle.parked", "bicycle": "cycle.without_rider", "barrier": "", "traffic_cone": "",
+}
+MOVING_SPEED = 0.2                        # m/s
+_VEHICLES = ("car", "construction_vehicle", "bus", "truck", "trailer")
+_CYCLES = ("bicycle", "motorcycle")
+_PREDEFINED_SPLIT_SUFFIX = {"train": "trainval", "val": "trainval", "train_detect": "trainval",
+                            "train_track": "trainval", "mini_train": "mini", "mini_val": "mini", "test": "test"}
+
+
+class EvaluationError(ValueError):
+    """The inputs of an evaluation are inconsistent (root, version, split, or the predictions)."""
+
+
+def attribute_name(class_name: str, speed: float) -> str:
+    """The attribute the released code writes for a box of `class_name` moving at `speed` m/s."""
+    if speed > MOVING_SPEED:
+        if class_name in _VEHICLES:
+            return "vehicle.moving"
+        if class_name in _CYCLES:
+            return "cycle.with_rider"
+        return DEFAULT_ATTRIBUTE[class_name]
+    if class_name == "pedestrian":
+        return "pedestrian.standing"
+    if class_name == "bus":
+        return "vehicle.stopped"
+    return DEFAULT_ATTRIBUTE[class_name]
+
+
+def _rotation_part(transform: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(R, t) of a 4x4 rigid transform, R re-orthonormalised (the transform may have passed through float32)."""
+    t = np.asarray(transform.detach().cpu() if isinstance(transform, torch.Tensor) else transform, dtype=np.float64)
+    if t.shape != (4, 4):
+        raise EvaluationError(f"lidar2global must be 4x4, got shape {tuple(t.shape)}")
+    u, _, vt = np.linalg.svd(t[:3, :3])
+    return u @ vt, t[:3, 3]
+
+
+def detections_to_results(detections: Sequence[Detections], metas: Sequence[SampleMeta],
+                          class_names: Sequence[str] = CLASS_NAMES,
+                          max_boxes: int = MAX_BOXES_PER_SAMPLE) -> dict[str, list[dict[str, Any]]]:
+    """nuScenes results entries per sample token, in the global frame; the top `max_boxes` by score per sample."""
+    if len(detections) != len(metas):
+        raise EvaluationError(f"got {len(detections)} detections but {len(metas)} metas")
+    results: dict[str, list[dict[str, Any]]] = {}
+    for det, meta in zip(detections, metas):
+        if meta.sample_token in results:
+            raise EvaluationError(f"sample {meta.sample_token} appears twice in the detections")
+        boxes = det.boxes.detach().to("cpu", torch.float64).numpy()
+        scores = det.scores.detach().to("cpu", torch.float64).numpy()
+        labels = det.labels.detach().cpu().numpy()
+        if boxes.ndim != 2 or boxes.shape[1] != 9 or len(scores) != len(boxes) or len(labels) != len(boxes):
+            raise EvaluationError(f"sample {meta.sample_token}: boxes must be (n, 9) with n scores and labels, got "
+                                  f"{tuple(boxes.shape)}, {tuple(scores.shape)}, {tuple(labels.shape)}")
+        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+            raise EvaluationError(f"sample {meta.sample_token}: non-finite boxes or scores")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+            raise EvaluationError(f"sample {meta.sample_token}: labels must be in [0, {len(class_names)})")
+        if (boxes[:, 3:6] <= 0).any():
+            raise EvaluationError(f"sample {meta.sample_token}: box sizes (dx, dy, dz) must be > 0")
+        order = np.argsort(-scores, kind="stable")[:max_boxes]
+        rotation, translation = _rotation_part(meta.lidar2global)
+        centers = boxes[order, :3] @ rotation.T + translation
+        velocities = np.concatenate([boxes[order, 7:9], np.zeros((len(order), 1))], axis=1) @ rotation.T
+        entries = []
+        for i, center, velocity in zip(order, centers, velocities):
+            yaw = float(boxes[i, 6])
+            orientation = Quaternion(matrix=rotation) * Quaternion(axis=(0.0, 0.0, 1.0), radians=yaw)
+            name = class_names[int(labels[i])]
+            entries.append({
+                "sample_token": meta.sample_token,
+                "translation": [float(v) for v in center],
+                "size": [float(boxes[i, 4]), float(boxes[i, 3]), float(boxes[i, 5])],   # (w, l, h)
+                "rotation": [float(v) for v in orientation.elements],
+                "velocity": [float(velocity[0]), float(velocity[1])],
+                "detection_name": name,
+                "detection_score": float(scores[i]),
+                "attribute_name": attribute_name(name, math.hypot(velocity[0], velocity[1])),
+            })
+        results[meta.sample_token] = entries
+    return results
+
+
+def write_results(results: dict[str, list[dict[str, Any]]], path: str | Path, use_camera: bool,
+                  use_lidar: bool) -> Path:
+    """Write the official submission format ``{"meta": ..., "results": ...}`` to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"use_camera": use_camera, "use_lidar": use_lidar, "use_radar": False, "use_map": False,
+            "use_external": False}
+    path.write_text(json.dumps({"meta": meta, "results": results}))
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def load_nuscenes(root: str, version: str):
+    """The devkit's NuScenes index (cached: evaluating every epoch reloads nothing). Clear errors for a bad
+    root or version."""
+    from nuscenes import NuScenes
+
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise EvaluationError(f"nuScenes root {root_path} does not exist or is not a directory")
+    if not (root_path / version).is_dir():
+        found = sorted(p.name for p in root_path.iterdir() if (p / "sample.json").is_file())
+        raise EvaluationError(f"nuScenes version {version!r} not found under {root_path} "
+                              f"(versions there: {found or 'none'})")
+    return NuScenes(version=version, dataroot=str(root_path), verbose=False)
+
+
+def split_sample_tokens(nusc, eval_set: str) -> list[str]:
+    """Sample tokens of a predefined split or of a custom split in ``ROOT/<version>/splits.json``."""
+    from nuscenes.utils.splits import create_splits_scenes
+
+    if eval_set in _PREDEFINED_SPLIT_SUFFIX:
+        suffix = _PREDEFINED_SPLIT_SUFFIX[eval_set]
+        if not nusc.version.endswith(suffix):
+            raise EvaluationError(f"eval_set {eval_set!r} needs a version ending in {suffix!r}, got {nusc.version!r}")
+        scene_names = set(create_splits_scenes()[eval_set])
+    else:
+        splits_file = Path(nusc.dataroot) / nusc.version / "splits.json"
+        custom = json.loads(splits_file.read_text()) if splits_file.is_file() else {}
+        if eval_set not in custom:
+            raise EvaluationError(f"unknown eval_set {eval_set!r}: not a predefined split "
+                                  f"({sorted(_PREDEFINED_SPLIT_SUFFIX)}) nor in {splits_file}")
+        scene_names = set(custom[eval_set])
+    scene_of = {s["token"]: s["name"] for s in nusc.scene}
+    return [s["token"] for s in nusc.sample if scene_of[s["scene_token"]] in scene_names]
+
+
+def evaluate_results_file(result_path: str | Path, root: str | Path, version: str, eval_set: str,
+                          output_dir: str | Path, verbose: bool = False) -> dict[str, Any]:
+    """Run DetectionEval on a results JSON; write ``metrics_summary.json``, ``metrics_details.json`` and
+    ``metrics.json`` (the flat dict returned here) to `output_dir`."""
+    result_path, output_dir = Path(result_path), Path(output_dir)
+    if not result_path.is_file():
+        raise EvaluationError(f"results file {result_path} does not exist")
+    submission = json.loads(result_path.read_text())
+    if not isinstance(submission, dict) or "results" not in submission or "meta" not in submission:
+        raise EvaluationError(f"results file {result_path} needs the keys 'meta' and 'results'")
+    nusc = load_nuscenes(str(root), version)
+    expected = set(split_sample_tokens(nusc, eval_set))
+    if not expected:
+        raise EvaluationError(f"split {eval_set!r} has no samples in {root} ({version})")
+    given = set(submission["results"])
+    if given != expected:
+        raise EvaluationError(
+            f"results file {result_path} must cover exactly the {len(expected)} samples of {eval_set!r}: "
+            f"{len(expected - given)} missing, {len(given - expected)} not in the split")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if sum(len(boxes) for boxes in submission["results"].values()) == 0:
+        metrics = _empty_submission_metrics()
+    else:
+        from nuscenes.eval.detection.config import config_factory
+        from nuscenes.eval.detection.evaluate import DetectionEval
+
+        evaluator = DetectionEval(nusc, config=config_factory(EVAL_CONFIG), result_path=str(result_path),
+                                  eval_set=eval_set, output_dir=str(output_dir), verbose=verbose)
+        summary_metrics, metric_data = evaluator.evaluate()
+        summary = summary_metrics.serialize()
+        summary["meta"] = submission["meta"]
+        (output_dir / "metrics_summary.json").write_text(json.dumps(summary, indent=2))
+        (output_dir / "metrics_details.json").write_text(json.dumps(metric_data.serialize(), indent=2))
+        metrics = _flatten(summary)
+    metrics["num_samples"] = len(expected)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def evaluate_detections(detections: Sequence[Detections], metas: Sequence[SampleMeta], root: str | Path,
+                        version: str, eval_set: str, output_dir: str | Path, use_camera: bool = True,
+                        use_lidar: bool = True, verbose: bool = False) -> dict[str, Any]:
+    """Export `detections` (one per sample, LiDAR frame) to ``output_dir/results_nusc.json`` and score them.
+
+    Returns the flat metrics dict: ``mAP``, ``NDS``, ``mATE`` .. ``mAAE``, ``AP/<class>``, ``<TP>/<class>``.
+    """
+    results = detections_to_results(detections, metas)
+    path = write_results(results, Path(output_dir) / "results_nusc.json", use_camera=use_camera, use_lidar=use_lidar)
+    return evaluate_results_file(path, root, version, eval_set, output_dir, verbose=verbose)
+
+
+def _flatten(summary: dict[str, Any]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"mAP": summary["mean_ap"], "NDS": summary["nd_score"]}
+    for name, short in TP_METRICS.items():
+        metrics[short] = summary["tp_errors"][name]
+    for cls in CLASS_NAMES:
+        metrics[f"AP/{cls}"] = summary["mean_dist_aps"][cls]
+        for name, short in TP_METRICS.items():
+            value = summary["label_tp_errors"][cls][name]
+            metrics[f"{short[1:]}/{cls}"] = None if value is None or math.isnan(value) else value
+    return metrics
+
+
+def _empty_submission_metrics() -> dict[str, Any]:
+    """What DetectionEval would report if it accepted a submission without a single box: nothing detected, so
+    every AP is 0 and every TP error takes its worst value 1 (NDS = 0)."""
+    summary = {"mean_ap": 0.0, "nd_score": 0.0, "tp_errors": {name: 1.0 for name in TP_METRICS},
+               "mean_dist_aps": {cls: 0.0 for cls in CLASS_NAMES},
+               "label_tp_errors": {cls: {name: 1.0 for name in TP_METRICS} for cls in CLASS_NAMES}}
+    metrics = _flatten(summary)
+    metrics["empty_predictions"] = True
+    return metrics
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A text table: the summary line, then one row per class (AP and TP errors; '-' where not defined)."""
+    head = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("mAP", "NDS", *TP_METRICS.values()))
+    columns = [short[1:] for short in TP_METRICS.values()]
+    lines = [head, f"{'class':<22}{'AP':>8}" + "".join(f"{c:>8}" for c in columns)]
+    for cls in CLASS_NAMES:
+        cells = [metrics[f"{c}/{cls}"] for c in columns]
+        lines.append(f"{cls:<22}{metrics[f'AP/{cls}']:>8.4f}"
+                     + "".join(f"{'-':>8}" if v is None else f"{v:>8.4f}" for v in cells))
+    return "\n".join(lines)

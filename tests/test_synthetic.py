@@ -1,0 +1,164 @@
+"""The synthetic nuScenes: the devkit loads it, its geometry is consistent, and it is deterministic."""
+from __future__ import annotations
+
+import filecmp
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES
+from nuscenes import NuScenes
+from nuscenes.eval.detection.utils import category_to_detection_name
+from nuscenes.utils.data_classes import LidarPointCloud
+from nuscenes.utils.geometry_utils import points_in_box, view_points
+from nuscenes.utils.splits import create_splits_scenes
+from pyquaternion import Quaternion
+
+from aqrcmt.data.synthetic import make_synthetic_nuscenes
+
+CLASS_RANGE = {"car": 50, "truck": 50, "bus": 50, "trailer": 50, "construction_vehicle": 50, "pedestrian": 40,
+               "motorcycle": 40, "bicycle": 40, "traffic_cone": 30, "barrier": 30}
+
+
+@pytest.fixture(scope="module")
+def nusc(synthetic_root: Path) -> NuScenes:
+    return NuScenes("v1.0-mini", str(synthetic_root), verbose=False)
+
+
+def _pose(record: dict) -> np.ndarray:
+    t = np.eye(4)
+    t[:3, :3], t[:3, 3] = Quaternion(record["rotation"]).rotation_matrix, record["translation"]
+    return t
+
+
+def _sensor2global(nusc: NuScenes, sample_data_token: str) -> np.ndarray:
+    sd = nusc.get("sample_data", sample_data_token)
+    return _pose(nusc.get("ego_pose", sd["ego_pose_token"])) @ _pose(nusc.get("calibrated_sensor",
+                                                                               sd["calibrated_sensor_token"]))
+
+
+def test_devkit_loads_default_set(nusc: NuScenes) -> None:
+    splits = create_splits_scenes()
+    names = [s["name"] for s in nusc.scene]
+    assert sum(n in splits["mini_train"] for n in names) == 2 and sum(n in splits["mini_val"] for n in names) == 1
+    assert len(nusc.sample) == 18
+    for sample in nusc.sample:
+        assert set(sample["data"]) == {"LIDAR_TOP", *CAMERA_NAMES}
+    lidar_calib = nusc.get("calibrated_sensor", nusc.get("sample_data", nusc.sample[0]["data"]["LIDAR_TOP"])
+                           ["calibrated_sensor_token"])
+    assert math.isclose(Quaternion(lidar_calib["rotation"]).yaw_pitch_roll[0], -math.pi / 2, abs_tol=1e-9)
+
+
+def test_every_class_in_every_scene_and_linked(nusc: NuScenes) -> None:
+    for scene in nusc.scene:
+        tokens = {s["token"] for s in nusc.sample if s["scene_token"] == scene["token"]}
+        anns = [a for a in nusc.sample_annotation if a["sample_token"] in tokens]
+        assert {category_to_detection_name(a["category_name"]) for a in anns} >= set(CLASS_NAMES)
+        assert all(a["prev"] or a["next"] for a in anns)
+        assert all(a["size"][0] > 0 and a["num_lidar_pts"] > 0 for a in anns)
+    velocity = np.stack([nusc.box_velocity(a["token"]) for a in nusc.sample_annotation])
+    assert np.isfinite(velocity).all() and (np.linalg.norm(velocity, axis=1) > 0.5).any()
+
+
+def test_timestamps_and_ego_motion(nusc: NuScenes) -> None:
+    scene = nusc.scene[0]
+    sample = nusc.get("sample", scene["first_sample_token"])
+    key_times, positions = [], []
+    while sample:
+        key_times.append(sample["timestamp"])
+        positions.append(nusc.get("ego_pose", sample["data"]["LIDAR_TOP"])["translation"])
+        sample = nusc.get("sample", sample["next"]) if sample["next"] else None
+    assert set(np.diff(key_times)) == {500_000}
+    assert np.linalg.norm(np.subtract(positions[-1], positions[0])) > 1.0
+    sweep = nusc.get("sample_data", nusc.get("sample", scene["last_sample_token"])["data"]["LIDAR_TOP"])
+    gaps = []
+    for _ in range(9):
+        previous = nusc.get("sample_data", sweep["prev"])
+        assert not previous["is_key_frame"]
+        gaps.append(sweep["timestamp"] - previous["timestamp"])
+        sweep = previous
+    assert set(gaps) == {50_000}
+
+
+def test_num_lidar_pts_and_range_match_the_devkit(nusc: NuScenes) -> None:
+    for sample in nusc.sample:
+        path, boxes, _ = nusc.get_sample_data(sample["data"]["LIDAR_TOP"])
+        points = LidarPointCloud.from_file(path).points[:3]
+        ego = nusc.get("ego_pose", sample["data"]["LIDAR_TOP"])["translation"]
+        for box in boxes:
+            ann = nusc.get("sample_annotation", box.token)
+            assert points_in_box(box, points).sum() == ann["num_lidar_pts"]
+            name = category_to_detection_name(ann["category_name"])
+            if name is not None:
+                assert np.linalg.norm(np.subtract(ann["translation"][:2], ego[:2])) < 0.75 * CLASS_RANGE[name]
+
+
+def test_lidar_points_of_objects_land_on_drawn_objects(nusc: NuScenes, synthetic_root: Path) -> None:
+    """Points inside annotated boxes, projected into each camera, hit object pixels (not sky or ground)."""
+    sky, ground = np.array([150, 185, 215]), np.array([95, 95, 95])
+    hits = on_background = 0
+    for sample in nusc.sample[:6]:
+        path, boxes, _ = nusc.get_sample_data(sample["data"]["LIDAR_TOP"])
+        points = LidarPointCloud.from_file(path).points[:3]
+        inside = np.zeros(points.shape[1], dtype=bool)
+        for box in boxes:
+            inside |= points_in_box(box, points)
+        lidar2global = _sensor2global(nusc, sample["data"]["LIDAR_TOP"])
+        world = lidar2global[:3, :3] @ points[:, inside] + lidar2global[:3, 3:4]
+        for camera in CAMERA_NAMES:
+            sd = nusc.get("sample_data", sample["data"][camera])
+            global2cam = np.linalg.inv(_sensor2global(nusc, sd["token"]))
+            cam = global2cam[:3, :3] @ world + global2cam[:3, 3:4]
+            intrinsic = np.array(nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])["camera_intrinsic"])
+            uv = view_points(cam, intrinsic, normalize=True)
+            visible = ((cam[2] > 1) & (uv[0] >= 1) & (uv[0] < sd["width"] - 1)
+                       & (uv[1] >= 1) & (uv[1] < sd["height"] - 1))
+            pixels = np.asarray(Image.open(synthetic_root / sd["filename"])).astype(int)
+            assert pixels.shape == (sd["height"], sd["width"], 3)
+            colours = pixels[uv[1, visible].astype(int), uv[0, visible].astype(int)]
+            background = (np.abs(colours - sky).sum(1) < 25) | (np.abs(colours - ground).sum(1) < 25)
+            hits += int(visible.sum())
+            on_background += int(background.sum())
+    assert hits > 1000
+    assert on_background / hits < 0.03
+
+
+def test_deterministic_for_a_seed(tmp_path: Path) -> None:
+    kwargs = dict(scenes=2, samples_per_scene=2, image_size=(96, 54))
+    a = make_synthetic_nuscenes(tmp_path / "a", seed=5, **kwargs)
+    b = make_synthetic_nuscenes(tmp_path / "b", seed=5, **kwargs)
+    c = make_synthetic_nuscenes(tmp_path / "c", seed=6, **kwargs)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    _, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files], shallow=False)
+    assert mismatch == [] and errors == []
+    assert (a / "v1.0-mini" / "sample_annotation.json").read_bytes() != \
+        (c / "v1.0-mini" / "sample_annotation.json").read_bytes()
+
+
+def test_trainval_version_and_cli(tmp_path: Path) -> None:
+    from aqrcmt.cli import main
+
+    assert main(["make-synthetic-nuscenes", "--out", str(tmp_path), "--version", "v1.0-trainval", "--scenes", "2",
+                 "--samples-per-scene", "2", "--image-size", "64", "36"]) == 0
+    nusc = NuScenes("v1.0-trainval", str(tmp_path), verbose=False)
+    assert sorted(s["name"] for s in nusc.scene) == ["scene-0001", "scene-0003"]
+    sd = nusc.get("sample_data", nusc.sample[0]["data"]["CAM_BACK"])
+    assert Image.open(tmp_path / sd["filename"]).size == (64, 36) == (sd["width"], sd["height"])
+    intrinsic = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])["camera_intrinsic"]
+    assert math.isclose(intrinsic[0][0], 1266.4 * 64 / 1600) and math.isclose(intrinsic[1][2], 491.5 * 36 / 900)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(version="v1.0-test"), "version"),
+    (dict(samples_per_scene=1), "samples_per_scene"),
+    (dict(scenes=1), "scenes"),
+    (dict(scenes=11), "asked for 11 scenes"),
+    (dict(image_size=(8, 8)), "image_size"),
+])
+def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_synthetic_nuscenes(tmp_path, **kwargs)
