@@ -253,7 +253,7 @@ class DataConfig:
     info_pkl_train: Optional[str] = None                       # mmdet3d-style infos, used instead of the devkit index
     info_pkl_val: Optional[str] = None
     index_cache_dir: Optional[str] = None                      # default: <root>/.aqrcmt_cache
-    sweeps: int = 10
+    sweeps: int = 11                                           # frames incl. the key frame: CMT loads key + 10 sweeps
     load_images: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cbgs: bool = True

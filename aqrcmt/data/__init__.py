@@ -1,0 +1,35 @@
+"""Data: the nuScenes dataset and index, transforms, GT paste, sampling, collation into a Batch.
+
+Names are imported on first use, so ``import aqrcmt.data.synthetic`` (or ``.batch``) stays light.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "Batch": "aqrcmt.data.batch",
+    "Detections": "aqrcmt.data.batch",
+    "SampleMeta": "aqrcmt.data.batch",
+    "collate": "aqrcmt.data.collate",
+    "BadSampleError": "aqrcmt.data.nuscenes_dataset",
+    "NuScenesDataset": "aqrcmt.data.nuscenes_dataset",
+    "build_dataloader": "aqrcmt.data.nuscenes_dataset",
+    "build_dataset": "aqrcmt.data.nuscenes_dataset",
+    "load_info_pkl": "aqrcmt.data.nuscenes_dataset",
+    "load_or_build_infos": "aqrcmt.data.nuscenes_dataset",
+    "write_info_pkl": "aqrcmt.data.nuscenes_dataset",
+    "ShardedSampler": "aqrcmt.data.sampler",
+    "cbgs_indices": "aqrcmt.data.sampler",
+    "Pipeline": "aqrcmt.data.transforms",
+    "Sample": "aqrcmt.data.transforms",
+    "GTPaster": "aqrcmt.data.gt_database",
+    "build_gt_database": "aqrcmt.data.gt_database",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'aqrcmt.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
