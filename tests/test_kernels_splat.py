@@ -1,0 +1,360 @@
+"""aqrcmt.kernels.splat: Triton kernel vs PyTorch reference vs the original renderer's plain loop.
+
+Run with TRITON_INTERPRET=1 so the Triton kernels execute on CPU tensors (force_triton()).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import pytest
+import torch
+
+from aqrcmt.kernels import force_triton, gaussian_kernel_size, splat, splat_reference
+
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="the Triton kernels run on CPU only with TRITON_INTERPRET=1")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Independent implementations
+# ------------------------------------------------------------------------------------------------------------------
+def original_loop_splat(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, height: int, width: int, *,
+                        sigma: float = 2.0, method: str = "gaussian", peak: bool = False, threshold: float = 0.01,
+                        clamp_max: Optional[float] = 1.5) -> torch.Tensor:
+    """The original WeightRenderer, one query at a time (python floats, int() pixels, the kernel added to the
+    cropped window slice, per-map post-processing). Also the timing anchor of bench/bench_kernels.py."""
+    batch, num_queries, views, _ = coords.shape
+    size = gaussian_kernel_size(sigma)
+    half = size // 2
+    offsets = torch.arange(-half, half + 1, dtype=torch.float64)
+    kernel = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma ** 2))
+    kernel = kernel if peak else kernel / kernel.sum()
+    maps = torch.zeros(batch, views, height, width, dtype=torch.float64)
+    for b in range(batch):
+        for v in range(views):
+            m = maps[b, v]
+            for q in range(num_queries):
+                w = float(weights[b, q])
+                if not valid[b, q, v] or w < threshold:
+                    continue
+                fy, fx = float(coords[b, q, v, 0]), float(coords[b, q, v, 1])
+                y, x = int(fy), int(fx)
+                if method == "bilinear":
+                    if not (0 <= y < height - 1 and 0 <= x < width - 1):
+                        continue
+                    ty, tx = fy - y, fx - x
+                    m[y, x] += w * (1 - ty) * (1 - tx)
+                    m[y, x + 1] += w * (1 - ty) * tx
+                    m[y + 1, x] += w * ty * (1 - tx)
+                    m[y + 1, x + 1] += w * ty * tx
+                    continue
+                if not (0 <= y < height and 0 <= x < width):
+                    continue
+                if method == "direct":
+                    m[y, x] = max(float(m[y, x]), w)
+                    continue
+                y0, y1, x0, x1 = max(0, y - half), min(height, y + half + 1), max(0, x - half), min(width, x + half + 1)
+                m[y0:y1, x0:x1] += w * kernel[y0 - y + half:y1 - y + half, x0 - x + half:x1 - x + half]
+    maps[maps < threshold] = 0
+    return maps if clamp_max is None else maps.clamp(0, clamp_max)
+
+
+def dense_splat(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, height: int, width: int, *,
+                sigma: float, kernel_norm: str, position: str, threshold: float, clamp_max: Optional[float],
+                kernel_size: Optional[int] = None, fill: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """Gaussian splat as an every-pixel x every-query formula (float64), written from the documented semantics."""
+    w = weights.double()[:, :, None, None, None]                                  # [B, Q, 1, 1, 1]
+    y, x = coords.double().unbind(-1)                                             # [B, Q, V]
+    cy, cx = y.floor(), x.floor()
+    active = valid & (weights[:, :, None] >= threshold) & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+    py = torch.arange(height, dtype=torch.float64)[:, None]
+    px = torch.arange(width, dtype=torch.float64)[None, :]
+    r = (kernel_size or gaussian_kernel_size(sigma)) // 2
+    e = lambda t: t[..., None, None]                                              # noqa: E731
+    in_window = ((py - e(cy)).abs() <= r) & ((px - e(cx)).abs() <= r) & e(active)
+    ry = py + 0.5 - e(y) if position == "exact" else py - e(cy)
+    rx = px + 0.5 - e(x) if position == "exact" else px - e(cx)
+    g = torch.exp(-(ry ** 2 + rx ** 2) / (2 * sigma ** 2))
+    if kernel_norm == "sum":
+        g = g / sum(math.exp(-(i * i + j * j) / (2 * sigma ** 2)) for i in range(-r, r + 1) for j in range(-r, r + 1))
+    g = torch.where(in_window, g, 0.0)                                            # [B, Q, V, H, W]
+    num = (w * g).sum(1)
+    raw = (num + fill * eps) / (g.sum(1) + eps) if kernel_norm == "normalized" else num
+    out = torch.where(raw < threshold, 0.0, raw)
+    return out if clamp_max is None else out.clamp(max=clamp_max)
+
+
+def random_inputs(batch: int, num_queries: int, views: int, height: int, width: int, seed: int = 0,
+                  margin: float = 3.0, p_valid: float = 0.8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights in [0, 1), coordinates in [-margin, size + margin) (some outside), random validity.
+
+    Coordinates in (-1, 0) are moved below -1: the original's int() and our floor() differ only there.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(batch, num_queries, generator=gen)
+    size = torch.tensor([height, width], dtype=torch.float32)
+    coords = torch.rand(batch, num_queries, views, 2, generator=gen) * (size + 2 * margin) - margin
+    coords = torch.where((coords > -1) & (coords < 0), coords - 1, coords)
+    valid = torch.rand(batch, num_queries, views, generator=gen) < p_valid
+    return weights, coords, valid
+
+
+def splat_with_grads(weights, coords, valid, height, width, triton: bool, **options):
+    """(map, grad_weights, grad_coords) of sum(map * fixed random cotangent) through aqrcmt.kernels.splat."""
+    w = weights.clone().requires_grad_()
+    c = coords.clone().requires_grad_()
+    with force_triton(triton):
+        out = splat(w, c, valid, height, width, **options)
+        cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        grad_w, grad_c = torch.autograd.grad(out, (w, c), cotangent, allow_unused=True)
+    return out.detach(), grad_w, grad_c
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reference vs the original loop and the dense formula
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,peak", [("gaussian", False), ("gaussian", True), ("bilinear", False),
+                                         ("direct", False)])
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+@pytest.mark.parametrize("batch,views", [(1, 1), (3, 6)])
+def test_reference_matches_original_loop(method, peak, sigma, batch, views):
+    weights, coords, valid = random_inputs(batch, 40, views, 17, 23, seed=batch + views)
+    weights[0, :3] = 0.005                                         # below the threshold: skipped
+    coords[0, 3:8] = torch.tensor([0.2, 0.7])                      # a pile-up in a corner (cropped kernels)
+    expected = original_loop_splat(weights, coords, valid, 17, 23, sigma=sigma, method=method, peak=peak)
+    got = splat_reference(weights, coords, valid, 17, 23, sigma=sigma, method=method,
+                          kernel_norm="peak" if peak else "sum")
+    assert got.shape == (batch, views, 17, 23)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_norm", ["sum", "peak", "normalized"])
+@pytest.mark.parametrize("position", ["floor", "exact"])
+@pytest.mark.parametrize("sigma,kernel_size", [(0.8, None), (1.5, None), (2.0, 5)])
+def test_reference_matches_dense_formula(kernel_norm, position, sigma, kernel_size):
+    weights, coords, valid = random_inputs(2, 30, 2, 14, 19, seed=7)
+    options = dict(sigma=sigma, kernel_norm=kernel_norm, position=position, threshold=0.02, clamp_max=0.9,
+                   kernel_size=kernel_size)
+    got = splat_reference(weights.double(), coords.double(), valid, 14, 19, **options)
+    expected = dense_splat(weights, coords, valid, 14, 19, **options)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-9)
+
+
+def test_default_kernel_size_rule():
+    assert [gaussian_kernel_size(s) for s in (0.5, 1.0, 1.2, 2.0, 2.5)] == [5, 7, 9, 13, 17]
+
+
+def test_unit_mass_and_peak_one():
+    """An isolated interior query: "sum" puts mass w on the map, "peak" puts w at its pixel."""
+    weights = torch.tensor([[0.6]])
+    coords = torch.tensor([[[[20.3, 21.9]]]])
+    valid = torch.ones(1, 1, 1, dtype=torch.bool)
+    common = dict(threshold=0.0, clamp_max=None, sigma=2.0)
+    mass = splat_reference(weights, coords, valid, 40, 40, kernel_norm="sum", **common)
+    peak = splat_reference(weights, coords, valid, 40, 40, kernel_norm="peak", **common)
+    assert mass.sum().item() == pytest.approx(0.6, rel=1e-5)
+    assert peak[0, 0, 20, 21].item() == pytest.approx(0.6, rel=1e-6) and peak.max().item() == peak[0, 0, 20, 21]
+    exact = splat_reference(weights, coords, valid, 40, 40, kernel_norm="sum", position="exact", **common)
+    assert exact.sum().item() == pytest.approx(0.6, rel=2e-3)       # constant 1/Z: unit mass up to sub-pixel shift
+    normalized = splat_reference(weights, coords, valid, 40, 40, kernel_norm="normalized", fill=1.0, **common)
+    assert normalized[0, 0, 20, 21].item() == pytest.approx(0.6, abs=1e-5)
+    assert normalized[0, 0, 0, 0].item() == pytest.approx(1.0)      # far from every query: the fill value
+
+
+@pytest.mark.parametrize("kernel_norm,sigma,raw_mean,post_mean", [
+    ("sum", 2.0, 0.0122, 0.0101), ("sum", 1.0, 0.0124, 0.0112), ("peak", 2.0, 0.308, 0.308),
+    ("peak", 1.0, 0.078, 0.077)])
+def test_reproduces_analysis_numbers(kernel_norm, sigma, raw_mean, post_mean):
+    """aqr_analysis.md: 900 uniform queries on 180x180, w ~ N(0.45, 0.1)."""
+    gen = torch.Generator().manual_seed(0)
+    batch = 4
+    weights = (0.45 + 0.1 * torch.randn(batch, 900, generator=gen)).clamp(0, 1)
+    coords = torch.rand(batch, 900, 1, 2, generator=gen) * 180
+    valid = torch.ones(batch, 900, 1, dtype=torch.bool)
+    common = dict(sigma=sigma, kernel_norm=kernel_norm)
+    raw = splat_reference(weights, coords, valid, 180, 180, threshold=0.0, clamp_max=None, **common)
+    post = splat_reference(weights, coords, valid, 180, 180, threshold=0.01, clamp_max=1.5, **common)
+    assert raw.mean().item() == pytest.approx(raw_mean, rel=0.04)
+    assert post.mean().item() == pytest.approx(post_mean, rel=0.04)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Gradients of the reference
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,kernel_norm,position", [
+    ("gaussian", "sum", "floor"), ("gaussian", "peak", "exact"), ("gaussian", "normalized", "exact"),
+    ("gaussian", "normalized", "floor"), ("bilinear", "sum", "floor"), ("direct", "sum", "floor")])
+def test_reference_gradcheck(method, kernel_norm, position):
+    weights, coords, valid = random_inputs(2, 6, 2, 9, 11, seed=3)
+    weights = weights.double().requires_grad_()
+    wants_coords = position == "exact" or method == "bilinear"
+    coords = coords.double().requires_grad_(wants_coords)
+    fn = lambda w, c: splat_reference(w, c, valid, 9, 11, sigma=1.0, method=method,  # noqa: E731
+                                      kernel_norm=kernel_norm, position=position, threshold=0.0, clamp_max=None)
+    assert torch.autograd.gradcheck(fn, (weights, coords), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize("method,kernel_norm,position", [
+    ("gaussian", "sum", "floor"), ("gaussian", "sum", "exact"), ("gaussian", "peak", "exact"),
+    ("gaussian", "normalized", "floor"), ("gaussian", "normalized", "exact"), ("bilinear", "sum", "floor"),
+    ("direct", "sum", "floor")])
+def test_op_backward_matches_reference_autograd(method, kernel_norm, position):
+    """The written-out CPU backward of the custom op equals autograd through the reference (with post-processing)."""
+    weights, coords, valid = random_inputs(3, 25, 2, 13, 16, seed=5)
+    options = dict(sigma=1.3, method=method, kernel_norm=kernel_norm, position=position, threshold=0.05,
+                   clamp_max=0.8 if kernel_norm != "sum" else 0.12)
+    out, grad_w, grad_c = splat_with_grads(weights, coords, valid, 13, 16, triton=False, **options)
+    w = weights.clone().requires_grad_()
+    c = coords.clone().requires_grad_()
+    ref = splat_reference(w, c, valid, 13, 16, **options)
+    cotangent = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    ref_w, ref_c = torch.autograd.grad(ref, (w, c), cotangent, allow_unused=True)
+    assert ((ref > 0) & (ref < options["clamp_max"])).any() and (ref == options["clamp_max"]).any()
+    torch.testing.assert_close(out, ref.detach())
+    torch.testing.assert_close(grad_w, ref_w, atol=1e-5, rtol=1e-4)
+    if position == "exact" or method == "bilinear":
+        torch.testing.assert_close(grad_c, ref_c, atol=1e-5, rtol=1e-4)
+    else:
+        assert grad_c is None
+
+
+def test_gradient_is_zero_where_thresholded_or_clamped():
+    valid = torch.ones(1, 2, 1, dtype=torch.bool)
+    coords = torch.tensor([[[[5.5, 5.5]], [[25.5, 25.5]]]])
+    weights = torch.tensor([[0.2, 1.0]], requires_grad=True)         # sigma 2 unit mass: peaks 0.008 and 0.040
+    out = splat(weights, coords, valid, 32, 32, sigma=2.0, threshold=0.01, clamp_max=0.03)
+    (grad,) = torch.autograd.grad(out.sum(), weights)
+    assert out[0, 0, :16, :16].abs().sum() == 0 and grad[0, 0] == 0   # every pixel of query 0 is thresholded
+    raw = splat(weights.detach(), coords, valid, 32, 32, sigma=2.0, threshold=0.0, clamp_max=None)
+    kept = (raw >= 0.01) & (raw <= 0.03)                              # query 1: d out / d w = K on kept pixels
+    assert kept.any() and (raw > 0.03).any()
+    assert grad[0, 1].item() == pytest.approx((raw / 1.0)[kept].sum().item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Triton kernels (interpreter) vs reference
+# ------------------------------------------------------------------------------------------------------------------
+TRITON_CASES = [
+    dict(method="gaussian", kernel_norm="sum", position="floor", sigma=2.0),
+    dict(method="gaussian", kernel_norm="sum", position="exact", sigma=1.0),
+    dict(method="gaussian", kernel_norm="peak", position="floor", sigma=1.0, clamp_max=None),
+    dict(method="gaussian", kernel_norm="peak", position="exact", sigma=1.5, threshold=0.0),
+    dict(method="gaussian", kernel_norm="normalized", position="floor", sigma=1.0, fill=0.5),
+    dict(method="gaussian", kernel_norm="normalized", position="exact", sigma=0.7, kernel_size=5),
+    dict(method="bilinear"),
+    dict(method="direct", clamp_max=0.5),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("options", TRITON_CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
+@pytest.mark.parametrize("batch,views,height,width", [(1, 1, 16, 16), (3, 6, 5, 9)])
+def test_triton_matches_reference(options, batch, views, height, width):
+    weights, coords, valid = random_inputs(batch, 37, views, height, width, seed=batch * 10 + views)
+    if options.get("kernel_norm") == "peak":
+        coords[:, :12] = coords[:, 12:13]                            # a pile-up that hits the clamp
+    ref = splat_with_grads(weights, coords, valid, height, width, triton=False, **options)
+    tri = splat_with_grads(weights, coords, valid, height, width, triton=True, **options)
+    torch.testing.assert_close(tri[0], ref[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(tri[1], ref[1], atol=1e-5, rtol=1e-4)
+    if ref[2] is None:
+        assert tri[2] is None
+    else:
+        torch.testing.assert_close(tri[2], ref[2], atol=1e-5, rtol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("triton", [False, True])
+@pytest.mark.parametrize("case", ["no_queries", "all_invalid", "all_outside", "below_threshold"])
+def test_empty_inputs(case, triton):
+    weights, coords, valid = random_inputs(2, 0 if case == "no_queries" else 9, 6, 8, 10, seed=2)
+    if case == "all_invalid":
+        valid[:] = False
+    if case == "all_outside":
+        coords = coords.abs() + 10.0
+    if case == "below_threshold":
+        weights = weights * 0.001
+    for kernel_norm, expected in (("sum", 0.0), ("normalized", 0.25)):
+        out, grad_w, _ = splat_with_grads(weights, coords, valid, 8, 10, triton=triton, kernel_norm=kernel_norm,
+                                          fill=0.25, position="exact")
+        assert out.shape == (2, 6, 8, 10)
+        assert torch.all(out == expected)
+        assert torch.all(grad_w == 0) and grad_w.shape == weights.shape
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision_inputs(dtype):
+    weights, coords, valid = random_inputs(2, 30, 2, 12, 14, seed=9)
+    options = dict(sigma=1.0, position="exact", kernel_norm="peak", threshold=0.02)
+    expected = splat_reference(weights.to(dtype).float(), coords.to(dtype).float(), valid, 12, 14, **options)
+    with force_triton():
+        got = splat(weights.to(dtype), coords.to(dtype), valid, 12, 14, **options)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)   # fp32 accumulation of the rounded inputs
+    loose = splat_reference(weights, coords, valid, 12, 14, **options)
+    tolerance = 0.05 if dtype == torch.bfloat16 else 0.01            # bf16 coordinates move by up to 1/16 pixel
+    assert (got - loose).abs().max().item() < tolerance
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NaN handling and bad input
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("triton", [False, pytest.param(True, marks=needs_interpreter)])
+def test_nan_queries_are_skipped_without_validation(triton):
+    weights, coords, valid = random_inputs(1, 10, 2, 10, 12, seed=4)
+    bad_w, bad_c = weights.clone(), coords.clone()
+    bad_w[0, 2] = float("nan")
+    bad_c[0, 5, 1, 0] = float("nan")
+    bad_c[0, 6, 0, 1] = float("inf")
+    clean_valid = valid.clone()
+    clean_valid[0, 2] = False
+    clean_valid[0, 5, 1] = False
+    clean_valid[0, 6, 0] = False
+    with force_triton(triton):
+        got = splat(bad_w, bad_c, valid, 10, 12, position="exact")
+        expected = splat(weights, coords, clean_valid, 10, 12, position="exact")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected)
+
+
+def test_validate_raises_naming_the_argument():
+    weights, coords, valid = random_inputs(1, 4, 1, 8, 8)
+    bad_w = weights.clone()
+    bad_w[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="weights"):
+        splat(bad_w, coords, valid, 8, 8, validate=True)
+    bad_c = coords.clone()
+    bad_c[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="coords"):
+        splat(weights, bad_c, valid, 8, 8, validate=True)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(weights=torch.rand(2, 4, 1)), "weights"),
+    (dict(coords=torch.rand(2, 4, 1, 3)), "coords"),
+    (dict(coords=torch.rand(2, 5, 1, 2)), "coords"),
+    (dict(valid=torch.ones(2, 4, 2, dtype=torch.bool)), "valid"),
+    (dict(valid=torch.ones(2, 4, 1)), "valid"),
+    (dict(weights=torch.ones(2, 4, dtype=torch.int64)), "weights"),
+    (dict(coords=torch.rand(2, 4, 1, 2, device="meta")), "device"),
+    (dict(sigma=-1.0), "sigma"),
+    (dict(sigma=float("nan")), "sigma"),
+    (dict(kernel_norm="max"), "kernel_norm"),
+    (dict(position="round"), "position"),
+    (dict(method="distance_weighted"), "method"),
+    (dict(kernel_size=4), "kernel_size"),
+    (dict(threshold=-0.1), "threshold"),
+    (dict(clamp_max=0.0), "clamp_max"),
+    (dict(height=0), "height"),
+])
+def test_bad_input_raises_naming_the_argument(change, match):
+    args = dict(weights=torch.rand(2, 4), coords=torch.rand(2, 4, 1, 2), valid=torch.ones(2, 4, 1, dtype=torch.bool),
+                height=8, width=8)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        splat(**args)
