@@ -1,0 +1,149 @@
+"""AQR health monitor: the signals of the user's "health checklist", their alarm levels, and map images.
+
+Signals are gathered as device tensors only on monitored forwards (``AQRModulation.monitor_this_step``, set
+by the trainer every ``interval`` steps) and read back with a single host synchronisation. Names (all floats):
+
+- ``{lidar,camera}_weight_{mean,std}``: weights of the rendered queries (visible or not);
+- ``{bev,camera}_map_{mean,max}``: rendered weight maps (camera: all views together);
+- ``{bev,camera}_relative_change``: sum|out - x| / sum|x| (= mean|out - x| / mean|x|);
+- ``{bev,camera}_energy_retention``: sum out^2 / sum x^2;
+- ``{bev,camera}_modulated_{mean,std}``: the modulated features.
+
+Alarm levels (the user's report): map mean < 0.2, map max > 2.0, relative change > 50 %, modulated mean < 0.01,
+query-weight mean < 0.2.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from aqrcmt.config import CAMERA_NAMES, AQRMonitorConfig
+from aqrcmt.kernels import ModulationStats
+
+log = logging.getLogger(__name__)
+
+
+def weight_signals(prefix: str, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and std of a modality's (B, Q) query weights."""
+    w = weights.detach().float()
+    return {f"{prefix}_weight_mean": w.mean(), f"{prefix}_weight_std": w.std(unbiased=False)}
+
+
+def map_signals(prefix: str, maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and max of rendered maps of any shape."""
+    m = maps.detach().float()
+    return {f"{prefix}_map_mean": m.mean(), f"{prefix}_map_max": m.max()}
+
+
+def modulation_signals(prefix: str, features: torch.Tensor, stats: ModulationStats) -> dict[str, torch.Tensor]:
+    """Feature signals from the modulate kernel's sums over its pass (sum|out-x|, sum|x|, sum out, sum out^2).
+
+    features: the (N, C, H, W) input x; only its squared sum is computed here (for the energy retention).
+    """
+    abs_change, abs_input, out_sum, out_sq_sum = (t.detach().double() for t in stats)
+    count = features.numel()
+    in_sq_sum = features.detach().float().square().sum(dtype=torch.float64)
+    mean = out_sum / count
+    tiny = torch.finfo(torch.float64).tiny
+    return {
+        f"{prefix}_relative_change": abs_change / abs_input.clamp(min=tiny),
+        f"{prefix}_energy_retention": out_sq_sum / in_sq_sum.clamp(min=tiny),
+        f"{prefix}_modulated_mean": mean,
+        f"{prefix}_modulated_std": (out_sq_sum / count - mean.square()).clamp(min=0).sqrt(),
+    }
+
+
+def find_alarms(stats: dict[str, float], cfg: AQRMonitorConfig) -> list[str]:
+    """One message per signal outside the user's alarm levels, naming signal, value and level."""
+    rules = []  # (signal, value, comparison, level, meaning)
+    for modality in ("bev", "camera"):
+        rules += [
+            (f"{modality}_map_mean", "<", cfg.map_mean_min, "weight map too weak: features mostly scaled by the residual"),
+            (f"{modality}_map_max", ">", cfg.map_max_max, "weight map too peaked: overlapping splats pile up"),
+            (f"{modality}_relative_change", ">", cfg.relative_change_max, "modulation changes features too much"),
+            (f"{modality}_modulated_mean", "<", cfg.modulated_mean_min, "modulated features vanish"),
+        ]
+    for modality in ("lidar", "camera"):
+        rules.append((f"{modality}_weight_mean", "<", cfg.query_weight_min, "query weights collapse"))
+    alarms = []
+    for name, op, level, meaning in rules:
+        if name not in stats:
+            continue
+        value = stats[name]
+        if (op == "<" and value < level) or (op == ">" and value > level):
+            alarms.append(f"AQR health: {name} = {value:.4g} {op} {level:g} ({meaning})")
+    return alarms
+
+
+class HealthMonitor:
+    """Keeps the last measurement: `last_stats` (floats), `last_alarms` (messages) and `last_maps` (sample 0)."""
+
+    def __init__(self, cfg: AQRMonitorConfig):
+        self.cfg = cfg
+        self.last_stats: dict[str, float] = {}
+        self.last_alarms: list[str] = []
+        self.last_maps: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def record(self, signals: dict[str, torch.Tensor], bev_map: torch.Tensor,
+               camera_maps: torch.Tensor) -> dict[str, float]:
+        """Read the signals back (one sync), check alarm levels and log them; keep sample 0's maps for images.
+
+        bev_map: (B, H, W); camera_maps: (B, V, h, w).
+        """
+        values = torch.stack([v.reshape(()).double() for v in signals.values()]).tolist()
+        self.last_stats = dict(zip(signals, values))
+        self.last_alarms = find_alarms(self.last_stats, self.cfg)
+        for message in self.last_alarms:
+            log.warning(message)
+        self.last_maps = (bev_map[0].detach(), camera_maps[0].detach())
+        return self.last_stats
+
+    def save_images(self, path: str | Path, title: str = "") -> Path:
+        """Write the last recorded maps (sample 0) as a PNG; see save_weight_maps."""
+        if self.last_maps is None:
+            raise RuntimeError("no weight maps recorded yet: set monitor_this_step = True and run a forward first")
+        path = Path(path)
+        return save_weight_maps(path if path.suffix else path.with_suffix(".png"), *self.last_maps, title=title)
+
+
+_CAMERA_GRID = {"CAM_FRONT_LEFT": (0, 0), "CAM_FRONT": (0, 1), "CAM_FRONT_RIGHT": (0, 2),
+                "CAM_BACK_LEFT": (1, 0), "CAM_BACK": (1, 1), "CAM_BACK_RIGHT": (1, 2)}
+
+
+def save_weight_maps(path: str | Path, bev_map: torch.Tensor, camera_maps: torch.Tensor, title: str = "") -> Path:
+    """PNG of one sample's BEV weight map (x right, y up) and its camera maps (nuScenes layout for six views).
+
+    bev_map: (H, W); camera_maps: (V, h, w). One shared colour scale, so maps are comparable.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bev = bev_map.detach().float().cpu().numpy()
+    cams = camera_maps.detach().float().cpu().numpy()
+    vmax = max(float(bev.max()), float(cams.max()), 1e-6)
+    fig = plt.figure(figsize=(16, 5.5))
+    grid = fig.add_gridspec(2, 5)
+    ax = fig.add_subplot(grid[:, :2])
+    image = ax.imshow(bev, origin="lower", cmap="viridis", vmin=0, vmax=vmax)
+    ax.set_title(f"BEV (mean {bev.mean():.3g}, max {bev.max():.3g})")
+    ax.set_xlabel("x bin")
+    ax.set_ylabel("y bin")
+    for v in range(cams.shape[0]):
+        name = CAMERA_NAMES[v] if cams.shape[0] == len(CAMERA_NAMES) else f"view {v}"
+        row, col = _CAMERA_GRID.get(name, divmod(v, 3))
+        cam_ax = fig.add_subplot(grid[row, 2 + col])
+        cam_ax.imshow(cams[v], cmap="viridis", vmin=0, vmax=vmax)
+        cam_ax.set_title(f"{name} (mean {cams[v].mean():.3g})", fontsize=8)
+        cam_ax.axis("off")
+    fig.colorbar(image, ax=fig.axes, shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

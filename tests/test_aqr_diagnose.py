@@ -1,0 +1,61 @@
+"""`aqrcmt diagnose` reproduces the user's observation and writes the map images."""
+import pytest
+
+from aqrcmt.cli import main
+from aqrcmt.models.aqr.diagnose import measure, random_scene, reference_settings, ring_lidar2img
+from aqrcmt.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def vov_scene():
+    import torch
+    cfg = get_preset("cmt_aqr_voxel0075_vov_1600x640_cbgs")
+    return cfg, random_scene(cfg, num_queries=900, batch=1, weight_mean=0.45, weight_std=0.1, seed=0,
+                             device=torch.device("cpu"))
+
+
+def test_users_settings_render_a_map_mean_of_about_001(vov_scene):
+    cfg, scene = vov_scene
+    settings = {stem: (render, modulate, max_norm) for _, stem, render, modulate, max_norm in reference_settings(cfg)}
+    user = measure(scene, *settings["user_settings"])[0]
+    fix = measure(scene, *settings["user_fix"])[0]
+    assert abs(user["lidar_weight_mean"] - 0.45) < 0.01
+    assert 0.008 < user["bev_map_mean"] < 0.012                       # the report's 0.008 - 0.020
+    assert 0.008 < fix["bev_map_mean"] < 0.013                        # sigma 1 + clamp does not fix it
+    assert user["bev_relative_change"] > 0.25                         # out ~ x (w + 0.7): a global attenuation
+    recommended = get_preset("cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs").model.aqr
+    rec = measure(scene, recommended.render, recommended.modulate)[0]
+    assert abs(rec["bev_map_mean"] - rec["lidar_weight_mean"]) < 0.05  # the map keeps the weights' magnitude
+    assert rec["bev_map_max"] <= 1.0 + 1e-5
+
+
+def test_ring_cameras_see_most_queries(vov_scene):
+    _, scene = vov_scene
+    assert ring_lidar2img((640, 1600), 2).shape == (2, 6, 4, 4)
+    assert scene.cameras.valid.any(-1).float().mean() > 0.9
+
+
+def test_cli_prints_the_table_and_writes_pngs(tmp_path, capsys):
+    assert main(["diagnose", "--config", "tiny_aqr", "--out", str(tmp_path), "--num-queries", "100"]) == 0
+    text = capsys.readouterr().out
+    assert "user's settings: sum, s2, thr .01, clamp 1.5" in text and "normalized s2 convex" in text
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["maps_config.png", "maps_fork_before_fix.png", "maps_user_fix.png", "maps_user_settings.png"]
+    with pytest.raises(SystemExit, match="--checkpoint and --data"):
+        main(["diagnose", "--config", "tiny_aqr", "--checkpoint", "x.safetensors"])
+
+
+@pytest.mark.slow
+def test_cli_with_a_checkpoint_and_data(synthetic_root, tmp_path, capsys):
+    """Real queries: the AQR step's inputs are captured from the model on a synthetic sample."""
+    from safetensors.torch import save_file
+
+    from aqrcmt.models import build_model
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model(get_preset("tiny").model).state_dict().items()}, weights)
+    assert main(["diagnose", "--config", "tiny_aqr", "--checkpoint", str(weights), "--data", str(synthetic_root),
+                 "--out", str(tmp_path / "maps"), "--no-sweep"]) == 0
+    text = capsys.readouterr().out
+    assert f"model: {weights}" in text and "AQR tensors are not in" in text
+    assert (tmp_path / "maps" / "maps_config.png").exists()

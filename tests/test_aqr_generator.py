@@ -1,0 +1,105 @@
+"""AQR weight generator: window gathering, equality with a dense masked attention, initialisation, names."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aqrcmt.config import AQRGeneratorConfig
+from aqrcmt.models.aqr.generator import AQRWeightGenerator, gather_window_indices, window_offsets
+from aqrcmt.models.aqr.projection import Projection
+
+C, BEV, CAM, V = 16, (6, 7), (4, 9), 3
+
+
+def test_window_offsets_row_major():
+    off = window_offsets(3)
+    assert off.tolist()[:4] == [[-1, -1], [-1, 0], [-1, 1], [0, -1]] and off.shape == (9, 2)
+    with pytest.raises(ValueError, match="odd"):
+        window_offsets(4)
+
+
+def test_windows_are_cropped_not_wrapped():
+    center = torch.tensor([[[0, 0], [2, 6], [5, 3]]])                   # corner, right edge, bottom edge
+    view = torch.tensor([[0, 1, 2]])
+    index, keep = gather_window_indices(center, view, torch.tensor([[True, True, False]]), BEV, 3)
+    assert keep[0].sum(-1).tolist() == [4, 6, 0]                          # third query: masked entirely
+    h, w = BEV
+    kept = index[0, 1][keep[0, 1]]
+    ys, xs = (kept - h * w) // w, (kept - h * w) % w
+    assert torch.all(ys.sub(2).abs() <= 1) and torch.all(xs >= 5)       # never column 0 of the next row
+    assert torch.all(index[0, 1] // (h * w) == 1)                         # stays in view 1
+
+
+def _inputs(batch=2, queries=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bev_x = torch.randn(batch, C, *BEV, generator=g)
+    cam_x = torch.randn(batch * V, C, *CAM, generator=g)
+    bev_pos = torch.randn(BEV[0] * BEV[1], C, generator=g)
+    cam_pos = torch.randn(batch * V, *CAM, C, generator=g)
+    query_pos = torch.randn(batch, queries, C, generator=g)
+    bev = Projection(torch.rand(batch, queries, 1, 2, generator=g) * torch.tensor(BEV),
+                     torch.ones(batch, queries, 1, dtype=torch.bool), BEV)
+    cam_valid = torch.rand(batch, queries, V, generator=g) > 0.5
+    cam_valid[0, 0] = False                                               # a query no camera sees
+    cameras = Projection(torch.rand(batch, queries, V, 2, generator=g) * torch.tensor(CAM), cam_valid, CAM)
+    return query_pos, bev_x, bev_pos, cam_x, cam_pos, bev, cameras
+
+
+def _dense_reference(gen: AQRWeightGenerator, query_pos, bev_x, bev_pos, cam_x, cam_pos, bev, cameras):
+    """The same layer with a (Q x all tokens) boolean mask built from the geometry (the fork's formulation)."""
+    b, q, _ = query_pos.shape
+    rb, rc = gen.cfg.bev_window // 2, gen.cfg.camera_window // 2
+    yy, xx = torch.meshgrid(torch.arange(BEV[0]), torch.arange(BEV[1]), indexing="ij")
+    cy, cx = bev.coords[:, :, 0, 0].floor()[..., None, None], bev.coords[:, :, 0, 1].floor()[..., None, None]
+    bev_allowed = ((yy - cy).abs() <= rb) & ((xx - cx).abs() <= rb)                    # (B, Q, H, W)
+    view, seen = cameras.first_valid_view()
+    vv, cyy, cxx = torch.meshgrid(torch.arange(V), torch.arange(CAM[0]), torch.arange(CAM[1]), indexing="ij")
+    pix = cameras.coords.gather(2, view[..., None, None].expand(b, q, 1, 2))[:, :, 0].floor()
+    cam_allowed = ((vv == view[..., None, None, None]) & ((cyy - pix[..., 0, None, None, None]).abs() <= rc)
+                   & ((cxx - pix[..., 1, None, None, None]).abs() <= rc) & seen[..., None, None, None])
+    allowed = torch.cat([bev_allowed.flatten(2), cam_allowed.flatten(2)], dim=-1)    # (B, Q, N)
+    bev_tokens = bev_x.flatten(2).transpose(1, 2)
+    cam_tokens = cam_x.view(b, V, C, -1).permute(0, 1, 3, 2).reshape(b, -1, C)
+    keys = torch.cat([bev_tokens + bev_pos + gen.bev_type_embed, cam_tokens + cam_pos.reshape(b, -1, C)
+                      + gen.rv_type_embed], 1)
+    values = torch.cat([bev_tokens, cam_tokens], 1)
+    layer = gen.encoder.layers[0]
+    proj = layer.attentions[0].attn
+    heads = gen.cfg.num_heads
+    split = lambda t: t.view(b, t.shape[1], heads, C // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(split(proj.project(query_pos, 0)), split(proj.project(keys, 1)),
+                                         split(proj.project(values, 2)), attn_mask=allowed[:, None])
+    target = layer.norms[0](proj.out_proj(out.transpose(1, 2).reshape(b, q, C)))
+    target = layer.norms[1](layer.ffns[0](target))
+    return torch.sigmoid(gen.weight_predictor(gen.encoder.post_norm(target)))
+
+
+def test_gathered_windows_equal_dense_masked_attention():
+    torch.manual_seed(0)
+    gen = AQRWeightGenerator(AQRGeneratorConfig(num_heads=4, ffn_dim=32, dropout=0.0, camera_window=3,
+                                                bev_window=3), C).eval()
+    torch.nn.init.normal_(gen.weight_predictor.weight)                     # spread outputs so errors show
+    inputs = _inputs()
+    lidar_w, camera_w = gen(*inputs)
+    expected = _dense_reference(gen, *inputs)
+    torch.testing.assert_close(torch.stack([lidar_w, camera_w], -1), expected, rtol=1e-5, atol=1e-6)
+    assert expected.std() > 0.05
+
+
+@pytest.mark.parametrize("activation,bias,start", [("sigmoid", 2.0, 0.8808), ("tanh", 1.5, 0.9051)])
+def test_initial_weights(activation, bias, start):
+    gen = AQRWeightGenerator(AQRGeneratorConfig(ffn_dim=32, activation=activation, bias_init=bias), C).eval()
+    lidar_w, camera_w = gen(*_inputs())
+    for w in (lidar_w, camera_w):
+        assert abs(w.mean().item() - start) < 0.02 and (w - start).abs().max() < 0.05
+
+
+def test_parameter_names_follow_the_fork():
+    shapes = {k: tuple(v.shape) for k, v in AQRWeightGenerator(AQRGeneratorConfig(), 256).state_dict().items()}
+    assert shapes["encoder.layers.0.attentions.0.attn.in_proj_weight"] == (768, 256)
+    assert shapes["encoder.layers.0.attentions.0.attn.out_proj.weight"] == (256, 256)
+    assert shapes["encoder.layers.0.ffns.0.layers.0.0.weight"] == (1024, 256)
+    assert shapes["encoder.layers.0.ffns.0.layers.1.weight"] == (256, 1024)
+    assert shapes["encoder.layers.0.norms.1.bias"] == (256,)
+    assert shapes["encoder.post_norm.weight"] == (256,)
+    assert shapes["weight_predictor.weight"] == (2, 256) and shapes["bev_type_embed"] == (256,)
+    assert len(shapes) == 18
