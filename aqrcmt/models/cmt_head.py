@@ -123,13 +123,15 @@ class CmtHead(nn.Module):
     # ---------------------------------------------------------------------------------------------
     def forward(self, bev_feat: Optional[Tensor], img_feat: Optional[Tensor], lidar2img: Optional[Tensor],
                 img_shape: tuple[int, int], gt_boxes: Optional[list[Tensor]] = None,
-                gt_labels: Optional[list[Tensor]] = None, dn_noise: Optional[Tensor] = None) -> dict:
+                gt_labels: Optional[list[Tensor]] = None, dn_noise: Optional[Tensor] = None,
+                dn: Optional[Denoising] = None) -> dict:
         """Predict boxes for every decoder layer.
 
         bev_feat: (B, in_channels, H, W) or None; img_feat: (B * 6, C, h, w) or None; lidar2img: (B, 6, 4, 4)
         float64 (needed with cameras); img_shape: (H, W) of the (padded) images. gt_boxes / gt_labels
         (gravity-centre (n, 9) / (n,)) enable denoising queries in training; dn_noise optionally replaces
-        their uniform noise draws (see :func:`prepare_denoising`).
+        their uniform noise draws (see :func:`prepare_denoising`). dn: denoising queries prepared by the caller
+        (e.g. outside torch.compile, so that varying GT counts do not recompile the head); used instead of gt_boxes.
         Returns {key: (L, B, Nq, k)} for center (m), height (m, carries log dx), dim, rot, vel, cls_logits;
         with denoising also ``dn_<key>`` (L, B, P, k); ``dn`` holds the :class:`Denoising` record or None.
         """
@@ -137,8 +139,7 @@ class CmtHead(nn.Module):
         if x is not None:
             x = self.shared_conv(x)
 
-        dn = None
-        if self.training and self.cfg.use_dn and gt_boxes is not None:
+        if dn is None and self.training and self.cfg.use_dn and gt_boxes is not None:
             if gt_labels is None:
                 raise ValueError("gt_labels is required together with gt_boxes")
             dn = prepare_denoising(gt_boxes, gt_labels, cfg=self.cfg, pc_range=self.pc_range, noise=dn_noise)
