@@ -142,8 +142,13 @@ def test_sigkill_while_writing_never_breaks_latest(tmp_path):
                                   training_state={{"optimizer": {{"x": torch.zeros(1_000_000)}}}}, config_json="{{}}",
                                   progress=ckpt.TrainingProgress(step=step), keep_last=2)
     """)
-    for delay in (1.5, 2.2, 2.9):
+    latest_file = tmp_path / "checkpoints" / ckpt.LATEST
+    for delay in (0.0, 0.4, 0.9):   # seconds after the writer's first complete checkpoint (mid-write moments)
+        latest_file.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-c", script])
+        deadline = time.monotonic() + 120
+        while not latest_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -151,3 +156,22 @@ def test_sigkill_while_writing_never_breaks_latest(tmp_path):
         tensors, state, _ = ckpt.read_checkpoint(latest, 0)
         step = state["progress"]["step"]
         assert torch.equal(tensors["w"], torch.full((4_000_000,), float(step)))
+
+
+def test_every_process_rng_state_is_inside_the_checkpoint_and_evaluation_keeps_the_streams(tmp_path):
+    torch.manual_seed(1)
+    states = [ckpt.rng_state()]
+    torch.rand(3)
+    states.append(ckpt.rng_state())
+    path = ckpt.write_checkpoint(tmp_path, model_state={"w": torch.zeros(1)}, training_state={}, config_json="{}",
+                                 progress=ckpt.TrainingProgress(step=1), keep_last=0, rng_states=states)
+    for rank in (0, 1):
+        ckpt.set_rng_state(ckpt.read_checkpoint(path, rank)[2])
+        expected = torch.rand(2)
+        ckpt.set_rng_state(states[rank])
+        assert torch.equal(torch.rand(2), expected)
+    assert ckpt.read_checkpoint(path, 2)[2] is None
+    before = torch.get_rng_state()
+    with ckpt.preserved_rng():
+        torch.rand(5)
+    assert torch.equal(torch.get_rng_state(), before)

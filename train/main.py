@@ -3,9 +3,10 @@
     accelerate launch train/main.py --config cmt_aqr_voxel0075_vov_1600x640_cbgs \
         --load-from cmt_vov.safetensors --set data.root=/data/nuscenes optim.lr=1e-4
     python train/main.py --config tiny          # one process, plain Python
+    accelerate launch --multi_gpu --num_processes 2 train/main.py --config tiny   # 2 CPU processes without a GPU
 
 Any config field can be overridden with ``--set key.path=value``; the resolved config is saved as
-``<output_dir>/config.json``. See README.md for the checkpoint layout and the monitored signals.
+``<output_dir>/config.json``. docs/training.md describes the checkpoint layout and the monitored signals.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.eval_only and not (args.resume or args.load_from):
+        print("error: --eval-only needs weights: --resume [DIR] or --load-from FILE", file=sys.stderr)
+        return 2
     overrides = list(args.set)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")

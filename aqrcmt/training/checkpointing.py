@@ -16,13 +16,15 @@ rewritten (atomically). A crash at any point leaves ``latest`` naming a complete
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,13 +49,29 @@ class TrainingProgress:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states: torch (CPU, and CUDA when available), numpy, python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (e.g. an evaluation) without changing the RNG streams that training continues from."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def checkpoint_name(step: int) -> str:
@@ -61,8 +79,12 @@ def checkpoint_name(step: int) -> str:
 
 
 def write_checkpoint(run_dir: Path, *, model_state: dict[str, torch.Tensor], training_state: dict[str, Any],
-                     config_json: str, progress: TrainingProgress, keep_last: int) -> Path:
-    """Write a complete checkpoint directory atomically and point ``latest`` at it (main process only)."""
+                     config_json: str, progress: TrainingProgress, keep_last: int,
+                     rng_states: Sequence[dict[str, Any]] = ()) -> Path:
+    """Write a complete checkpoint directory atomically and point ``latest`` at it (main process only).
+
+    rng_states: one RNG state per process (index = process rank), written as ``rng_rank{K}.pt``.
+    """
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / checkpoint_name(progress.step)
@@ -71,18 +93,15 @@ def write_checkpoint(run_dir: Path, *, model_state: dict[str, torch.Tensor], tra
     tmp.mkdir()
     metadata = {"config": config_json, "step": str(progress.step), "epoch": str(progress.epoch), "format": "aqrcmt"}
     save_safetensors_atomic(model_state, tmp / "model.safetensors", metadata)
-    torch_save_atomic({**training_state, "progress": progress.__dict__}, tmp / "training_state.pt")
-    if final.exists():  # the same step written again (e.g. epoch end == step interval): replace it
-        shutil.rmtree(final)
+    torch_save_atomic({**training_state, "progress": dataclasses.asdict(progress)}, tmp / "training_state.pt")
+    for rank, state in enumerate(rng_states):
+        torch_save_atomic(state, tmp / f"rng_rank{rank}.pt")
+    if final.exists():  # the same step written again: move the old copy aside first, delete it after the swap
+        os.replace(final, ckpt_root / f".{final.name}.old-{os.getpid()}")
     os.replace(tmp, final)
     atomic_write_bytes(ckpt_root / LATEST, final.name.encode())
     _prune(ckpt_root, keep_last, protect=final.name)
     return final
-
-
-def write_rng_state(ckpt_dir: Path, rank: int) -> None:
-    """Each process saves its own RNG state next to the checkpoint (after it was written)."""
-    torch_save_atomic(rng_state(), ckpt_dir / f"rng_rank{rank}.pt")
 
 
 def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
@@ -92,7 +111,7 @@ def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
     for old in complete[:-keep_last]:
         if old.name != protect:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_root.glob(".step_*.tmp-*"):  # left by a crash while writing
+    for stale in [*ckpt_root.glob(".step_*.tmp-*"), *ckpt_root.glob(".step_*.old-*")]:  # left by a crash
         shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -61,6 +61,10 @@ class Schedule:
         self.step_count += 1
         self._apply()
 
+    def lr_factor(self) -> float:
+        """Current learning rate / base learning rate (the same for every param group)."""
+        return self.factors(self.step_count)[0]
+
     def get_last_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
 
