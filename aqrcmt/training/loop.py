@@ -57,7 +57,7 @@ class TrainResult:
 
 
 class LossModel(nn.Module):
-    """Wraps the detector so that ``forward(batch)`` returns its loss dict (what DDP and torch.compile wrap)."""
+    """Wraps the detector so that ``forward(batch)`` returns its loss dict (what DDP wraps)."""
 
     def __init__(self, detector: nn.Module):
         super().__init__()
@@ -195,12 +195,13 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
             resumed_scaler = state.get("scaler")
         accelerator.print(f"resumed from {ckpt_dir} (step {state['progress']['step']})")
 
+    if _should_compile(cfg, accelerator.device):
+        # Dense submodules compiled in place: state_dict keys unchanged, the sparse LiDAR part stays eager.
+        detector.compile_dense()
     model, optimizer = accelerator.prepare(LossModel(detector), optimizer)
     if resumed_scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(resumed_scaler)
     unwrapped = accelerator.unwrap_model(model).detector
-    if _should_compile(cfg, accelerator.device):
-        model = torch.compile(model)
     trainable = [p for p in unwrapped.parameters() if p.requires_grad]
 
     if options.eval_only:
