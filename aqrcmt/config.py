@@ -240,6 +240,7 @@ class AugmentConfig:
     modality_drop: bool = True                                 # ModalMask3D: 25 % camera drop, 25 % LiDAR drop
     gt_paste: bool = False                                     # needs a database built by `aqrcmt build-gt-database`
     gt_paste_database: Optional[str] = None
+    gt_paste_until_epoch: int = 0                              # >0: paste only in epochs < this ("15e+5e": 15)
     shuffle_points: bool = True
     enabled: bool = True
 

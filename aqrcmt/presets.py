@@ -39,7 +39,7 @@ def get_preset(name: str) -> Config:
 def cmt_voxel0075_vov_1600x640_cbgs() -> Config:
     return Config(
         model=ModelConfig(),
-        data=DataConfig(batch_size=2, num_workers=6),
+        data=DataConfig(batch_size=2, num_workers=6, augment=AugmentConfig(gt_paste_until_epoch=15)),
         optim=OptimConfig(lr=1e-4, cyclic_target_ratio=(8.0, 1e-4)),
         train=TrainConfig(epochs=20, mixed_precision="fp16", eval_every_epochs=20),
     )
@@ -54,7 +54,8 @@ def cmt_voxel0100_r50_800x320_cbgs() -> Config:
     camera = CameraConfig(backbone="resnet50", backbone_out_channels=(1024, 2048), image_size=(320, 800))
     return Config(
         model=ModelConfig(lidar=lidar, camera=camera),
-        data=DataConfig(batch_size=4, num_workers=6, augment=AugmentConfig(image_resize_range=(0.47, 0.625))),
+        data=DataConfig(batch_size=4, num_workers=6, augment=AugmentConfig(image_resize_range=(0.47, 0.625),
+                                                                            gt_paste_until_epoch=15)),
         optim=OptimConfig(lr=1.4e-4, cyclic_target_ratio=(6.0, 1e-4)),
         train=TrainConfig(epochs=20, mixed_precision="fp16", eval_every_epochs=20),
     )

@@ -175,3 +175,17 @@ def test_every_process_rng_state_is_inside_the_checkpoint_and_evaluation_keeps_t
     with ckpt.preserved_rng():
         torch.rand(5)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_gt_paste_fades_out_after_its_last_epoch():
+    from aqrcmt.presets import get_preset
+    from aqrcmt.training.loop import data_config_for_epoch
+
+    cfg = get_preset("cmt_voxel0075_vov_1600x640_cbgs")
+    assert cfg.data.augment.gt_paste_until_epoch == 15
+    assert data_config_for_epoch(cfg, 16) is cfg                 # paste off anyway: nothing to fade
+    cfg.data.augment.gt_paste = True
+    assert data_config_for_epoch(cfg, 14) is cfg
+    faded = data_config_for_epoch(cfg, 15)
+    assert faded is not cfg and not faded.data.augment.gt_paste and cfg.data.augment.gt_paste
+    assert faded.data == data_config_for_epoch(cfg, 19).data

@@ -9,6 +9,7 @@ every process's RNG states; with ``data.num_workers = 0`` a resumed run repeats 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import json
 import os
@@ -116,6 +117,17 @@ def _epoch_batches(loader: DataLoader, epoch: int, skip: int, seed: int, process
     return skip_first_batches(loader, skip) if skip else loader
 
 
+def data_config_for_epoch(cfg: Config, epoch: int) -> Config:
+    """`cfg`, or a copy with GT paste switched off from ``data.augment.gt_paste_until_epoch`` on (the released
+    recipe's "15e+5e": the last 5 of 20 epochs without GT paste)."""
+    augment = cfg.data.augment
+    if not (augment.gt_paste and augment.gt_paste_until_epoch and epoch >= augment.gt_paste_until_epoch):
+        return cfg
+    faded = copy.deepcopy(cfg)
+    faded.data.augment.gt_paste = False
+    return faded
+
+
 def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir: Path) -> dict:
     """Official nuScenes metrics of `detector` on cfg.data.val_split (every process takes part, all get them).
 
@@ -171,8 +183,12 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
                               f"they keep their initialisation")
     optimizer = freeze_and_build_optimizer(detector, cfg.optim)
     frozen = frozen_module_prefixes(cfg.optim)
-    loader = build_dataloader(cfg, cfg.data.train_split, train=True, num_processes=accelerator.num_processes,
-                              process_index=accelerator.process_index, seed=cfg.train.seed)
+    def train_loader(epoch: int) -> DataLoader:
+        return build_dataloader(data_config_for_epoch(cfg, epoch), cfg.data.train_split, train=True,
+                                num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+                                seed=cfg.train.seed)
+
+    loader = train_loader(0)
     accumulation = cfg.optim.grad_accumulation
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch == 0:
@@ -253,7 +269,11 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
     last_ckpt, metrics = None, None
     done = progress.step >= total_steps or progress.epoch >= cfg.train.epochs
     window_start, window_samples = time.perf_counter(), 0
+    loader_paste_faded = False
     while not done:
+        paste_faded = data_config_for_epoch(cfg, progress.epoch) is not cfg
+        if paste_faded != loader_paste_faded:  # GT paste switches off (the epoch length stays the same)
+            loader, loader_paste_faded = train_loader(progress.epoch), paste_faded
         batches = _epoch_batches(loader, progress.epoch, progress.batches_in_epoch, cfg.train.seed,
                                  accelerator.process_index)
         if resumed_rng is not None:  # continue the random streams where the interrupted run saved them
