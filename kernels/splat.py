@@ -139,6 +139,21 @@ class SplatParams:
 # Triton kernels
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _load_active_queries(coord_ptr, valid_ptr, qv, q_mask, w, threshold, H, W, METHOD: tl.constexpr):
+    """(y, x, active) of the (query, view) slots `qv`: a query renders when it is valid on the view, its weight
+    reaches `threshold` and its pixel lies inside the map (bilinear: its 2x2 block). Inactive slots get (0, 0)."""
+    y = tl.load(coord_ptr + qv * 2, mask=q_mask, other=-1.0).to(tl.float32)
+    x = tl.load(coord_ptr + qv * 2 + 1, mask=q_mask, other=-1.0).to(tl.float32)
+    ok = tl.load(valid_ptr + qv, mask=q_mask, other=0) != 0
+    if METHOD == 1:
+        inside = (y >= 0) & (y < H - 1) & (x >= 0) & (x < W - 1)
+    else:
+        inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    active = q_mask & ok & (w >= threshold) & inside
+    return tl.where(active, y, 0.0), tl.where(active, x, 0.0), active
+
+
+@triton.jit
 def _splat_fwd_kernel(
     weight_ptr,      # [B, Q] query weights (fp16/bf16/fp32)
     coord_ptr,       # [B, Q, V, 2] (y, x) pixel coordinates
@@ -171,17 +186,8 @@ def _splat_fwd_kernel(
         q_mask = q < Q
         qv = (b * Q + q) * V + v
         w = tl.load(weight_ptr + b * Q + q, mask=q_mask, other=0.0).to(tl.float32)
-        y = tl.load(coord_ptr + qv * 2, mask=q_mask, other=-1.0).to(tl.float32)
-        x = tl.load(coord_ptr + qv * 2 + 1, mask=q_mask, other=-1.0).to(tl.float32)
-        ok = tl.load(valid_ptr + qv, mask=q_mask, other=0) != 0
-        if METHOD == 1:
-            inside = (y >= 0) & (y < H - 1) & (x >= 0) & (x < W - 1)
-        else:
-            inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        active = q_mask & ok & (w >= threshold) & inside
+        y, x, active = _load_active_queries(coord_ptr, valid_ptr, qv, q_mask, w, threshold, H, W, METHOD)
         w = tl.where(active, w, 0.0)                         # NaN weights are inactive: keep them out of sums
-        y = tl.where(active, y, 0.0)
-        x = tl.where(active, x, 0.0)
         dy = py - tl.floor(y).to(tl.int32)[None, :]        # [BLOCK_P, BLOCK_Q] integer offsets
         dx = px - tl.floor(x).to(tl.int32)[None, :]
         act = active[None, :]
@@ -254,17 +260,10 @@ def _splat_bwd_kernel(
     grad_w = tl.zeros([BLOCK_Q], dtype=tl.float32)
     for v in range(0, V):
         qv = (b * Q + q) * V + v
-        y = tl.load(coord_ptr + qv * 2, mask=q_mask, other=-1.0).to(tl.float32)
-        x = tl.load(coord_ptr + qv * 2 + 1, mask=q_mask, other=-1.0).to(tl.float32)
-        ok = tl.load(valid_ptr + qv, mask=q_mask, other=0) != 0
-        if METHOD == 1:
-            inside = (y >= 0) & (y < H - 1) & (x >= 0) & (x < W - 1)
-        else:
-            inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        active = q_mask & ok & (w >= threshold) & inside
+        y, x, active = _load_active_queries(coord_ptr, valid_ptr, qv, q_mask, w, threshold, H, W, METHOD)
         w_v = tl.where(active, w, 0.0)
-        y = tl.where(active, y, 0.0)[:, None]
-        x = tl.where(active, x, 0.0)[:, None]
+        y = y[:, None]
+        x = x[:, None]
         py = tl.floor(y).to(tl.int32) + oy                   # [BLOCK_Q, WIN_PAD] footprint pixels
         px = tl.floor(x).to(tl.int32) + ox
         m = active[:, None] & j_mask & (py >= 0) & (py < H) & (px >= 0) & (px < W)
