@@ -1,6 +1,7 @@
 """Kernel benchmarks at the real sizes: B=2, Q=900, BEV 180x180, six views of 40x100, C=256, sigma 2.
 
-CPU: the reference paths (what CPU training runs) vs the original renderer's loop and vs eager three-op modulation.
+CPU: the PyTorch paths inside the ops (what CPU training runs) vs the original renderer's loop and vs eager three-op
+modulation.
 GPU (skipped without CUDA): the Triton kernels. Results: bench/results/kernels_cpu.md, docs/kernels.md.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Which implementation runs: the Triton kernels or their PyTorch references.
+"""Which implementation runs: the Triton kernels or their PyTorch paths.
 
-CUDA tensors run the Triton kernels. CPU tensors run the PyTorch reference, unless the Triton path is forced
+CUDA tensors run the Triton kernels. CPU tensors run the PyTorch paths, unless the Triton path is forced
 (``force_triton()`` or the environment variable ``AQRCMT_FORCE_TRITON=1``), which only works under Triton's CPU
 interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported). The tests use this to run every kernel on CPU.
 """
@@ -24,7 +24,7 @@ def triton_forced() -> bool:
 def use_triton(tensor: torch.Tensor) -> bool:
     """Decide the implementation for a call whose inputs live on `tensor`'s device and have its dtype.
 
-    float64 always runs the reference (the kernels compute in fp32; float64 is for gradcheck).
+    float64 always runs the PyTorch path (the kernels compute in fp32; float64 is for gradcheck).
     """
     if tensor.dtype == torch.float64:
         return False

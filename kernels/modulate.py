@@ -10,9 +10,11 @@ autograd carries the gradient to w through them); the op `torch.ops.aqrcmt.modul
 out = x * s, in fp32 with the result cast to x's dtype, optionally with the monitor's statistics from the same pass
 (sum |out - x|, sum |x|, sum out, sum out^2, all fp32).
 
-Implementations: `_modulate_fwd_kernel` / `_modulate_bwd_kernel` (Triton; one program per (map, pixel tile) looping
-over channels; statistics as per-program partial sums, so the result is deterministic) and the PyTorch reference
-`modulate_reference` (the specification and the CPU path).
+The file reads top to bottom: `_modulate_fwd_kernel` / `_modulate_bwd_kernel` (Triton; one program per (map, pixel
+tile) looping over channels; statistics as per-program partial sums, so the result is deterministic) and their
+launchers; the PyTorch path CPU tensors run (the statistics factored into per-pixel channel reductions); the custom
+ops `torch.ops.aqrcmt.modulate` / `modulate_backward` and their autograd; the public `modulate`; and `modulate_ref`,
+the specification (the formula and the statistics as direct sums) the tests compare the other paths with.
 """
 from __future__ import annotations
 
@@ -41,6 +43,13 @@ class ModulationStats(NamedTuple):
 # Triton kernels
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _channel_block(n, c0, p, p_mask, C, HW, BLOCK_C: tl.constexpr):
+    """(offsets, mask) of the [BLOCK_C, BLOCK_P] block of map n at channels c0.. and pixels p in [N, C, HW]."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    return (n * C + c)[:, None] * HW + p[None, :], (c < C)[:, None] & p_mask[None, :]
+
+
+@triton.jit
 def _modulate_fwd_kernel(
     x_ptr,          # [N, C, HW] features (fp16/bf16/fp32)
     scale_ptr,      # [N, HW] fp32 per-pixel scale s
@@ -62,9 +71,7 @@ def _modulate_fwd_kernel(
     total = tl.zeros([BLOCK_P], dtype=tl.float32)
     total_sq = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mask = (c < C)[:, None] & p_mask[None, :]
-        offs = (n * C + c)[:, None] * HW + p[None, :]
+        offs, mask = _channel_block(n, c0, p, p_mask, C, HW, BLOCK_C)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         out = x * s
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -99,9 +106,7 @@ def _modulate_bwd_kernel(
     s = tl.load(scale_ptr + n * HW + p, mask=p_mask, other=0.0)[None, :]
     grad_s = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mask = (c < C)[:, None] & p_mask[None, :]
-        offs = (n * C + c)[:, None] * HW + p[None, :]
+        offs, mask = _channel_block(n, c0, p, p_mask, C, HW, BLOCK_C)
         g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(grad_x_ptr + offs, (g * s).to(grad_x_ptr.dtype.element_ty), mask=mask)
@@ -109,6 +114,9 @@ def _modulate_bwd_kernel(
     tl.store(grad_scale_ptr + n * HW + p, grad_s, mask=p_mask)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------------------------
 _BLOCK_C, _BLOCK_P = 16, 128
 
 
@@ -137,18 +145,10 @@ def _modulate_backward_triton(grad_out: torch.Tensor, x: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# PyTorch reference (the specification and the CPU path)
+# The PyTorch path (what CPU tensors run)
 # ------------------------------------------------------------------------------------------------------------------
-def modulation_scale(w: torch.Tensor, alpha: float, beta: float, mode: str) -> torch.Tensor:
-    """s = alpha * m(w) + beta, [N, H, W] in fp32 (float64 for float64 w); differentiable."""
-    element, mean = _MIX[mode]
-    w = w.to(torch.promote_types(w.dtype, torch.float32))
-    m = w if mean == 0.0 else element * w + mean * w.mean(dim=(1, 2), keepdim=True)
-    return alpha * m + beta
-
-
-def _modulate_forward_reference(x: torch.Tensor, scale: torch.Tensor,
-                                with_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _modulate_forward_torch(x: torch.Tensor, scale: torch.Tensor,
+                            with_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
     acc = torch.promote_types(x.dtype, scale.dtype)
     xf = x.to(acc)
     out = xf * scale[:, None]
@@ -163,30 +163,21 @@ def _modulate_forward_reference(x: torch.Tensor, scale: torch.Tensor,
     return out.to(x.dtype), stats
 
 
-def _modulate_backward_reference(grad_out: torch.Tensor, x: torch.Tensor,
-                                 scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _modulate_backward_torch(grad_out: torch.Tensor, x: torch.Tensor,
+                             scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     acc = torch.promote_types(x.dtype, scale.dtype)
     g = grad_out.to(acc)
     return (g * scale[:, None]).to(x.dtype), (g * x.to(acc)).sum(1)
 
 
-def modulate_reference(x: torch.Tensor, w: torch.Tensor, *, alpha: float = 1.0, beta: float = 0.0,
-                       mode: str = "element_wise", return_stats: bool = False
-                       ) -> Union[torch.Tensor, tuple[torch.Tensor, ModulationStats]]:
-    """PyTorch reference of `modulate` (same arguments and semantics), differentiable by autograd."""
-    _check_inputs(x, w, mode)
-    out, stats = _modulate_forward_reference(x, modulation_scale(w, alpha, beta, mode), return_stats)
-    return (out, ModulationStats(*stats.detach().unbind(0))) if return_stats else out
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# Custom ops and the public function
+# Custom ops and autograd
 # ------------------------------------------------------------------------------------------------------------------
 @triton_op("aqrcmt::modulate", mutates_args=())
 def _modulate_op(x: torch.Tensor, scale: torch.Tensor, with_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
         return _modulate_forward_triton(x, scale, with_stats)
-    return _modulate_forward_reference(x, scale, with_stats)
+    return _modulate_forward_torch(x, scale, with_stats)
 
 
 @triton_op("aqrcmt::modulate_backward", mutates_args=())
@@ -194,7 +185,7 @@ def _modulate_backward_op(grad_out: torch.Tensor, x: torch.Tensor,
                           scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
         return _modulate_backward_triton(grad_out, x, scale)
-    return _modulate_backward_reference(grad_out, x, scale)
+    return _modulate_backward_torch(grad_out, x, scale)
 
 
 def _setup_modulate_context(ctx, inputs, output) -> None:
@@ -209,6 +200,17 @@ def _modulate_autograd(ctx, grad_out, _grad_stats):
 
 
 _modulate_op.register_autograd(_modulate_autograd, setup_context=_setup_modulate_context)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Public functions: modulate and its specification
+# ------------------------------------------------------------------------------------------------------------------
+def modulation_scale(w: torch.Tensor, alpha: float, beta: float, mode: str) -> torch.Tensor:
+    """s = alpha * m(w) + beta, [N, H, W] in fp32 (float64 for float64 w); differentiable."""
+    element, mean = _MIX[mode]
+    w = w.to(torch.promote_types(w.dtype, torch.float32))
+    m = w if mean == 0.0 else element * w + mean * w.mean(dim=(1, 2), keepdim=True)
+    return alpha * m + beta
 
 
 def _check_inputs(x: torch.Tensor, w: torch.Tensor, mode: str) -> None:
@@ -238,3 +240,19 @@ def modulate(x: torch.Tensor, w: torch.Tensor, *, alpha: float = 1.0, beta: floa
     _check_inputs(x, w, mode)
     out, stats = torch.ops.aqrcmt.modulate(x, modulation_scale(w, alpha, beta, mode), return_stats)
     return (out, ModulationStats(*stats.detach().unbind(0))) if return_stats else out
+
+
+def modulate_ref(x: torch.Tensor, w: torch.Tensor, *, alpha: float = 1.0, beta: float = 0.0,
+                 mode: str = "element_wise", return_stats: bool = False
+                 ) -> Union[torch.Tensor, tuple[torch.Tensor, ModulationStats]]:
+    """The specification of `modulate`: the module docstring's formula and the statistics as direct sums.
+
+    Same arguments and result as `modulate` (statistics in the computing dtype); differentiable by autograd.
+    """
+    _check_inputs(x, w, mode)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = xf * modulation_scale(w, alpha, beta, mode)[:, None]
+    if not return_stats:
+        return out.to(x.dtype)
+    stats = ModulationStats((out - xf).abs().sum(), xf.abs().sum(), out.sum(), out.square().sum())
+    return out.to(x.dtype), ModulationStats(*(s.detach() for s in stats))

@@ -22,19 +22,27 @@ Methods (raw value at pixel p = (i, j), before post-processing; sums run over th
 
 Post-processing, fused into the same launch: out = 0 where raw < threshold, then out = min(out, clamp_max).
 Gradients: w.r.t. weights everywhere (zero at thresholded and clamped pixels; "direct" sends each pixel's gradient
-to every query equal to its maximum, the reference splits it evenly among ties); w.r.t. coords for
-gaussian + "exact" and for "bilinear" (elsewhere the map is piecewise constant in the coordinates).
+to every query equal to its maximum, autograd through the PyTorch functions splits it evenly among ties); w.r.t.
+coords for gaussian + "exact" and for "bilinear" (elsewhere the map is piecewise constant in the coordinates).
 
 NaN/inf (validate=False): NaN weights and NaN/inf coordinates make the query inactive (skipped); +inf weights are
 not guarded (they give inf/NaN pixels). validate=True checks finiteness with a device sync and raises.
 
-Implementations: `_splat_fwd_kernel` / `_splat_bwd_kernel` (Triton, one program per pixel tile / per query block;
-no atomics, deterministic) and `splat_reference` (PyTorch; the specification and the CPU path: impulse image +
-separable conv2d for gaussian/floor, windowed index_add otherwise). `splat` dispatches through the custom op
-`torch.ops.aqrcmt.splat` (see dispatch.use_triton).
+The file reads top to bottom:
+1. `SplatParams`: the options of one call, validated and turned into the kernel constants once, by `splat`.
+2. `_splat_fwd_kernel` / `_splat_bwd_kernel` (Triton; one program per pixel tile / per query block; no atomics,
+   deterministic) and their launchers.
+3. The separable PyTorch path `splat_separable` (what CPU tensors run: impulse image + separable blur for
+   gaussian/floor, the fixed-shape window of every query with separable row/column factors otherwise).
+4. The custom ops `torch.ops.aqrcmt.splat` / `splat_backward` (Triton or the separable path, see
+   dispatch.use_triton) and their autograd registration.
+5. `splat`, the public function: checks, builds the params, calls the op.
+6. `splat_ref`, the specification: the formulas above evaluated for every pixel and every query, in plain PyTorch;
+   the tests compare the other paths with it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -59,27 +67,34 @@ def gaussian_kernel_size(sigma: float) -> int:
     return size + 1 if size % 2 == 0 else size
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Parameters of one call
+# ------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SplatParams:
-    """Validated splat options plus the derived kernel constants."""
-    height: int
+    """The validated options of one splat call and the constants derived from them.
+
+    Built once per call by `SplatParams.build`. The custom ops' schemas take scalars only, so the params cross
+    them as `op_args()` (the fields in order) and are re-wrapped, not re-validated, by `SplatParams(*args)`.
+    """
+    height: int                 # map size in pixels
     width: int
-    method: str
-    kernel_norm: str
-    exact: bool
-    sigma: float
-    window: int                 # footprint width: 2R+1 (gaussian), 2 (bilinear), 1 (direct)
-    first: int                  # offset of the footprint's first row/column from the query pixel
+    method: str                 # one of METHODS
+    kernel_norm: str            # one of KERNEL_NORMS; "sum" unless method is "gaussian"
+    exact: bool                 # gaussian centred at the float coordinate (position "exact")
+    sigma: float                # Gaussian std in pixels
+    window: int                 # footprint width: k (gaussian), 2 (bilinear), 1 (direct)
+    inv_norm: float             # 1/Z for gaussian "sum" (Z = sum of G over the k x k integer offsets), else 1
     threshold: float
     clamp_max: Optional[float]
     fill: float
     eps: float
 
     @staticmethod
-    def build(height: int, width: int, method: str, kernel_norm: str, position: str, sigma: float,
+    def build(height: int, width: int, *, method: str, kernel_norm: str, position: str, sigma: float,
               kernel_size: Optional[int], threshold: float, clamp_max: Optional[float], fill: float,
               eps: float) -> "SplatParams":
-        """Check every option; raises ValueError naming the argument."""
+        """Check every option (raises ValueError naming the argument) and derive the kernel constants."""
         if not (isinstance(height, (int, torch.SymInt)) and isinstance(width, (int, torch.SymInt))
                 and height > 0 and width > 0):
             raise ValueError(f"height/width must be positive ints, got {height!r}, {width!r}")
@@ -99,19 +114,33 @@ class SplatParams:
             raise ValueError(f"clamp_max must be > 0 or None, got {clamp_max!r}")
         if not (eps > 0 and -math.inf < fill < math.inf):
             raise ValueError(f"eps must be > 0 and fill finite, got eps={eps!r}, fill={fill!r}")
-        if method == "gaussian":
+        gaussian = method == "gaussian"
+        if gaussian:
             window = kernel_size if kernel_size is not None else gaussian_kernel_size(sigma)
-            first = -(window // 2)
         else:
-            window, first = (2, 0) if method == "bilinear" else (1, 0)
-        return SplatParams(height, width, method, kernel_norm if method == "gaussian" else "sum",
-                           method == "gaussian" and position == "exact", float(sigma), window, first,
-                           float(threshold), None if clamp_max is None else float(clamp_max), float(fill),
+            window = 2 if method == "bilinear" else 1
+        kernel_norm = kernel_norm if gaussian else "sum"
+        inv_norm = 1.0
+        if gaussian and kernel_norm == "sum":
+            inv_two_sigma_sq = 1.0 / (2.0 * sigma ** 2)
+            z_1d = sum(math.exp(-(o * o) * inv_two_sigma_sq) for o in range(-(window // 2), window // 2 + 1))
+            inv_norm = 1.0 / (z_1d * z_1d)
+        return SplatParams(height, width, method, kernel_norm, gaussian and position == "exact", float(sigma), window,
+                           inv_norm, float(threshold), None if clamp_max is None else float(clamp_max), float(fill),
                            float(eps))
+
+    def op_args(self) -> tuple:
+        """The fields in order: the scalar arguments of the custom ops."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
     @property
     def radius(self) -> int:
         return self.window // 2
+
+    @property
+    def first(self) -> int:
+        """Offset of the footprint's first row/column from the query pixel (centred for gaussian)."""
+        return -self.radius if self.method == "gaussian" else 0
 
     @property
     def normalized(self) -> bool:
@@ -125,14 +154,37 @@ class SplatParams:
     def inv_two_sigma_sq(self) -> float:
         return 1.0 / (2.0 * self.sigma ** 2)
 
-    @property
-    def inv_norm(self) -> float:
-        """1/Z for kernel_norm "sum" (Z = sum of the centred discrete Gaussian), else 1."""
-        if self.method != "gaussian" or self.kernel_norm != "sum":
-            return 1.0
-        r = self.radius
-        z_1d = sum(math.exp(-(o * o) * self.inv_two_sigma_sq) for o in range(-r, r + 1))
-        return 1.0 / (z_1d * z_1d)
+
+def _check_inputs(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor) -> None:
+    """Shapes, dtypes and devices; raises ValueError naming the argument."""
+    for name, t in (("weights", weights), ("coords", coords), ("valid", valid)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weights.dim() != 2:
+        raise ValueError(f"weights must be [B, Q], got shape {tuple(weights.shape)}")
+    batch, num_queries = weights.shape
+    if coords.dim() != 4 or coords.shape[:2] != (batch, num_queries) or coords.shape[3] != 2:
+        raise ValueError(f"coords must be [B, Q, V, 2] = [{batch}, {num_queries}, V, 2], got {tuple(coords.shape)}")
+    if tuple(valid.shape) != tuple(coords.shape[:3]):
+        raise ValueError(f"valid must be [B, Q, V] = {list(coords.shape[:3])}, got {tuple(valid.shape)}")
+    for name, t in (("weights", weights), ("coords", coords)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a bool tensor, got {valid.dtype}")
+    if not (weights.device == coords.device == valid.device):
+        raise ValueError(f"weights, coords and valid must share a device, got {weights.device}, {coords.device}, "
+                         f"{valid.device}")
+
+
+def _accumulation_dtype(weights: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(weights.dtype, torch.float32)
+
+
+def _postprocess(raw: torch.Tensor, p: SplatParams) -> torch.Tensor:
+    """out = 0 where raw < threshold, then min(out, clamp_max)."""
+    out = torch.where(raw < p.threshold, 0.0, raw)
+    return out if p.clamp_max is None else out.clamp(max=p.clamp_max)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -307,6 +359,9 @@ def _splat_bwd_kernel(
     tl.store(grad_weight_ptr + b * Q + q, grad_w, mask=q_mask)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------------------------
 def _kernel_flags(p: SplatParams) -> dict:
     return dict(METHOD=_METHOD_ID[p.method], NORMALIZED=p.normalized, EXACT=p.exact, CLAMP=p.clamp_max is not None)
 
@@ -349,8 +404,10 @@ def _splat_backward_triton(grad_out: torch.Tensor, weights: torch.Tensor, coords
     return grad_w, grad_c
 
 
+
+
 # ------------------------------------------------------------------------------------------------------------------
-# PyTorch reference (the specification and the CPU path)
+# The separable PyTorch path (what CPU tensors run)
 # ------------------------------------------------------------------------------------------------------------------
 class _Queries(NamedTuple):
     """Per (b, q, v): which queries are active, their sanitized coordinates and integer pixel."""
@@ -437,18 +494,9 @@ def _impulses(values: torch.Tensor, qs: _Queries, p: SplatParams, shape: tuple[i
     return flat.view(-1, 1, p.height, p.width)
 
 
-def _accumulation_dtype(weights: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(weights.dtype, torch.float32)
-
-
-def _postprocess(raw: torch.Tensor, p: SplatParams) -> torch.Tensor:
-    out = torch.where(raw < p.threshold, 0.0, raw)
-    return out if p.clamp_max is None else out.clamp(max=p.clamp_max)
-
-
-def _splat_forward_reference(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor,
+def _splat_forward_separable(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor,
                              p: SplatParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, raw, den) as the kernel computes them; differentiable by autograd."""
+    """(out, raw, den) as the Triton kernel computes them; differentiable by autograd."""
     acc = _accumulation_dtype(weights)
     batch, _, views, _ = coords.shape
     shape = (batch, views, p.height, p.width)
@@ -475,10 +523,10 @@ def _splat_forward_reference(weights: torch.Tensor, coords: torch.Tensor, valid:
     return _postprocess(raw, p), raw, den
 
 
-def _splat_backward_reference(grad_out: torch.Tensor, weights: torch.Tensor, coords: torch.Tensor,
+def _splat_backward_separable(grad_out: torch.Tensor, weights: torch.Tensor, coords: torch.Tensor,
                               valid: torch.Tensor, raw: torch.Tensor, den: torch.Tensor,
                               p: SplatParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_weights, grad_coords) of the post-processed map, written out (the CPU backward)."""
+    """(grad_weights, grad_coords) of the post-processed map, written out (the backward CPU tensors run)."""
     acc = raw.dtype
     batch, _, views, _ = coords.shape
     shape = (batch, views, p.height, p.width)
@@ -515,101 +563,133 @@ def _splat_backward_reference(grad_out: torch.Tensor, weights: torch.Tensor, coo
     return grad_w, grad_c
 
 
-def splat_reference(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, height: int, width: int, *,
-                    sigma: float = 2.0, kernel_norm: str = "sum", position: str = "floor", threshold: float = 0.01,
-                    clamp_max: Optional[float] = 1.5, method: str = "gaussian", kernel_size: Optional[int] = None,
-                    fill: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
-    """PyTorch reference of `splat` (same arguments and semantics), differentiable by autograd."""
-    _check_inputs(weights, coords, valid)
-    p = SplatParams.build(height, width, method, kernel_norm, position, sigma, kernel_size, threshold, clamp_max,
-                          fill, eps)
-    return _splat_forward_reference(weights, coords, valid, p)[0]
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Custom ops and the public function
+# Custom ops and autograd
 # ------------------------------------------------------------------------------------------------------------------
 @triton_op("aqrcmt::splat", mutates_args=())
 def _splat_op(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, height: int, width: int,
-              method: str, kernel_norm: str, position: str, sigma: float, kernel_size: Optional[int],
+              method: str, kernel_norm: str, exact: bool, sigma: float, window: int, inv_norm: float,
               threshold: float, clamp_max: Optional[float], fill: float,
               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = SplatParams.build(height, width, method, kernel_norm, position, sigma, kernel_size, threshold, clamp_max,
-                          fill, eps)
+    """(out, raw, den); the scalars are SplatParams.op_args()."""
+    p = SplatParams(height, width, method, kernel_norm, exact, sigma, window, inv_norm, threshold, clamp_max, fill,
+                    eps)
     if use_triton(weights):
         return _splat_forward_triton(weights, coords, valid, p)
-    return _splat_forward_reference(weights, coords, valid, p)
+    return _splat_forward_separable(weights, coords, valid, p)
 
 
 @triton_op("aqrcmt::splat_backward", mutates_args=())
 def _splat_backward_op(grad_out: torch.Tensor, weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor,
                        raw: torch.Tensor, den: torch.Tensor, height: int, width: int, method: str, kernel_norm: str,
-                       position: str, sigma: float, kernel_size: Optional[int], threshold: float,
+                       exact: bool, sigma: float, window: int, inv_norm: float, threshold: float,
                        clamp_max: Optional[float], fill: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    p = SplatParams.build(height, width, method, kernel_norm, position, sigma, kernel_size, threshold, clamp_max,
-                          fill, eps)
+    """(grad_weights, grad_coords) in fp32; the scalars are SplatParams.op_args()."""
+    p = SplatParams(height, width, method, kernel_norm, exact, sigma, window, inv_norm, threshold, clamp_max, fill,
+                    eps)
     if use_triton(weights):
         return _splat_backward_triton(grad_out, weights, coords, valid, raw, den, p)
-    return _splat_backward_reference(grad_out, weights, coords, valid, raw, den, p)
+    return _splat_backward_separable(grad_out, weights, coords, valid, raw, den, p)
 
 
 def _setup_splat_context(ctx, inputs, output) -> None:
-    weights, coords, valid, *options = inputs
+    weights, coords, valid, *params = inputs
     _, raw, den = output
     ctx.save_for_backward(weights, coords, valid, raw, den)
-    ctx.options = options
+    ctx.params = SplatParams(*params)
 
 
 def _splat_autograd(ctx, grad_out, _grad_raw, _grad_den):
     weights, coords, valid, raw, den = ctx.saved_tensors
-    grad_w, grad_c = torch.ops.aqrcmt.splat_backward(grad_out, weights, coords, valid, raw, den, *ctx.options)
-    p = SplatParams.build(*ctx.options)
+    p: SplatParams = ctx.params
+    grad_w, grad_c = torch.ops.aqrcmt.splat_backward(grad_out, weights, coords, valid, raw, den, *p.op_args())
     grad_coords = grad_c.to(coords.dtype) if p.coords_differentiable else None
-    return (grad_w.to(weights.dtype), grad_coords) + (None,) * (1 + len(ctx.options))
+    return (grad_w.to(weights.dtype), grad_coords) + (None,) * (1 + len(p.op_args()))
 
 
 _splat_op.register_autograd(_splat_autograd, setup_context=_setup_splat_context)
 
 
-def _check_inputs(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor) -> None:
-    """Shapes, dtypes and devices; raises ValueError naming the argument."""
-    for name, t in (("weights", weights), ("coords", coords), ("valid", valid)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if weights.dim() != 2:
-        raise ValueError(f"weights must be [B, Q], got shape {tuple(weights.shape)}")
-    batch, num_queries = weights.shape
-    if coords.dim() != 4 or coords.shape[:2] != (batch, num_queries) or coords.shape[3] != 2:
-        raise ValueError(f"coords must be [B, Q, V, 2] = [{batch}, {num_queries}, V, 2], got {tuple(coords.shape)}")
-    if tuple(valid.shape) != tuple(coords.shape[:3]):
-        raise ValueError(f"valid must be [B, Q, V] = {list(coords.shape[:3])}, got {tuple(valid.shape)}")
-    for name, t in (("weights", weights), ("coords", coords)):
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if valid.dtype != torch.bool:
-        raise ValueError(f"valid must be a bool tensor, got {valid.dtype}")
-    if not (weights.device == coords.device == valid.device):
-        raise ValueError(f"weights, coords and valid must share a device, got {weights.device}, {coords.device}, "
-                         f"{valid.device}")
-
-
+# ------------------------------------------------------------------------------------------------------------------
+# Public functions: splat, its separable PyTorch path, its specification
+# ------------------------------------------------------------------------------------------------------------------
 def splat(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, height: int, width: int, *,
-          sigma: float = 2.0, kernel_norm: str = "sum", position: str = "floor", threshold: float = 0.01,
+          sigma: float, kernel_norm: str = "sum", position: str = "floor", threshold: float = 0.01,
           clamp_max: Optional[float] = 1.5, method: str = "gaussian", kernel_size: Optional[int] = None,
           fill: float = 1.0, eps: float = 1e-6, validate: bool = False) -> torch.Tensor:
     """Render query weights onto V maps of H x W pixels (see the module docstring for the exact semantics).
 
     weights [B, Q] float, coords [B, Q, V, 2] float pixel coordinates (y, x), valid [B, Q, V] bool.
-    sigma: Gaussian std in pixels; kernel_size: window width override (odd; default int(6 sigma + 1) made odd).
+    sigma: Gaussian std in pixels (required: the caller's config owns it; unused unless method is "gaussian");
+    kernel_size: window width override (odd; default int(6 sigma + 1) made odd).
     Returns [B, V, H, W], fp32 (float64 for float64 weights). validate=True checks weights/coords for NaN/inf
     (a device sync) and raises ValueError naming the argument.
     """
     _check_inputs(weights, coords, valid)
-    SplatParams.build(height, width, method, kernel_norm, position, sigma, kernel_size, threshold, clamp_max,
-                      fill, eps)
+    p = SplatParams.build(height, width, method=method, kernel_norm=kernel_norm, position=position, sigma=sigma,
+                          kernel_size=kernel_size, threshold=threshold, clamp_max=clamp_max, fill=fill, eps=eps)
     if validate:
         for name, t in (("weights", weights), ("coords", coords)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or inf")
-    return torch.ops.aqrcmt.splat(weights, coords, valid, height, width, method, kernel_norm, position, sigma,
-                                  kernel_size, threshold, clamp_max, fill, eps)[0]
+    return torch.ops.aqrcmt.splat(weights, coords, valid, *p.op_args())[0]
+
+
+def splat_separable(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, height: int, width: int, *,
+                    sigma: float, kernel_norm: str = "sum", position: str = "floor", threshold: float = 0.01,
+                    clamp_max: Optional[float] = 1.5, method: str = "gaussian", kernel_size: Optional[int] = None,
+                    fill: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """The fast PyTorch path of `splat` (what `splat` runs on CPU tensors), called directly: same arguments, same
+    result as `splat_ref` (the tests check it), differentiable by plain autograd (the op uses the written-out
+    backward instead). Cost O(B Q V k^2 + B V H W k), no [pixels x queries] intermediate."""
+    _check_inputs(weights, coords, valid)
+    p = SplatParams.build(height, width, method=method, kernel_norm=kernel_norm, position=position, sigma=sigma,
+                          kernel_size=kernel_size, threshold=threshold, clamp_max=clamp_max, fill=fill, eps=eps)
+    return _splat_forward_separable(weights, coords, valid, p)[0]
+
+
+def splat_ref(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, height: int, width: int, *,
+              sigma: float, kernel_norm: str = "sum", position: str = "floor", threshold: float = 0.01,
+              clamp_max: Optional[float] = 1.5, method: str = "gaussian", kernel_size: Optional[int] = None,
+              fill: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """The specification of `splat`: the module docstring's formulas for every pixel and every query.
+
+    Same arguments and result as `splat`; differentiable by autograd. Builds [B, Q, V, H, W] intermediates, so it is
+    for tests and small inputs; `splat` and `splat_separable` are checked against it.
+    """
+    _check_inputs(weights, coords, valid)
+    p = SplatParams.build(height, width, method=method, kernel_norm=kernel_norm, position=position, sigma=sigma,
+                          kernel_size=kernel_size, threshold=threshold, clamp_max=clamp_max, fill=fill, eps=eps)
+    acc = _accumulation_dtype(weights)
+    y, x = coords.to(acc).unbind(-1)                                              # [B, Q, V]
+    last_y, last_x = (height - 1, width - 1) if method == "bilinear" else (height, width)
+    active = valid & (weights[:, :, None] >= threshold) & (y >= 0) & (y < last_y) & (x >= 0) & (x < last_x)
+    y, x = torch.where(active, y, 0.0), torch.where(active, x, 0.0)             # NaN/inf coordinates stay out
+    on_map = lambda t: t[..., None, None]                                 # [B, Q, V] -> [B, Q, V, 1, 1]  # noqa: E731
+    w = torch.where(on_map(active), weights.to(acc)[:, :, None, None, None], 0.0)  # [B, Q, V, 1, 1]
+    py = torch.arange(height, dtype=acc, device=weights.device)[:, None]         # pixel row / column indices
+    px = torch.arange(width, dtype=acc, device=weights.device)[None, :]
+    dy, dx = py - on_map(y.floor()), px - on_map(x.floor())                       # [B, Q, V, H, W] integer offsets
+    if method == "gaussian":
+        r = p.radius
+        ry, rx = (py + 0.5 - on_map(y), px + 0.5 - on_map(x)) if p.exact else (dy, dx)
+        g = torch.exp(-(ry ** 2 + rx ** 2) / (2 * sigma ** 2))
+        if kernel_norm == "sum":
+            offsets = range(-r, r + 1)
+            g = g / sum(math.exp(-(i * i + j * j) / (2 * sigma ** 2)) for i in offsets for j in offsets)   # Z
+        k = torch.where(on_map(active) & (dy.abs() <= r) & (dx.abs() <= r), g, 0.0)
+    elif method == "bilinear":
+        fy, fx = on_map(y - y.floor()), on_map(x - x.floor())
+        ky = torch.where(dy == 0, 1 - fy, torch.where(dy == 1, fy, 0.0))
+        kx = torch.where(dx == 0, 1 - fx, torch.where(dx == 1, fx, 0.0))
+        k = torch.where(on_map(active), ky * kx, 0.0)
+    else:
+        hit = on_map(active) & (dy == 0) & (dx == 0)
+        hits = torch.where(hit, w, 0.0)                                           # [B, Q, V, H, W]
+        raw = torch.cat([torch.zeros_like(hits[:, :1]), hits], dim=1).amax(1)     # max(0, max_q w_q)
+        return _postprocess(raw, p)
+    num = (w * k).sum(1)                                                          # [B, V, H, W]
+    raw = (num + fill * eps) / (k.sum(1) + eps) if p.normalized else num
+    return _postprocess(raw, p)

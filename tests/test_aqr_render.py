@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from aqrcmt.config import AQRRenderConfig
-from aqrcmt.kernels import force_triton, splat_reference
+from aqrcmt.kernels import force_triton, splat_ref
 from aqrcmt.models.aqr.projection import Projection
 from aqrcmt.models.aqr.render import render_map, render_weight_maps
 
@@ -67,8 +67,8 @@ def test_variants_on_the_triton_path_match_the_reference(method, kernel_norm, po
     cfg = AQRRenderConfig(method=method, kernel_norm=kernel_norm, position=position, threshold=0.05, clamp_max=0.8)
     with force_triton():
         out = render_map(w, Projection(coords, valid, (9, 11)), cfg, sigma=1.0)
-    expected = splat_reference(w, coords, valid, 9, 11, sigma=1.0, kernel_norm=kernel_norm, position=position,
-                               threshold=0.05, clamp_max=0.8, method=method, fill=cfg.fill)
+    expected = splat_ref(w, coords, valid, 9, 11, sigma=1.0, kernel_norm=kernel_norm, position=position,
+                         threshold=0.05, clamp_max=0.8, method=method, fill=cfg.fill)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 

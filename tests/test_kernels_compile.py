@@ -1,13 +1,13 @@
 """The kernels as torch.library custom ops: schema/fake/autograd registration and torch.compile without graph breaks.
 
-CPU tensors take the reference path inside the custom ops; that is what compiles here.
+CPU tensors take the PyTorch path inside the custom ops; that is what compiles here.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from aqrcmt.kernels import modulate, splat
+from aqrcmt.kernels import SplatParams, modulate, splat
 
 
 class SplatModulate(torch.nn.Module):
@@ -33,8 +33,9 @@ def inputs(seed: int = 0):
 def test_opcheck_custom_ops():
     """Schema, fake (meta) kernels and registered autograd are consistent with the real kernels."""
     x, weights, coords, valid = inputs()
-    splat_args = (weights, coords, valid, 8, 9, "gaussian", "sum", "exact", 1.0, None, 0.01, 1.5, 1.0, 1e-6)
-    torch.library.opcheck(torch.ops.aqrcmt.splat.default, splat_args)
+    params = SplatParams.build(8, 9, method="gaussian", kernel_norm="sum", position="exact", sigma=1.0,
+                               kernel_size=None, threshold=0.01, clamp_max=1.5, fill=1.0, eps=1e-6)
+    torch.library.opcheck(torch.ops.aqrcmt.splat.default, (weights, coords, valid, *params.op_args()))
     scale = torch.rand(2, 8, 9)
     torch.library.opcheck(torch.ops.aqrcmt.modulate.default, (x, scale, True))
 

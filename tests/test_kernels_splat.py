@@ -1,27 +1,27 @@
-"""aqrcmt.kernels.splat: Triton kernel vs PyTorch reference vs the original renderer's plain loop.
+"""aqrcmt.kernels.splat: the specification splat_ref vs the original renderer's plain loop, and the separable
+PyTorch path and the Triton kernel vs the specification.
 
 Run with TRITON_INTERPRET=1 so the Triton kernels execute on CPU tensors (force_triton()).
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
 import pytest
 import torch
 
-from aqrcmt.kernels import force_triton, gaussian_kernel_size, splat, splat_reference
+from aqrcmt.kernels import SplatParams, force_triton, gaussian_kernel_size, splat, splat_ref, splat_separable
 
 needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                        reason="the Triton kernels run on CPU only with TRITON_INTERPRET=1")
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Independent implementations
+# The original renderer, written independently
 # ------------------------------------------------------------------------------------------------------------------
 def original_loop_splat(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, height: int, width: int, *,
-                        sigma: float = 2.0, method: str = "gaussian", peak: bool = False, threshold: float = 0.01,
+                        sigma: float, method: str = "gaussian", peak: bool = False, threshold: float = 0.01,
                         clamp_max: Optional[float] = 1.5) -> torch.Tensor:
     """The original WeightRenderer, one query at a time (python floats, int() pixels, the kernel added to the
     cropped window slice, per-map post-processing). Also the timing anchor of bench/bench_kernels.py."""
@@ -61,31 +61,6 @@ def original_loop_splat(weights: torch.Tensor, coords: torch.Tensor, valid: torc
     return maps if clamp_max is None else maps.clamp(0, clamp_max)
 
 
-def dense_splat(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, height: int, width: int, *,
-                sigma: float, kernel_norm: str, position: str, threshold: float, clamp_max: Optional[float],
-                kernel_size: Optional[int] = None, fill: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
-    """Gaussian splat as an every-pixel x every-query formula (float64), written from the documented semantics."""
-    w = weights.double()[:, :, None, None, None]                                  # [B, Q, 1, 1, 1]
-    y, x = coords.double().unbind(-1)                                             # [B, Q, V]
-    cy, cx = y.floor(), x.floor()
-    active = valid & (weights[:, :, None] >= threshold) & (y >= 0) & (y < height) & (x >= 0) & (x < width)
-    py = torch.arange(height, dtype=torch.float64)[:, None]
-    px = torch.arange(width, dtype=torch.float64)[None, :]
-    r = (kernel_size or gaussian_kernel_size(sigma)) // 2
-    e = lambda t: t[..., None, None]                                              # noqa: E731
-    in_window = ((py - e(cy)).abs() <= r) & ((px - e(cx)).abs() <= r) & e(active)
-    ry = py + 0.5 - e(y) if position == "exact" else py - e(cy)
-    rx = px + 0.5 - e(x) if position == "exact" else px - e(cx)
-    g = torch.exp(-(ry ** 2 + rx ** 2) / (2 * sigma ** 2))
-    if kernel_norm == "sum":
-        g = g / sum(math.exp(-(i * i + j * j) / (2 * sigma ** 2)) for i in range(-r, r + 1) for j in range(-r, r + 1))
-    g = torch.where(in_window, g, 0.0)                                            # [B, Q, V, H, W]
-    num = (w * g).sum(1)
-    raw = (num + fill * eps) / (g.sum(1) + eps) if kernel_norm == "normalized" else num
-    out = torch.where(raw < threshold, 0.0, raw)
-    return out if clamp_max is None else out.clamp(max=clamp_max)
-
-
 def random_inputs(batch: int, num_queries: int, views: int, height: int, width: int, seed: int = 0,
                   margin: float = 3.0, p_valid: float = 0.8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weights in [0, 1), coordinates in [-margin, size + margin) (some outside), random validity.
@@ -113,19 +88,19 @@ def splat_with_grads(weights, coords, valid, height, width, triton: bool, **opti
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Reference vs the original loop and the dense formula
+# The specification and the separable path vs the original loop; the separable path vs the specification
 # ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("splat_fn", [splat_ref, splat_separable])
 @pytest.mark.parametrize("method,peak", [("gaussian", False), ("gaussian", True), ("bilinear", False),
                                          ("direct", False)])
 @pytest.mark.parametrize("sigma", [1.0, 2.0])
 @pytest.mark.parametrize("batch,views", [(1, 1), (3, 6)])
-def test_reference_matches_original_loop(method, peak, sigma, batch, views):
+def test_matches_original_loop(method, peak, sigma, batch, views, splat_fn):
     weights, coords, valid = random_inputs(batch, 40, views, 17, 23, seed=batch + views)
     weights[0, :3] = 0.005                                         # below the threshold: skipped
     coords[0, 3:8] = torch.tensor([0.2, 0.7])                      # a pile-up in a corner (cropped kernels)
     expected = original_loop_splat(weights, coords, valid, 17, 23, sigma=sigma, method=method, peak=peak)
-    got = splat_reference(weights, coords, valid, 17, 23, sigma=sigma, method=method,
-                          kernel_norm="peak" if peak else "sum")
+    got = splat_fn(weights, coords, valid, 17, 23, sigma=sigma, method=method, kernel_norm="peak" if peak else "sum")
     assert got.shape == (batch, views, 17, 23)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-5)
@@ -134,12 +109,23 @@ def test_reference_matches_original_loop(method, peak, sigma, batch, views):
 @pytest.mark.parametrize("kernel_norm", ["sum", "peak", "normalized"])
 @pytest.mark.parametrize("position", ["floor", "exact"])
 @pytest.mark.parametrize("sigma,kernel_size", [(0.8, None), (1.5, None), (2.0, 5)])
-def test_reference_matches_dense_formula(kernel_norm, position, sigma, kernel_size):
+def test_separable_matches_spec_gaussian(kernel_norm, position, sigma, kernel_size):
     weights, coords, valid = random_inputs(2, 30, 2, 14, 19, seed=7)
     options = dict(sigma=sigma, kernel_norm=kernel_norm, position=position, threshold=0.02, clamp_max=0.9,
                    kernel_size=kernel_size)
-    got = splat_reference(weights.double(), coords.double(), valid, 14, 19, **options)
-    expected = dense_splat(weights, coords, valid, 14, 19, **options)
+    got = splat_separable(weights.double(), coords.double(), valid, 14, 19, **options)
+    expected = splat_ref(weights.double(), coords.double(), valid, 14, 19, **options)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["bilinear", "direct"])
+def test_separable_matches_spec_bilinear_direct(method):
+    weights, coords, valid = random_inputs(2, 30, 2, 14, 19, seed=8)
+    coords[:, :6] = coords[:, 6:7]                                 # a pile-up (several queries on one pixel)
+    options = dict(sigma=1.0, method=method, threshold=0.02, clamp_max=0.9)
+    got = splat_separable(weights.double(), coords.double(), valid, 14, 19, **options)
+    expected = splat_ref(weights.double(), coords.double(), valid, 14, 19, **options)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-9)
 
@@ -154,13 +140,13 @@ def test_unit_mass_and_peak_one():
     coords = torch.tensor([[[[20.3, 21.9]]]])
     valid = torch.ones(1, 1, 1, dtype=torch.bool)
     common = dict(threshold=0.0, clamp_max=None, sigma=2.0)
-    mass = splat_reference(weights, coords, valid, 40, 40, kernel_norm="sum", **common)
-    peak = splat_reference(weights, coords, valid, 40, 40, kernel_norm="peak", **common)
+    mass = splat_ref(weights, coords, valid, 40, 40, kernel_norm="sum", **common)
+    peak = splat_ref(weights, coords, valid, 40, 40, kernel_norm="peak", **common)
     assert mass.sum().item() == pytest.approx(0.6, rel=1e-5)
     assert peak[0, 0, 20, 21].item() == pytest.approx(0.6, rel=1e-6) and peak.max().item() == peak[0, 0, 20, 21]
-    exact = splat_reference(weights, coords, valid, 40, 40, kernel_norm="sum", position="exact", **common)
+    exact = splat_ref(weights, coords, valid, 40, 40, kernel_norm="sum", position="exact", **common)
     assert exact.sum().item() == pytest.approx(0.6, rel=2e-3)       # constant 1/Z: unit mass up to sub-pixel shift
-    normalized = splat_reference(weights, coords, valid, 40, 40, kernel_norm="normalized", fill=1.0, **common)
+    normalized = splat_ref(weights, coords, valid, 40, 40, kernel_norm="normalized", fill=1.0, **common)
     assert normalized[0, 0, 20, 21].item() == pytest.approx(0.6, abs=1e-5)
     assert normalized[0, 0, 0, 0].item() == pytest.approx(1.0)      # far from every query: the fill value
 
@@ -169,32 +155,33 @@ def test_unit_mass_and_peak_one():
     ("sum", 2.0, 0.0122, 0.0101), ("sum", 1.0, 0.0124, 0.0112), ("peak", 2.0, 0.308, 0.308),
     ("peak", 1.0, 0.078, 0.077)])
 def test_reproduces_analysis_numbers(kernel_norm, sigma, raw_mean, post_mean):
-    """aqr_analysis.md: 900 uniform queries on 180x180, w ~ N(0.45, 0.1)."""
+    """The AQR analysis' map statistics: 900 uniform queries on 180x180, w ~ N(0.45, 0.1) (docs/kernels.md)."""
     gen = torch.Generator().manual_seed(0)
     batch = 4
     weights = (0.45 + 0.1 * torch.randn(batch, 900, generator=gen)).clamp(0, 1)
     coords = torch.rand(batch, 900, 1, 2, generator=gen) * 180
     valid = torch.ones(batch, 900, 1, dtype=torch.bool)
     common = dict(sigma=sigma, kernel_norm=kernel_norm)
-    raw = splat_reference(weights, coords, valid, 180, 180, threshold=0.0, clamp_max=None, **common)
-    post = splat_reference(weights, coords, valid, 180, 180, threshold=0.01, clamp_max=1.5, **common)
+    raw = splat_separable(weights, coords, valid, 180, 180, threshold=0.0, clamp_max=None, **common)
+    post = splat_separable(weights, coords, valid, 180, 180, threshold=0.01, clamp_max=1.5, **common)
     assert raw.mean().item() == pytest.approx(raw_mean, rel=0.04)
     assert post.mean().item() == pytest.approx(post_mean, rel=0.04)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Gradients of the reference
+# Gradients of the PyTorch functions and of the op's written-out backward
 # ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("splat_fn", [splat_ref, splat_separable])
 @pytest.mark.parametrize("method,kernel_norm,position", [
     ("gaussian", "sum", "floor"), ("gaussian", "peak", "exact"), ("gaussian", "normalized", "exact"),
     ("gaussian", "normalized", "floor"), ("bilinear", "sum", "floor"), ("direct", "sum", "floor")])
-def test_reference_gradcheck(method, kernel_norm, position):
+def test_gradcheck(method, kernel_norm, position, splat_fn):
     weights, coords, valid = random_inputs(2, 6, 2, 9, 11, seed=3)
     weights = weights.double().requires_grad_()
     wants_coords = position == "exact" or method == "bilinear"
     coords = coords.double().requires_grad_(wants_coords)
-    fn = lambda w, c: splat_reference(w, c, valid, 9, 11, sigma=1.0, method=method,  # noqa: E731
-                                      kernel_norm=kernel_norm, position=position, threshold=0.0, clamp_max=None)
+    fn = lambda w, c: splat_fn(w, c, valid, 9, 11, sigma=1.0, method=method,  # noqa: E731
+                               kernel_norm=kernel_norm, position=position, threshold=0.0, clamp_max=None)
     assert torch.autograd.gradcheck(fn, (weights, coords), eps=1e-6, atol=1e-7, fast_mode=True)
 
 
@@ -202,15 +189,16 @@ def test_reference_gradcheck(method, kernel_norm, position):
     ("gaussian", "sum", "floor"), ("gaussian", "sum", "exact"), ("gaussian", "peak", "exact"),
     ("gaussian", "normalized", "floor"), ("gaussian", "normalized", "exact"), ("bilinear", "sum", "floor"),
     ("direct", "sum", "floor")])
-def test_op_backward_matches_reference_autograd(method, kernel_norm, position):
-    """The written-out CPU backward of the custom op equals autograd through the reference (with post-processing)."""
+def test_op_backward_matches_spec_autograd(method, kernel_norm, position):
+    """The written-out CPU backward of the custom op equals autograd through the specification (with
+    post-processing)."""
     weights, coords, valid = random_inputs(3, 25, 2, 13, 16, seed=5)
     options = dict(sigma=1.3, method=method, kernel_norm=kernel_norm, position=position, threshold=0.05,
                    clamp_max=0.8 if kernel_norm != "sum" else 0.12)
     out, grad_w, grad_c = splat_with_grads(weights, coords, valid, 13, 16, triton=False, **options)
     w = weights.clone().requires_grad_()
     c = coords.clone().requires_grad_()
-    ref = splat_reference(w, c, valid, 13, 16, **options)
+    ref = splat_ref(w, c, valid, 13, 16, **options)
     cotangent = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
     ref_w, ref_c = torch.autograd.grad(ref, (w, c), cotangent, allow_unused=True)
     assert ((ref > 0) & (ref < options["clamp_max"])).any() and (ref == options["clamp_max"]).any()
@@ -236,7 +224,7 @@ def test_gradient_is_zero_where_thresholded_or_clamped():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Triton kernels (interpreter) vs reference
+# Triton kernels (interpreter) vs the separable path
 # ------------------------------------------------------------------------------------------------------------------
 TRITON_CASES = [
     dict(method="gaussian", kernel_norm="sum", position="floor", sigma=2.0),
@@ -245,15 +233,15 @@ TRITON_CASES = [
     dict(method="gaussian", kernel_norm="peak", position="exact", sigma=1.5, threshold=0.0),
     dict(method="gaussian", kernel_norm="normalized", position="floor", sigma=1.0, fill=0.5),
     dict(method="gaussian", kernel_norm="normalized", position="exact", sigma=0.7, kernel_size=5),
-    dict(method="bilinear"),
-    dict(method="direct", clamp_max=0.5),
+    dict(method="bilinear", sigma=1.0),
+    dict(method="direct", sigma=1.0, clamp_max=0.5),
 ]
 
 
 @needs_interpreter
 @pytest.mark.parametrize("options", TRITON_CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
 @pytest.mark.parametrize("batch,views,height,width", [(1, 1, 16, 16), (3, 6, 5, 9)])
-def test_triton_matches_reference(options, batch, views, height, width):
+def test_triton_matches_separable(options, batch, views, height, width):
     weights, coords, valid = random_inputs(batch, 37, views, height, width, seed=batch * 10 + views)
     if options.get("kernel_norm") == "peak":
         coords[:, :12] = coords[:, 12:13]                            # a pile-up that hits the clamp
@@ -280,7 +268,7 @@ def test_empty_inputs(case, triton):
         weights = weights * 0.001
     for kernel_norm, expected in (("sum", 0.0), ("normalized", 0.25)):
         out, grad_w, _ = splat_with_grads(weights, coords, valid, 8, 10, triton=triton, kernel_norm=kernel_norm,
-                                          fill=0.25, position="exact")
+                                          fill=0.25, position="exact", sigma=2.0)
         assert out.shape == (2, 6, 8, 10)
         assert torch.all(out == expected)
         assert torch.all(grad_w == 0) and grad_w.shape == weights.shape
@@ -291,12 +279,12 @@ def test_empty_inputs(case, triton):
 def test_triton_low_precision_inputs(dtype):
     weights, coords, valid = random_inputs(2, 30, 2, 12, 14, seed=9)
     options = dict(sigma=1.0, position="exact", kernel_norm="peak", threshold=0.02)
-    expected = splat_reference(weights.to(dtype).float(), coords.to(dtype).float(), valid, 12, 14, **options)
+    expected = splat_ref(weights.to(dtype).float(), coords.to(dtype).float(), valid, 12, 14, **options)
     with force_triton():
         got = splat(weights.to(dtype), coords.to(dtype), valid, 12, 14, **options)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)   # fp32 accumulation of the rounded inputs
-    loose = splat_reference(weights, coords, valid, 12, 14, **options)
+    loose = splat_ref(weights, coords, valid, 12, 14, **options)
     tolerance = 0.05 if dtype == torch.bfloat16 else 0.01            # bf16 coordinates move by up to 1/16 pixel
     assert (got - loose).abs().max().item() < tolerance
 
@@ -316,8 +304,8 @@ def test_nan_queries_are_skipped_without_validation(triton):
     clean_valid[0, 5, 1] = False
     clean_valid[0, 6, 0] = False
     with force_triton(triton):
-        got = splat(bad_w, bad_c, valid, 10, 12, position="exact")
-        expected = splat(weights, coords, clean_valid, 10, 12, position="exact")
+        got = splat(bad_w, bad_c, valid, 10, 12, sigma=2.0, position="exact")
+        expected = splat(weights, coords, clean_valid, 10, 12, sigma=2.0, position="exact")
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected)
 
@@ -327,11 +315,11 @@ def test_validate_raises_naming_the_argument():
     bad_w = weights.clone()
     bad_w[0, 1] = float("nan")
     with pytest.raises(ValueError, match="weights"):
-        splat(bad_w, coords, valid, 8, 8, validate=True)
+        splat(bad_w, coords, valid, 8, 8, sigma=2.0, validate=True)
     bad_c = coords.clone()
     bad_c[0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="coords"):
-        splat(weights, bad_c, valid, 8, 8, validate=True)
+        splat(weights, bad_c, valid, 8, 8, sigma=2.0, validate=True)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -354,7 +342,29 @@ def test_validate_raises_naming_the_argument():
 ])
 def test_bad_input_raises_naming_the_argument(change, match):
     args = dict(weights=torch.rand(2, 4), coords=torch.rand(2, 4, 1, 2), valid=torch.ones(2, 4, 1, dtype=torch.bool),
-                height=8, width=8)
+                height=8, width=8, sigma=2.0)
     args.update(change)
     with pytest.raises(ValueError, match=match):
         splat(**args)
+
+
+def test_sigma_has_no_default():
+    """The caller's config owns sigma (AQRRenderConfig: 1.0): splat has no default of its own to disagree with."""
+    weights, coords, valid = random_inputs(1, 4, 1, 8, 8)
+    for splat_fn in (splat, splat_separable, splat_ref):
+        with pytest.raises(TypeError, match="sigma"):
+            splat_fn(weights, coords, valid, 8, 8)
+
+
+def test_params_built_once_per_call(monkeypatch):
+    """Forward and backward of one splat call validate the options and derive the constants once."""
+    builds = []
+    build = SplatParams.build
+    monkeypatch.setattr(SplatParams, "build", staticmethod(lambda *a, **k: builds.append(k) or build(*a, **k)))
+    weights, coords, valid = random_inputs(1, 6, 2, 8, 9, seed=6)
+    w = weights.clone().requires_grad_()
+    c = coords.clone().requires_grad_()
+    out = splat(w, c, valid, 8, 9, sigma=1.0, position="exact")
+    torch.autograd.grad(out.sum(), (w, c))
+    assert len(builds) == 1
+
