@@ -676,7 +676,7 @@ def splat_ref(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, 
         r = p.radius
         ry, rx = (py + 0.5 - on_map(y), px + 0.5 - on_map(x)) if p.exact else (dy, dx)
         g = torch.exp(-(ry ** 2 + rx ** 2) / (2 * sigma ** 2))
-        if kernel_norm == "sum":
+        if p.kernel_norm == "sum":
             offsets = range(-r, r + 1)
             g = g / sum(math.exp(-(i * i + j * j) / (2 * sigma ** 2)) for i in offsets for j in offsets)   # Z
         k = torch.where(on_map(active) & (dy.abs() <= r) & (dx.abs() <= r), g, 0.0)
@@ -688,7 +688,7 @@ def splat_ref(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, 
     else:
         hit = on_map(active) & (dy == 0) & (dx == 0)
         hits = torch.where(hit, w, 0.0)                                           # [B, Q, V, H, W]
-        raw = torch.cat([torch.zeros_like(hits[:, :1]), hits], dim=1).amax(1)     # max(0, max_q w_q)
+        raw = F.pad(hits, (0, 0, 0, 0, 0, 0, 1, 0)).amax(1)    # a zero query in front: max(0, max_q w_q), Q = 0 too
         return _postprocess(raw, p)
     num = (w * k).sum(1)                                                          # [B, V, H, W]
     raw = (num + fill * eps) / (k.sum(1) + eps) if p.normalized else num

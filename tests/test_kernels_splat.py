@@ -271,6 +271,8 @@ def test_empty_inputs(case, triton):
                                           fill=0.25, position="exact", sigma=2.0)
         assert out.shape == (2, 6, 8, 10)
         assert torch.all(out == expected)
+        spec = splat_ref(weights, coords, valid, 8, 10, kernel_norm=kernel_norm, fill=0.25, position="exact", sigma=2.0)
+        assert torch.all(spec == expected)
         assert torch.all(grad_w == 0) and grad_w.shape == weights.shape
 
 
