@@ -79,7 +79,7 @@ def test_tiny_train_step(benchmark, mode):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
-        losses = model.loss(batch)
+        losses = model.loss(batch).losses
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 from aqrcmt.checkpoint import keymap
 from aqrcmt.checkpoint.convert import main as convert_main
 from aqrcmt.checkpoint.convert import sha256_of, spconv1_shape
-from aqrcmt.checkpoint.io import (CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors_atomic,
-                                  torch_save_atomic)
+from aqrcmt.checkpoint.io import (CheckpointError, atomic_write, atomic_write_bytes, load_safetensors, pickle_atomic,
+                                  save_safetensors_atomic, torch_save_atomic)
 from aqrcmt.checkpoint.manifest import AQR_FORK_MANIFEST, Manifest, load_manifest
 from aqrcmt.cli import main as cli_main
 
@@ -324,6 +325,18 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path):
     assert path.read_bytes() == b"old" and list_dir(tmp_path) == ["state.pt"]
     torch_save_atomic({"step": 3}, path)
     assert torch.load(path, weights_only=True) == {"step": 3}
+
+
+def test_atomic_write_with_a_failing_writer_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "index.pkl"
+    pickle_atomic({"infos": [1, 2]}, path)
+
+    def half_written(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half_written)
+    assert list_dir(tmp_path) == ["index.pkl"] and pickle.loads(path.read_bytes()) == {"infos": [1, 2]}
 
 
 def test_safetensors_roundtrip_with_tied_tensors_and_metadata(tmp_path):

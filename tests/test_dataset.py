@@ -208,6 +208,46 @@ def test_gt_paste_adds_non_colliding_objects_with_their_points(cfg: Config, data
     assert (inside.sum(0) >= 5).all() and len(sample.points) != n_points
 
 
+def test_gt_paste_switches_off_at_its_last_epoch(cfg: Config, database: Path, monkeypatch) -> None:
+    """The released "15e+5e" recipe: ``loader.set_epoch`` tells the dataset, which stops pasting."""
+    assert get_preset("cmt_voxel0075_vov_1600x640_cbgs").data.augment.gt_paste_until_epoch == 15
+    calls = []
+    real_paste = GTPaster.__call__
+    monkeypatch.setattr(GTPaster, "__call__", lambda self, sample, rng: calls.append(1) or real_paste(self, sample, rng))
+    cfg.data.load_images = False
+    cfg.data.augment.gt_paste, cfg.data.augment.gt_paste_database = True, str(database)
+    cfg.data.augment.gt_paste_until_epoch = 2
+    loader = nd.build_dataloader(cfg, cfg.data.train_split, train=True)
+    dataset = loader.dataset
+    for epoch, pastes in ((0, True), (1, True), (2, False), (5, False), (1, True)):
+        loader.set_epoch(epoch)
+        assert loader.sampler.epoch == epoch and dataset.epoch == epoch
+        before = len(calls)
+        dataset[0]
+        assert len(calls) - before == int(pastes), epoch
+    cfg.data.augment.gt_paste_until_epoch = 0                  # 0: paste in every epoch
+    forever = nd.build_dataset(cfg, cfg.data.train_split, train=True)
+    forever.set_epoch(100)
+    before = len(calls)
+    forever[0]
+    assert len(calls) == before + 1
+
+
+def test_loader_set_epoch_pins_the_batches_of_an_epoch(cfg: Config) -> None:
+    """Same (seed, epoch, process): same samples and augmentation draws in the workers, whatever ran before."""
+    cfg.data.load_images, cfg.data.num_workers = False, 1
+    loader = nd.build_dataloader(cfg, cfg.data.train_split, train=True, seed=3)
+
+    def epoch_points(epoch: int) -> list[torch.Tensor]:
+        loader.set_epoch(epoch)
+        return [p for batch in loader for p in batch.points]
+    first = epoch_points(1)
+    epoch_points(0)
+    again = epoch_points(1)
+    assert len(first) == len(again) and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, epoch_points(2)))
+
+
 def test_gt_paste_blends_crops_only_inside_the_projected_boxes(cfg: Config, database: Path) -> None:
     paster = GTPaster(database)
     assert sum(bool(o["image_path"]) for v in paster.objects.values() for o in v) > 20

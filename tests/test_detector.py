@@ -73,7 +73,7 @@ def test_state_dict_and_parameter_counts_match_official(preset):
 def test_tiny_train_step_and_predict(tiny_model, tiny_cfg):
     model = copy.deepcopy(tiny_model).train()
     batch = synthetic_batch(tiny_cfg, num_boxes=(5, 3), seed=1)
-    losses = model.loss(batch)
+    losses = model.loss(batch).losses
     assert {"loss_cls", "loss_bbox", "dn_loss_cls", "dn_loss_bbox"} <= set(losses)
     assert all(v.dtype == torch.float32 and v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -127,12 +127,44 @@ def test_degenerate_inputs_do_not_crash(tiny_model, tiny_cfg):
     train_model = copy.deepcopy(tiny_model).train()
     no_gt = Batch(**{**vars(no_points_all), "gt_boxes": [torch.zeros(0, 9)] * 2,
                      "gt_labels": [torch.zeros(0, dtype=torch.long)] * 2})
-    losses = train_model.loss(no_gt)
+    losses = train_model.loss(no_gt).losses
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
 
     with pytest.raises(ValueError, match="lidar2img"):
         model.predict(Batch(**{**vars(base), "lidar2img": None}))
+
+
+def test_loss_returns_the_aqr_monitor_signals_only_when_asked(tiny_model, tiny_cfg, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny_aqr").model).train()
+    batch = synthetic_batch(tiny_cfg, num_boxes=(3, 2), seed=2)
+    plain = model.loss(batch)
+    assert plain.monitor is None and {"loss_cls", "loss_bbox"} <= set(plain.losses)
+    monitored = model.loss(batch, monitor=True)
+    assert len(monitored.monitor) == 16 and all(isinstance(v, float) and v == v for v in monitored.monitor.values())
+    assert 0.0 < monitored.monitor["bev_map_mean"] and monitored.losses.keys() == plain.losses.keys()
+    assert not model.pts_bbox_head.aqr.monitor_this_step      # the next forward (e.g. an evaluation) is not monitored
+    assert model.save_monitor_images(tmp_path / "maps").is_file()
+    assert copy.deepcopy(tiny_model).train().loss(batch, monitor=True).monitor is None   # no AQR: nothing to monitor
+
+
+def test_frozen_modules_keep_their_batchnorm_in_eval_through_train(tiny_cfg):
+    model = build_model(tiny_cfg)
+    model.freeze(["img_backbone", "pts_backbone"])
+    model.eval()
+    model.train()
+    frozen_bn = [m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+                 and n.startswith(("img_backbone.", "pts_backbone."))]
+    other_bn = [m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+                and n.startswith(("img_neck.", "pts_neck."))]
+    assert frozen_bn and other_bn and not any(m.training for m in frozen_bn) and all(m.training for m in other_bn)
+    assert not any(p.requires_grad for p in model.img_backbone.parameters())
+    assert all(p.requires_grad for p in model.img_neck.parameters())
+    before = [m.running_mean.clone() for m in frozen_bn]
+    model.loss(synthetic_batch(tiny_cfg, num_boxes=(2, 1), seed=5))
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(frozen_bn, before))
+    assert any(not torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in other_bn)
 
 
 @pytest.mark.parametrize("branch", ["lidar", "camera"])
@@ -148,7 +180,7 @@ def test_single_modality_tiny_models(tiny_cfg, branch):
     assert ("img_backbone" in names) == (branch == "camera")
     batch = synthetic_batch(cfg, num_boxes=(2, 0), seed=4)
     model.train()
-    losses = model.loss(batch)
+    losses = model.loss(batch).losses
     sum(losses.values()).backward()
     model.eval()
     with torch.no_grad():
@@ -166,7 +198,7 @@ def test_tiny_overfits_one_sample(tiny_cfg, capsys):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     history = []
     for _ in range(OVERFIT_STEPS):
-        total = sum(model.loss(batch).values())
+        total = sum(model.loss(batch).losses.values())
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
@@ -219,9 +251,9 @@ def test_compile_dense_whole_detector_trains_without_recompiling(tiny_cfg):
     graphs = []
     for batch in batches:
         torch.manual_seed(1)                     # same denoising noise (drawn eagerly, outside the graphs)
-        expected = eager.loss(batch)
+        expected = eager.loss(batch).losses
         torch.manual_seed(1)
-        actual = compiled.loss(batch)
+        actual = compiled.loss(batch).losses
         graphs.append(_compiled_graphs())
         for name in expected:
             torch.testing.assert_close(actual[name], expected[name], atol=1e-3, rtol=1e-3,

@@ -14,7 +14,7 @@ from torch import nn
 
 from aqrcmt.config import ConfigError, OptimConfig
 from aqrcmt.training import checkpointing as ckpt
-from aqrcmt.training.optim import apply_frozen_bn_eval, freeze_and_build_optimizer, group_parameters
+from aqrcmt.training.optim import freeze_and_build_optimizer, frozen_module_prefixes, group_parameters
 from aqrcmt.training.schedule import Schedule
 
 
@@ -49,15 +49,16 @@ def test_zero_multiplier_freezes_module_and_keeps_its_batchnorm_in_eval():
     assert not any(id(p) in in_optimizer for p in model.img_backbone.parameters())
     neck_group = next(g for g in opt.param_groups if any(p is model.img_neck.weight for p in g["params"]))
     assert neck_group["lr"] == pytest.approx(1e-4) and neck_group["weight_decay"] == pytest.approx(0.05)
-    model.train()
-    apply_frozen_bn_eval(model, ["img_backbone"])
-    bn = model.img_backbone[1]
-    before = bn.running_mean.clone()
-    model.img_backbone(torch.randn(2, 3, 8, 8))
-    assert not bn.training and torch.equal(bn.running_mean, before)
     with pytest.raises(ConfigError, match="frozen"):
         freeze_and_build_optimizer(_toy_detector(), OptimConfig(lr_mults={"img_backbone": 0, "img_neck": 0,
                                                                           "pts_bbox_head": 0}))
+
+
+def test_frozen_prefixes_are_the_zero_multipliers_and_nothing_trains_inside_them():
+    cfg = OptimConfig(lr_mults={"img_backbone": 0.0, "pts_backbone": 0, "img_neck": 0.1})
+    assert frozen_module_prefixes(cfg) == ["img_backbone", "pts_backbone"]
+    with pytest.raises(ConfigError, match="'img_backbone.stage4' = 0.5 lies inside the frozen 'img_backbone'"):
+        frozen_module_prefixes(OptimConfig(lr_mults={"img_backbone": 0.0, "img_backbone.stage4": 0.5}))
 
 
 def test_cyclic_schedule_matches_the_released_policy():
@@ -175,17 +176,3 @@ def test_every_process_rng_state_is_inside_the_checkpoint_and_evaluation_keeps_t
     with ckpt.preserved_rng():
         torch.rand(5)
     assert torch.equal(torch.get_rng_state(), before)
-
-
-def test_gt_paste_fades_out_after_its_last_epoch():
-    from aqrcmt.presets import get_preset
-    from aqrcmt.training.loop import data_config_for_epoch
-
-    cfg = get_preset("cmt_voxel0075_vov_1600x640_cbgs")
-    assert cfg.data.augment.gt_paste_until_epoch == 15
-    assert data_config_for_epoch(cfg, 16) is cfg                 # paste off anyway: nothing to fade
-    cfg.data.augment.gt_paste = True
-    assert data_config_for_epoch(cfg, 14) is cfg
-    faded = data_config_for_epoch(cfg, 15)
-    assert faded is not cfg and not faded.data.augment.gt_paste and cfg.data.augment.gt_paste
-    assert faded.data == data_config_for_epoch(cfg, 19).data

@@ -88,7 +88,7 @@ def test_training_lowers_the_loss_freezes_modules_applies_multipliers_and_monito
     def loss_with(weights: dict[str, torch.Tensor]) -> float:
         detector.load_state_dict(weights)
         with torch.no_grad():
-            return float(sum(detector.loss(batch).values()))
+            return float(sum(detector.loss(batch).losses.values()))
     assert loss_with(last) < 0.8 * loss_with(first)
 
     # monitoring: losses by term, lr, grad norm, speed and the AQR health signals reach TensorBoard
@@ -127,12 +127,12 @@ def test_non_finite_losses_skip_steps_then_stop_naming_the_last_healthy_step(syn
     calls = {"n": 0}
     real_loss = CmtDetector.loss
 
-    def loss_turning_nan(self, batch):
+    def loss_turning_nan(self, batch, monitor=False):
         calls["n"] += 1
-        losses = real_loss(self, batch)
+        output = real_loss(self, batch, monitor)
         if calls["n"] > 3:
-            losses["loss_cls"] = losses["loss_cls"] * float("nan")
-        return losses
+            output.losses["loss_cls"] = output.losses["loss_cls"] * float("nan")
+        return output
     monkeypatch.setattr(CmtDetector, "loss", loss_turning_nan)
     cfg = _config(synthetic_root, tmp_path / "run", "train.checkpoint_every_steps=2", "train.max_nonfinite_steps=2",
                   "train.tracker=none")
@@ -192,9 +192,9 @@ def test_compiled_and_eager_steps_give_the_same_loss(synthetic_root, tmp_path):
     batch = next(iter(build_dataloader(cfg, cfg.data.train_split, train=False)))
     torch.manual_seed(0)
     model = LossModel(build_model(cfg.model)).train()
-    eager = {k: v.item() for k, v in model(batch).items()}
+    eager = {k: v.item() for k, v in model(batch).losses.items()}
     model.detector.compile_dense()          # what the loop does with --compile
-    compiled = {k: v.item() for k, v in model(batch).items()}
+    compiled = {k: v.item() for k, v in model(batch).losses.items()}
     assert eager.keys() == compiled.keys()
     for k in eager:
         assert compiled[k] == pytest.approx(eager[k], rel=1e-4, abs=1e-5), k
@@ -202,12 +202,12 @@ def test_compiled_and_eager_steps_give_the_same_loss(synthetic_root, tmp_path):
 
 def test_load_from_reports_missing_aqr_weights_and_rejects_other_mismatches(tmp_path):
     from aqrcmt.checkpoint.io import CheckpointError, save_safetensors_atomic
-    from aqrcmt.training.loop import load_pretrained
+    from aqrcmt.checkpoint.weights import load_weights
 
     plain = build_model(load_config("tiny", SMALL).model).state_dict()
     save_safetensors_atomic(plain, tmp_path / "cmt.safetensors", {})
     detector = build_model(load_config("tiny_aqr", SMALL).model)
-    aqr_missing = load_pretrained(detector, str(tmp_path / "cmt.safetensors"), [], [])
+    aqr_missing = load_weights(detector, tmp_path / "cmt.safetensors").kept_init
     assert aqr_missing and all(k.startswith("pts_bbox_head.aqr.") for k in aqr_missing)
     assert torch.equal(detector.state_dict()["pts_bbox_head.shared_conv.conv.weight"],
                        plain["pts_bbox_head.shared_conv.conv.weight"])
@@ -216,5 +216,6 @@ def test_load_from_reports_missing_aqr_weights_and_rejects_other_mismatches(tmp_
     del extra["img_neck.lateral_convs.0.conv.weight"]
     save_safetensors_atomic(extra, tmp_path / "other.safetensors", {})
     with pytest.raises(CheckpointError, match=r"1 missing \['img_neck.lateral_convs.0.conv.weight'\].*1 unexpected"):
-        load_pretrained(detector, str(tmp_path / "other.safetensors"), [], [])
-    load_pretrained(detector, str(tmp_path / "other.safetensors"), ["img_neck.*"], ["pts_bbox_head.old_*"])
+        load_weights(detector, tmp_path / "other.safetensors")
+    load_weights(detector, tmp_path / "other.safetensors", allow_missing=["img_neck.*"],
+                 allow_unexpected=["pts_bbox_head.old_*"])

@@ -13,7 +13,6 @@ written only when no key is unexpected, missing or of the wrong shape (``--allow
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import hashlib
 import json
 import pickle
@@ -32,6 +31,7 @@ from aqrcmt.checkpoint.io import CheckpointError, is_safetensors, load_safetenso
     torch_save_atomic
 from aqrcmt.checkpoint.manifest import Manifest, ManifestEntry, load_manifest, manifests_for, \
     released_manifest_names
+from aqrcmt.checkpoint.weights import matches_any, strip_wrapper_prefixes
 from aqrcmt.config import ConfigError, load_config
 
 CONVERTER_VERSION = "1"
@@ -61,7 +61,7 @@ def read_checkpoint(path: Path, unsafe_load: bool = False) -> SourceCheckpoint:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors" or is_safetensors(path):
         tensors, metadata = load_safetensors(path)
-        return SourceCheckpoint(_strip_wrappers(tensors), None, dict(metadata))
+        return SourceCheckpoint(strip_wrapper_prefixes(tensors), None, dict(metadata))
     obj = _torch_load(path, unsafe_load)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         state, meta = obj["state_dict"], obj.get("meta") or {}
@@ -75,7 +75,7 @@ def read_checkpoint(path: Path, unsafe_load: bool = False) -> SourceCheckpoint:
         raise CheckpointError(f"{path}: state_dict entries that are not tensors: {not_tensors}")
     metadata = getattr(state, "_metadata", None)
     versions = _module_versions(metadata) if isinstance(metadata, dict) else None
-    return SourceCheckpoint(_strip_wrappers(dict(state)), versions, dict(meta) if isinstance(meta, dict) else {})
+    return SourceCheckpoint(strip_wrapper_prefixes(dict(state)), versions, dict(meta) if isinstance(meta, dict) else {})
 
 
 def _module_versions(metadata: dict[str, Any]) -> dict[str, int]:
@@ -126,16 +126,6 @@ def _load_error_reason(error: BaseException) -> str:
         return " ".join(reason.group(1).split())
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
-
-
-def _strip_wrappers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        name = keymap.strip_wrappers(key)
-        if name in out:
-            raise CheckpointError(f"key {name!r} appears twice once wrapper prefixes are removed ({key!r})")
-        out[name] = value
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,7 +194,7 @@ def match(source: SourceCheckpoint, manifests: Sequence[Manifest], *, reverse: b
             if fill_bn and entry.key.endswith("." + NUM_BATCHES_TRACKED):
                 result.tensors[out] = torch.zeros(entry.shape, dtype=entry.dtype)
                 result.filled.append(out)
-            elif any(fnmatch.fnmatchcase(name, p) for p in allow_missing for name in (entry.key, out)):
+            elif matches_any(entry.key, allow_missing) or matches_any(out, allow_missing):
                 result.allowed_missing.append(out)
             else:
                 result.missing.append(src)
@@ -239,7 +229,7 @@ def match(source: SourceCheckpoint, manifests: Sequence[Manifest], *, reverse: b
         if key in used:
             continue
         reason = None if reverse else keymap.drop_reason(key)
-        if reason is None and any(fnmatch.fnmatchcase(key, p) for p in allow_unexpected):
+        if reason is None and matches_any(key, allow_unexpected):
             reason = "allowed by --allow-unexpected"
         if reason is None:
             result.unexpected.append(key)

@@ -1,13 +1,15 @@
-"""Crash-safe checkpoint files.
+"""Crash-safe files: the package's one atomic writer, and the safetensors reader.
 
-Every writer puts the bytes in a temporary file in the destination's directory, fsyncs it, then
-renames it over the destination with ``os.replace`` (atomic on POSIX and Windows). A reader therefore
+:func:`atomic_write` (used by every writer of the package: checkpoints, index and GT-database pickles)
+puts the bytes in a temporary file in the destination's directory, fsyncs it, renames it over the
+destination with ``os.replace`` (atomic on POSIX and Windows) and fsyncs the directory. A reader therefore
 sees either the old file or the complete new one, never a partial write, and a failed write leaves an
 existing destination untouched.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +26,11 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, corrupt, or does not match the expected model."""
 
 
-def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside `path`, fsync it, and rename it to `path`."""
+def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside `path`, fsync it, and rename it to `path`.
+
+    When `write` raises, the temporary file is removed and an existing `path` is left as it was.
+    """
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
@@ -67,12 +72,20 @@ def _fsync_directory(directory: Path) -> None:
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write `data` to `path` atomically."""
-    _atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def pickle_atomic(obj: Any, path: PathLike) -> None:
+    """``pickle.dump(obj)`` (highest protocol) to `path`, atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+    atomic_write(path, write)
 
 
 def torch_save_atomic(obj: Any, path: PathLike) -> None:
     """``torch.save(obj, path)``, atomically."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: PathLike,
@@ -92,7 +105,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: PathLike,
         pointer = tensor.untyped_storage().data_ptr()
         cpu[name] = tensor.clone() if pointer in storages else tensor
         storages.add(pointer)
-    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=dict(metadata or {})))
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=dict(metadata or {})))
 
 
 def load_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -107,6 +120,15 @@ def load_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str,
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors, metadata
+
+
+def load_safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors."""
+    try:
+        with safe_open(Path(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def is_safetensors(path: PathLike) -> bool:

@@ -13,6 +13,7 @@ _EXPORTS: dict[str, str] = {
     "SampleMeta": "aqrcmt.data.batch",
     "collate": "aqrcmt.data.collate",
     "BadSampleError": "aqrcmt.data.nuscenes_dataset",
+    "EpochDataLoader": "aqrcmt.data.nuscenes_dataset",
     "NuScenesDataset": "aqrcmt.data.nuscenes_dataset",
     "build_dataloader": "aqrcmt.data.nuscenes_dataset",
     "build_dataset": "aqrcmt.data.nuscenes_dataset",

@@ -17,9 +17,7 @@ are kept (as its modify_points=False).
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -27,6 +25,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from aqrcmt.checkpoint.io import pickle_atomic
 from aqrcmt.config import CLASS_NAMES
 from aqrcmt.data.transforms import Sample
 
@@ -239,9 +238,7 @@ def build_gt_database(dataset, out_dir: str | Path) -> Path:
             objects[name].append({"path": f"{stem}.bin", "image_path": image_path, "box": box.tolist(),
                                   "num_points": len(points), "sample_token": sample.token})
     path = out_dir / "dbinfos.pkl"
-    with tempfile.NamedTemporaryFile(dir=out_dir, prefix="dbinfos", suffix=".tmp", delete=False) as f:
-        pickle.dump({"format": DATABASE_FORMAT, "objects": objects}, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(f.name, path)
+    pickle_atomic({"format": DATABASE_FORMAT, "objects": objects}, path)
     return path
 
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -30,6 +28,7 @@ import torch
 from pyquaternion import Quaternion
 from torch.utils.data import DataLoader, Dataset
 
+from aqrcmt.checkpoint.io import pickle_atomic
 from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES, Config, DataConfig
 from aqrcmt.data.collate import collate
 from aqrcmt.data.sampler import ShardedSampler
@@ -192,11 +191,9 @@ def _annotation_fields(nusc, sample: dict, lidar_token: str, global2lidar: np.nd
 # --------------------------------------------------------------------------------------------------
 # Index files: info pkl (mmdet3d format) and the cache
 # --------------------------------------------------------------------------------------------------
-def _atomic_pickle(obj: Any, path: Path) -> None:
+def _write_pickle(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(f.name, path)
+    pickle_atomic(obj, path)
 
 
 def write_info_pkl(root: str | Path, version: str, split: str, path: str | Path,
@@ -205,7 +202,7 @@ def write_info_pkl(root: str | Path, version: str, split: str, path: str | Path,
     nusc = open_nuscenes(root, version)
     infos = build_infos(nusc, scenes_of_split(version, split), max_sweeps, with_annotations=split != "test")
     path = Path(path)
-    _atomic_pickle({"infos": infos, "metadata": {"version": version}}, path)
+    _write_pickle({"infos": infos, "metadata": {"version": version}}, path)
     return path
 
 
@@ -249,7 +246,7 @@ def load_or_build_infos(root: str | Path, version: str, split: str, sweeps: int,
     infos = build_infos(open_nuscenes(root, version), scene_names, max(sweeps - 1, 0),
                         with_annotations=split != "test")
     try:
-        _atomic_pickle(infos, cache)
+        _write_pickle(infos, cache)
     except OSError as e:
         warnings.warn(f"could not write the nuScenes index cache {cache}: {e}")
     return infos, cache
@@ -274,11 +271,13 @@ class NuScenesDataset(Dataset):
     sweeps: LiDAR frames per sample including the key frame; load_images: False gives images=None;
     train: training checks (a sample needs boxes); on_bad_sample: "error" raises BadSampleError naming the
     file and sample, "skip" warns, counts the sample in `num_skipped` (per worker process) and serves the
-    next usable index instead (so an evaluation run would then miss the skipped sample's token).
+    next usable index instead (so an evaluation run would then miss the skipped sample's token);
+    gt_paste_until_epoch: > 0 switches the pipeline's GT paste off from that epoch on (see :meth:`set_epoch`).
     """
 
     def __init__(self, infos: list[dict], root: str | Path, pipeline: Pipeline, *, sweeps: int = 10,
-                 load_images: bool = True, train: bool = False, on_bad_sample: str = "error") -> None:
+                 load_images: bool = True, train: bool = False, on_bad_sample: str = "error",
+                 gt_paste_until_epoch: int = 0) -> None:
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         if not infos:
@@ -291,6 +290,19 @@ class NuScenesDataset(Dataset):
         self.train = train
         self.on_bad_sample = on_bad_sample
         self.num_skipped = 0
+        self.gt_paste_until_epoch = gt_paste_until_epoch
+        self._paste = pipeline.paste
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Samples served from now on belong to `epoch` (0-based): GT paste is off from
+        ``gt_paste_until_epoch`` on (the released "15e+5e" recipe: the last 5 of 20 epochs without it).
+
+        Call before iterating: DataLoader workers copy the dataset when an epoch's iteration starts.
+        """
+        self.epoch = epoch
+        fade = self.gt_paste_until_epoch > 0 and epoch >= self.gt_paste_until_epoch
+        self.pipeline.paste = None if fade else self._paste
 
     def __len__(self) -> int:
         return len(self.infos)
@@ -425,25 +437,51 @@ def build_dataset(cfg: Config, split: str, train: bool) -> NuScenesDataset:
     pipeline = Pipeline(data.augment, cfg.model.lidar.voxel.point_cloud_range, cfg.model.camera.image_size,
                         train=train, paste=paste)
     return NuScenesDataset(_split_infos(data, split), data.root, pipeline, sweeps=data.sweeps,
-                           load_images=data.load_images, train=train, on_bad_sample=data.on_bad_sample)
+                           load_images=data.load_images, train=train, on_bad_sample=data.on_bad_sample,
+                           gt_paste_until_epoch=data.augment.gt_paste_until_epoch)
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader whose :meth:`set_epoch` pins everything an epoch's batches depend on.
+
+    seed, process_index: of the run and of this process (they seed the worker generator per epoch).
+    """
+
+    def __init__(self, *args: Any, seed: int, process_index: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.process_index = process_index
+
+    def set_epoch(self, epoch: int) -> None:
+        """The sampler's order, the dataset's epoch (GT paste fade-out) and the worker seeds of `epoch`.
+
+        They depend only on (seed, epoch, process), so a resumed run sees the same batches as an
+        uninterrupted one.
+        """
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        self.generator.manual_seed(int(np.random.SeedSequence([self.seed, self.process_index, epoch])
+                                       .generate_state(1)[0]))
 
 
 def build_dataloader(cfg: Config, split: str, train: bool, *, num_processes: int = 1, process_index: int = 0,
-                     seed: int = 0) -> DataLoader:
+                     seed: int = 0) -> EpochDataLoader:
     """A DataLoader of Batches for this process's shard of `split`.
 
     Training: shuffled every epoch (CBGS resampling when cfg.data.cbgs), shards padded to equal length.
     Evaluation: in index order, process p gets samples p, p + P, ... (shards may differ by one sample).
-    The sampler advances its epoch on every pass; call ``loader.sampler.set_epoch(e)`` to pin it.
+    The sampler advances its epoch on every pass; ``loader.set_epoch(e)`` pins it (and the dataset's epoch
+    and the worker seeds).
     """
     dataset = build_dataset(cfg, split, train)
     sampler = ShardedSampler(len(dataset), shuffle=train, class_sets=dataset.class_sets() if train and cfg.data.cbgs
                              else None, num_processes=num_processes, process_index=process_index, seed=seed,
                              pad=train)
     generator = torch.Generator().manual_seed(seed * 1000 + process_index)   # worker seeds -> augmentation draws
-    return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate,
-                      num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
-                      drop_last=train, persistent_workers=False, generator=generator)
+    return EpochDataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate,
+                           num_workers=cfg.data.num_workers, drop_last=train, persistent_workers=False,
+                           pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), generator=generator,
+                           seed=seed, process_index=process_index)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -56,35 +56,27 @@ def _evaluate_results(args: argparse.Namespace) -> int:
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> int:
-    from aqrcmt.config import apply_overrides, config_from_dict, load_config
+    from aqrcmt.checkpoint.io import CheckpointError
+    from aqrcmt.checkpoint.weights import load_detector_from_checkpoint, stored_config, weights_file
+    from aqrcmt.config import apply_overrides, load_config
 
-    weights_path = _weights_file(Path(args.checkpoint))
-    tensors, metadata = _read_weights(weights_path)
-    if args.config:
-        cfg = load_config(args.config, args.override)
-    elif "config" in metadata:
-        cfg = apply_overrides(config_from_dict(json.loads(metadata["config"])), args.override)
-    else:
-        raise EvaluationError(f"{weights_path} stores no config; pass --config")
-    if args.root:
-        cfg.data.root = args.root
-    if args.version:
-        cfg.data.version = args.version
+    try:
+        weights_path = weights_file(args.checkpoint)
+        cfg = load_config(args.config, args.override) if args.config else \
+            apply_overrides(stored_config(weights_path), args.override)
+        if args.root:
+            cfg.data.root = args.root
+        if args.version:
+            cfg.data.version = args.version
+        model, _ = load_detector_from_checkpoint(weights_path, args.device, cfg)
+    except CheckpointError as error:
+        raise EvaluationError(str(error)) from None
     split = args.eval_set or cfg.data.val_split
     out = Path(args.out) if args.out else weights_path.parent / f"eval_{split}"
 
     from aqrcmt.data import build_dataloader
     from aqrcmt.eval.robustness import CLEAN, evaluate_robustness, format_robustness
-    from aqrcmt.models import build_model
 
-    model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise EvaluationError(
-            f"{weights_path} does not fit config {cfg.name!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); an official .pth must first go through "
-            f"`aqrcmt convert`")
-    model.to(args.device)
     loader = build_dataloader(cfg, split, train=False)
     drops = None if args.robustness else [CLEAN]
     table = evaluate_robustness(model, loader, cfg.data.root, cfg.data.version, split, out, drops=drops,
@@ -95,22 +87,3 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
         (out / "robustness.json").write_text(json.dumps(table, indent=2))
     print(f"metrics written to {out}")
     return 0
-
-
-def _weights_file(path: Path) -> Path:
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise EvaluationError(f"checkpoint {path} does not exist")
-    return path
-
-
-def _read_weights(path: Path) -> tuple[dict, dict[str, str]]:
-    from aqrcmt.checkpoint.io import CheckpointError, is_safetensors, load_safetensors
-
-    if not is_safetensors(path):
-        raise EvaluationError(f"{path} is not a safetensors file; convert an official .pth with `aqrcmt convert`")
-    try:
-        return load_safetensors(path)
-    except CheckpointError as error:
-        raise EvaluationError(str(error)) from None

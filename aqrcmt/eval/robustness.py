@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 from aqrcmt.config import CAMERA_NAMES
-from aqrcmt.data.batch import Batch, Detections, SampleMeta
+from aqrcmt.data.batch import Batch
 from aqrcmt.data.transforms import IMAGE_MEAN_BGR, IMAGE_STD_BGR
 from aqrcmt.eval.nuscenes_eval import evaluate_detections
-
-BatchTransform = Callable[[Batch], Batch]
+from aqrcmt.eval.predict import predict_dataset
 
 
 @dataclass(frozen=True)
@@ -60,22 +59,6 @@ def standard_drops(with_lidar: bool, with_camera: bool) -> list[ModalityDrop]:
     return drops
 
 
-@torch.inference_mode()
-def predict(model: torch.nn.Module, loader: Iterable[Batch], transform: Optional[BatchTransform] = None,
-            device: torch.device | str = "cpu") -> tuple[list[Detections], list[SampleMeta]]:
-    """Run ``model.predict`` over `loader` (after `transform`); detections come back on the CPU, in loader order."""
-    model.eval()
-    detections: list[Detections] = []
-    metas: list[SampleMeta] = []
-    for batch in loader:
-        if transform is not None:
-            batch = transform(batch)
-        for det in model.predict(batch.to(device)):
-            detections.append(Detections(det.boxes.float().cpu(), det.scores.float().cpu(), det.labels.cpu()))
-        metas += batch.metas
-    return detections, metas
-
-
 def evaluate_robustness(model: torch.nn.Module, loader: Iterable[Batch], root: str | Path, version: str,
                         eval_set: str, output_dir: str | Path, drops: Optional[Sequence[ModalityDrop]] = None,
                         device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
@@ -88,9 +71,9 @@ def evaluate_robustness(model: torch.nn.Module, loader: Iterable[Batch], root: s
         drops = standard_drops(with_lidar, with_camera)
     table: dict[str, dict[str, Any]] = {}
     for drop in drops:
-        detections, metas = predict(model, loader, drop, device)
+        predicted = predict_dataset(model, loader, device, transform=drop)
         table[drop.name] = evaluate_detections(
-            detections, metas, root, version, eval_set, Path(output_dir) / drop.name.replace(" ", "_"),
+            [det for _, det in predicted], [meta for meta, _ in predicted], root, version, eval_set, Path(output_dir) / drop.name.replace(" ", "_"),
             use_camera=with_camera is not False and len(drop.cameras) < len(CAMERA_NAMES),
             use_lidar=with_lidar is not False and not drop.lidar)
     return table

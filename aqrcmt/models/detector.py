@@ -15,7 +15,9 @@ compiled graphs are reused across batches with different point, voxel and GT cou
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +33,12 @@ from aqrcmt.models.sparse_encoder import SparseEncoder
 from aqrcmt.models.voxelize import HardSimpleVFE, HardVoxelizer
 
 
+class LossOutput(NamedTuple):
+    """What :meth:`CmtDetector.loss` returns (a NamedTuple, so DDP and torch.compile pass it through)."""
+    losses: dict[str, Tensor]                 # name -> fp32 scalar, already weighted; the total is their sum
+    monitor: Optional[dict[str, float]]       # AQR health signals of a monitored forward, else None
+
+
 # Submodules that see only fixed-shape dense tensors (for a fixed batch and image size).
 DENSE_MODULES: tuple[str, ...] = ("pts_backbone", "pts_neck", "pts_bbox_head", "img_backbone", "img_neck")
 
@@ -42,6 +50,7 @@ class CmtDetector(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.frozen_prefixes: tuple[str, ...] = ()   # see freeze()
         self.with_lidar = cfg.lidar.enabled
         self.with_camera = cfg.camera.enabled
         # Construction order = official state_dict order: pts_* modules, head, then img_*.
@@ -136,15 +145,52 @@ class CmtDetector(nn.Module):
         dn = self.prepare_denoising(batch) if self.training else None
         return self.pts_bbox_head(bev_feat, img_feat, lidar2img, batch.img_shape, dn=dn)
 
-    def loss(self, batch: Batch) -> dict[str, Tensor]:
-        """Forward + head losses (fp32 scalars, already weighted; the total is their sum)."""
-        outputs = self(batch)
+    def loss(self, batch: Batch, monitor: bool = False) -> LossOutput:
+        """Forward + head losses (fp32 scalars, already weighted; the total is their sum).
+
+        monitor: also measure the AQR health signals of this forward (``LossOutput.monitor``; None without
+        AQR or with monitor False). Only this forward is monitored.
+        """
+        aqr = self.pts_bbox_head.aqr
+        with aqr.monitoring(monitor) if aqr is not None else contextlib.nullcontext():
+            outputs = self(batch)
         losses = self.pts_bbox_head.loss(outputs, batch.gt_boxes, batch.gt_labels)
-        return {name: value.float() for name, value in losses.items()}
+        stats = dict(aqr.last_stats) if monitor and aqr is not None else None
+        return LossOutput({name: value.float() for name, value in losses.items()}, stats)
 
     def predict(self, batch: Batch) -> list[Detections]:
         """Decoded detections per sample (call in eval mode, under torch.no_grad / inference_mode)."""
         return self.pts_bbox_head.decode(self(batch))
+
+    def save_monitor_images(self, path: str | Path) -> Path:
+        """PNG of the AQR weight maps of the last monitored forward (sample 0); see AQRModulation.save_images."""
+        if self.pts_bbox_head.aqr is None:
+            raise RuntimeError("save_monitor_images: this model has no AQR step")
+        return self.pts_bbox_head.aqr.save_images(path)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Freezing
+    # ------------------------------------------------------------------------------------------------------
+    def freeze(self, prefixes: Sequence[str]) -> None:
+        """Freeze the parts named by `prefixes` (dotted names at module boundaries: ``"img_backbone"`` covers
+        ``img_backbone.stem...``, not ``img_backbone2``): their parameters stop requiring gradients and their
+        BatchNorm layers stay in eval mode (running statistics unchanged) through every ``train()``."""
+        self.frozen_prefixes = tuple(sorted(set(prefixes)))
+        for name, parameter in self.named_parameters():
+            if self._is_frozen(name):
+                parameter.requires_grad_(False)
+        self.train(self.training)
+
+    def _is_frozen(self, name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in self.frozen_prefixes)
+
+    def train(self, mode: bool = True) -> "CmtDetector":
+        super().train(mode)
+        if mode:
+            for name, module in self.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and self._is_frozen(name):
+                    module.eval()
+        return self
 
 
 def build_model(cfg: ModelConfig) -> CmtDetector:

@@ -5,37 +5,44 @@
 the number of processes. The loop's state that a resumed run continues from is
 :class:`~aqrcmt.training.checkpointing.TrainingProgress` plus the weights, optimizer, schedule, loss scaler and
 every process's RNG states; with ``data.num_workers = 0`` a resumed run repeats the uninterrupted one exactly.
+
+The phases, in the order :func:`train` runs them:
+
+1. :func:`setup`: accelerator, run directory, model (``--load-from``, frozen modules), optimizer, data,
+   schedule, resumed state, ``accelerator.prepare`` -> a :class:`Run`;
+2. per epoch :func:`train_epoch`: forward/backward per batch, :func:`optimizer_step` (clip, non-finite guard)
+   per accumulation group, :func:`log_step`, mid-epoch checkpoints;
+3. at the end of an epoch :func:`save_checkpoint`, or :func:`evaluate_and_save` every
+   ``train.eval_every_epochs`` and at the end (metrics, best/ by NDS, metrics_history.json).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import fnmatch
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Literal, Optional
 
-import numpy as np
 import torch
 from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import gather_object, set_seed
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from aqrcmt.checkpoint.io import CheckpointError, load_safetensors
+from aqrcmt.checkpoint.io import CheckpointError
+from aqrcmt.checkpoint.weights import load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
-from aqrcmt.data.batch import Batch, Detections
+from aqrcmt.data.batch import Batch
+from aqrcmt.data.nuscenes_dataset import EpochDataLoader
+from aqrcmt.eval.predict import predict_dataset
 from aqrcmt.models import build_model
+from aqrcmt.models.detector import CmtDetector, LossOutput
 from aqrcmt.training import checkpointing as ckpt
-from aqrcmt.training.optim import apply_frozen_bn_eval, freeze_and_build_optimizer, frozen_module_prefixes
+from aqrcmt.training.optim import freeze_and_build_optimizer, frozen_module_prefixes
 from aqrcmt.training.schedule import Schedule
-
-AQR_PREFIX = "pts_bbox_head.aqr."
 
 
 @dataclass
@@ -58,44 +65,55 @@ class TrainResult:
 
 
 class LossModel(nn.Module):
-    """Wraps the detector so that ``forward(batch)`` returns its loss dict (what DDP wraps)."""
+    """Wraps the detector so that ``forward(batch, monitor)`` returns its :class:`LossOutput` (what DDP wraps)."""
 
-    def __init__(self, detector: nn.Module):
+    def __init__(self, detector: CmtDetector):
         super().__init__()
         self.detector = detector
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.detector.loss(batch)
+    def forward(self, batch: Batch, monitor: bool = False) -> LossOutput:
+        return self.detector.loss(batch, monitor=monitor)
 
 
 class NonFiniteTrainingError(RuntimeError):
     """Raised after ``train.max_nonfinite_steps`` non-finite steps in a row."""
 
 
-def load_pretrained(detector: nn.Module, path: str, allow_missing: list[str], allow_unexpected: list[str]) -> list[str]:
-    """Load converted weights into `detector`; returns the AQR keys the file lacks (they keep their init).
+@dataclass
+class Run:
+    """The objects of one training run, built by :func:`setup`, and the loop's running state."""
+    cfg: Config
+    options: TrainOptions
+    run_dir: Path
+    accelerator: Accelerator
+    detector: CmtDetector                      # unwrapped (what is saved, evaluated and monitored)
+    model: nn.Module                           # LossModel(detector) as prepared by Accelerate (DDP when multi-process)
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    loader: EpochDataLoader
+    steps_per_epoch: int
+    total_steps: int
+    progress: ckpt.TrainingProgress
+    resumed_rng: Optional[dict[str, Any]]      # this process's RNG state to continue from (resume), used once
+    last_checkpoint: Optional[Path] = None
+    metrics: Optional[dict] = None             # of the last evaluation
 
-    Any other missing or unexpected key, or a shape mismatch, raises CheckpointError unless the key matches
-    one of the fnmatch patterns of `allow_missing` / `allow_unexpected`.
-    """
-    tensors, _ = load_safetensors(path)
-    own = detector.state_dict()
-    missing = [k for k in own if k not in tensors]
-    unexpected = [k for k in tensors if k not in own]
-    wrong_shape = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in own if k in tensors and tensors[k].shape != own[k].shape]
-    aqr_missing = [k for k in missing if k.startswith(AQR_PREFIX)]
-    bad_missing = [k for k in missing if k not in aqr_missing and not any(fnmatch.fnmatch(k, p) for p in allow_missing)]
-    bad_unexpected = [k for k in unexpected if not any(fnmatch.fnmatch(k, p) for p in allow_unexpected)]
-    if bad_missing or bad_unexpected or wrong_shape:
-        raise CheckpointError(
-            f"--load-from {path}: does not fit the model: {len(bad_missing)} missing {bad_missing[:10]}, "
-            f"{len(bad_unexpected)} unexpected {bad_unexpected[:10]}, {len(wrong_shape)} wrong shapes "
-            f"{wrong_shape[:10]} (use --allow-missing / --allow-unexpected PATTERN to accept)")
-    detector.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
-    return aqr_missing
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of an epoch that are used (whole accumulation groups only)."""
+        return self.steps_per_epoch * self.cfg.optim.grad_accumulation
+
+    @property
+    def done(self) -> bool:
+        return self.progress.step >= self.total_steps or self.progress.epoch >= self.cfg.train.epochs
+
+    def result(self) -> TrainResult:
+        return TrainResult(self.run_dir, self.progress, self.last_checkpoint, self.metrics)
 
 
+# ------------------------------------------------------------------------------------------------------
+# Setup
+# ------------------------------------------------------------------------------------------------------
 def _mixed_precision(cfg: Config) -> str:
     """An `accelerate launch --mixed_precision` / `accelerate config` setting wins over the config's."""
     return os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.train.mixed_precision
@@ -105,62 +123,9 @@ def _should_compile(cfg: Config, device: torch.device) -> bool:
     return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
 
 
-def _epoch_batches(loader: DataLoader, epoch: int, skip: int, seed: int, process_index: int) -> Iterable[Batch]:
-    """The batches of `epoch` after the first `skip` (a mid-epoch resume), without loading the skipped ones.
-
-    The sampler's order and the loader's worker seeds depend only on (seed, epoch, process), so a resumed
-    run sees the same batches as the uninterrupted one.
-    """
-    loader.sampler.set_epoch(epoch)
-    if loader.generator is not None:
-        loader.generator.manual_seed(int(np.random.SeedSequence([seed, process_index, epoch]).generate_state(1)[0]))
-    return skip_first_batches(loader, skip) if skip else loader
-
-
-def data_config_for_epoch(cfg: Config, epoch: int) -> Config:
-    """`cfg`, or a copy with GT paste switched off from ``data.augment.gt_paste_until_epoch`` on (the released
-    recipe's "15e+5e": the last 5 of 20 epochs without GT paste)."""
-    augment = cfg.data.augment
-    if not (augment.gt_paste and augment.gt_paste_until_epoch and epoch >= augment.gt_paste_until_epoch):
-        return cfg
-    faded = copy.deepcopy(cfg)
-    faded.data.augment.gt_paste = False
-    return faded
-
-
-def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir: Path) -> dict:
-    """Official nuScenes metrics of `detector` on cfg.data.val_split (every process takes part, all get them).
-
-    Writes the results file and the devkit's outputs to `out_dir`. The training RNG streams are left as
-    they were (the data pipeline draws from them).
-    """
-    from aqrcmt.eval.nuscenes_eval import evaluate_detections
-
-    loader = build_dataloader(cfg, cfg.data.val_split, train=False, num_processes=accelerator.num_processes,
-                              process_index=accelerator.process_index, seed=cfg.train.seed)
-    was_training = detector.training
-    detector.eval()
-    local: list[tuple] = []
-    with ckpt.preserved_rng(), torch.no_grad():
-        for batch in loader:
-            batch = batch.to(accelerator.device)
-            with accelerator.autocast():
-                detections = detector.predict(batch)
-            local += [(meta, Detections(d.boxes.float().cpu(), d.scores.float().cpu(), d.labels.cpu()))
-                      for meta, d in zip(batch.metas, detections)]
-    detector.train(was_training)
-    everything = gather_object(local) if accelerator.num_processes > 1 else local
-    metrics: dict = {}
-    if accelerator.is_main_process:
-        unique = {meta.sample_token: (meta, det) for meta, det in everything}
-        metrics = evaluate_detections([d for _, d in unique.values()], [m for m, _ in unique.values()],
-                                      root=cfg.data.root, version=cfg.data.version, eval_set=cfg.data.val_split,
-                                      output_dir=out_dir)
-    return gather_object([metrics])[0] if accelerator.num_processes > 1 else metrics
-
-
-def train(cfg: Config, options: TrainOptions) -> TrainResult:
-    """Train (or, with ``options.eval_only``, evaluate) `cfg` in ``cfg.train.output_dir``; see the module doc."""
+def setup(cfg: Config, options: TrainOptions) -> Run:
+    """Everything a run needs, with the resumed state loaded (see the module doc, phase 1)."""
+    # ---- accelerator and run directory ----
     run_dir = Path(cfg.train.output_dir)
     # cpu=True without CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=cfg.train.tracker,
@@ -174,21 +139,23 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
     if cfg.train.tracker:  # TensorBoard writes to <run_dir>/tensorboard
         accelerator.init_trackers(cfg.train.tracker, config={"config": cfg.to_json()})
 
-    # ---- model, optimizer, data, schedule, resumed state -------------------------------------------------
+    # ---- model: pretrained weights, frozen modules (their BatchNorm stays in eval mode) ----
     detector = build_model(cfg.model)
     if options.load_from:
-        aqr_missing = load_pretrained(detector, options.load_from, options.allow_missing, options.allow_unexpected)
-        if aqr_missing:
-            accelerator.print(f"--load-from: {len(aqr_missing)} AQR tensors are not in {options.load_from}; "
-                              f"they keep their initialisation")
+        try:
+            report = load_weights(detector, options.load_from, allow_missing=options.allow_missing,
+                                  allow_unexpected=options.allow_unexpected)
+        except CheckpointError as error:
+            raise CheckpointError(f"--load-from {error}") from None
+        if report.kept_init:
+            accelerator.print(f"--load-from: {len(report.kept_init)} tensors (e.g. {report.kept_init[0]}) are not "
+                              f"in {options.load_from}; they keep their initialisation")
+    detector.freeze(frozen_module_prefixes(cfg.optim))
     optimizer = freeze_and_build_optimizer(detector, cfg.optim)
-    frozen = frozen_module_prefixes(cfg.optim)
-    def train_loader(epoch: int) -> DataLoader:
-        return build_dataloader(data_config_for_epoch(cfg, epoch), cfg.data.train_split, train=True,
-                                num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-                                seed=cfg.train.seed)
 
-    loader = train_loader(0)
+    # ---- data and schedule ----
+    loader = build_dataloader(cfg, cfg.data.train_split, train=True, num_processes=accelerator.num_processes,
+                              process_index=accelerator.process_index, seed=cfg.train.seed)
     accumulation = cfg.optim.grad_accumulation
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch == 0:
@@ -199,6 +166,7 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
         total_steps = min(total_steps, cfg.train.max_steps)
     schedule = Schedule(optimizer, cfg.optim, total_steps)
 
+    # ---- resumed state (eval_only: the weights only) ----
     progress, resumed_rng, resumed_scaler = ckpt.TrainingProgress(), None, None
     if options.resume:
         ckpt_dir = ckpt.resolve_resume(run_dir, options.resume)
@@ -211,164 +179,241 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
             resumed_scaler = state.get("scaler")
         accelerator.print(f"resumed from {ckpt_dir} (step {state['progress']['step']})")
 
+    # ---- compile and prepare (DDP, mixed precision) ----
     if _should_compile(cfg, accelerator.device):
         # Dense submodules compiled in place: state_dict keys unchanged, the sparse LiDAR part stays eager.
         detector.compile_dense()
     model, optimizer = accelerator.prepare(LossModel(detector), optimizer)
     if resumed_scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(resumed_scaler)
-    unwrapped = accelerator.unwrap_model(model).detector
-    trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+    return Run(cfg, options, run_dir, accelerator, accelerator.unwrap_model(model).detector, model, optimizer,
+               schedule, loader, steps_per_epoch, total_steps, progress, resumed_rng)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Checkpoints and evaluation
+# ------------------------------------------------------------------------------------------------------
+def save_checkpoint(run: Run) -> Path:
+    """A checkpoint of the current state (collective: every process contributes its RNG state)."""
+    accelerator = run.accelerator
+    rng_states = gather_object([ckpt.rng_state()]) if accelerator.num_processes > 1 else [ckpt.rng_state()]
+    path = None
+    if accelerator.is_main_process:
+        training_state = {"optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
+                          "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
+        path = ckpt.write_checkpoint(run.run_dir, model_state=run.detector.state_dict(),
+                                     training_state=training_state, config_json=run.cfg.to_json(),
+                                     progress=run.progress, keep_last=run.cfg.train.keep_last, rng_states=rng_states)
+    accelerator.wait_for_everyone()
+    path = Path(gather_object([str(path)])[0]) if accelerator.num_processes > 1 else path
+    run.last_checkpoint = path
+    return path
+
+
+def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir: Path) -> dict:
+    """Official nuScenes metrics of `detector` on cfg.data.val_split (every process takes part, all get them).
+
+    Each process predicts its shard; the main process evaluates the gathered detections and writes the
+    results file and the devkit's outputs to `out_dir`. The training RNG streams are left as they were (the
+    data pipeline draws from them).
+    """
+    from aqrcmt.eval.nuscenes_eval import evaluate_detections
+
+    loader = build_dataloader(cfg, cfg.data.val_split, train=False, num_processes=accelerator.num_processes,
+                              process_index=accelerator.process_index, seed=cfg.train.seed)
+    with ckpt.preserved_rng():
+        local = predict_dataset(detector, loader, accelerator.device, autocast=accelerator.autocast)
+    everything = gather_object(local) if accelerator.num_processes > 1 else local
+    metrics: dict = {}
+    if accelerator.is_main_process:
+        unique = {meta.sample_token: (meta, det) for meta, det in everything}
+        metrics = evaluate_detections([d for _, d in unique.values()], [m for m, _ in unique.values()],
+                                      root=cfg.data.root, version=cfg.data.version, eval_set=cfg.data.val_split,
+                                      output_dir=out_dir)
+    return gather_object([metrics])[0] if accelerator.num_processes > 1 else metrics
+
+
+def evaluate_and_save(run: Run) -> None:
+    """Evaluate, then checkpoint (its progress holds this evaluation) with metrics.json beside it; the best
+    checkpoint by NDS is copied to run_dir/best. The devkit's files go to run_dir/eval/step_N."""
+    accelerator, progress = run.accelerator, run.progress
+    metrics = evaluate(accelerator, run.detector, run.cfg, run.run_dir / "eval" / ckpt.checkpoint_name(progress.step))
+    metrics = {**metrics, "step": progress.step, "epoch": progress.epoch}
+    progress.history.append({k: metrics[k] for k in ("step", "epoch", "mAP", "NDS")})
+    is_best = metrics["NDS"] > progress.best_nds
+    progress.best_nds = max(progress.best_nds, metrics["NDS"])
+    path = save_checkpoint(run)
+    if accelerator.is_main_process:
+        ckpt.write_metrics(path, {**metrics, "checkpoint": path.name})
+        (run.run_dir / "metrics_history.json").write_text(json.dumps(progress.history, indent=2))
+        if is_best:
+            ckpt.update_best(run.run_dir, path)
+    accelerator.wait_for_everyone()
+    accelerator.log({"val/mAP": metrics["mAP"], "val/NDS": metrics["NDS"]}, step=progress.step)
+    accelerator.print(f"eval at step {progress.step} (epoch {progress.epoch}): "
+                      f"mAP {metrics['mAP']:.4f}  NDS {metrics['NDS']:.4f}")
+    run.metrics = metrics
+
+
+# ------------------------------------------------------------------------------------------------------
+# One optimizer step
+# ------------------------------------------------------------------------------------------------------
+StepOutcome = Literal["stepped", "overflow", "nonfinite"]
+
+
+def optimizer_step(run: Run, losses_finite: bool, last_loss: torch.Tensor) -> tuple[StepOutcome, torch.Tensor]:
+    """Clip the accumulated gradients and step, unless some process saw a non-finite loss or gradient.
+
+    Returns the outcome and the gradient norm: "stepped"; "overflow" (fp16: the loss scaler skipped the step
+    itself and lowered its scale; not counted as non-finite); "nonfinite" (update skipped, counted by
+    :func:`count_nonfinite_step`). The gradients are zeroed in every case.
+    """
+    accelerator, cfg = run.accelerator, run.cfg
+    trainable = [p for p in run.detector.parameters() if p.requires_grad]
+    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
+                                            else float("inf"))
+    healthy = torch.tensor(float(losses_finite and bool(torch.isfinite(grad_norm))), device=accelerator.device)
+    healthy = bool(accelerator.reduce(healthy, "min").item() > 0)
+    overflow = False
+    if healthy or (accelerator.scaler is not None and bool(torch.isfinite(last_loss.detach()))):
+        run.optimizer.step()  # fp16: the loss scaler skips an overflowing step itself and lowers the scale
+        overflow = accelerator.optimizer_step_was_skipped
+    run.optimizer.zero_grad(set_to_none=True)
+    if overflow:
+        return "overflow", grad_norm
+    return ("stepped" if healthy else "nonfinite"), grad_norm
+
+
+def count_nonfinite_step(run: Run) -> None:
+    """Count a skipped non-finite step; raise NonFiniteTrainingError after ``train.max_nonfinite_steps`` in a row."""
+    progress = run.progress
+    progress.nonfinite_in_a_row += 1
+    progress.nonfinite_total += 1
+    run.accelerator.print(f"step {progress.step + 1}: non-finite loss or gradient, update skipped "
+                          f"({progress.nonfinite_in_a_row} in a row, {progress.nonfinite_total} in total)")
+    if progress.nonfinite_in_a_row >= run.cfg.train.max_nonfinite_steps:
+        raise NonFiniteTrainingError(
+            f"{progress.nonfinite_in_a_row} non-finite steps in a row; training stopped. Last healthy "
+            f"step: {progress.last_healthy_step}; last checkpoint: {run.last_checkpoint or 'none written yet'}")
+
+
+@dataclass
+class ThroughputWindow:
+    """Samples (all processes) since the last logged step, for samples_per_s."""
+    start: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+
+
+def log_step(run: Run, output: LossOutput, grad_norm: torch.Tensor, window: ThroughputWindow, bar: tqdm) -> None:
+    """Losses by term, lr, grad norm, speed every ``train.log_every_steps``; the AQR health signals (and every
+    ``monitor.image_interval`` steps their maps) when this step was monitored."""
+    accelerator, cfg, step = run.accelerator, run.cfg, run.progress.step
+    if step % cfg.train.log_every_steps == 0 or step == run.total_steps:
+        elapsed = time.perf_counter() - window.start
+        scalars = {f"loss/{k}": accelerator.reduce(v.detach().float(), "mean").item()
+                   for k, v in output.losses.items()}
+        scalars.update({"loss/total": sum(scalars.values()), "lr": cfg.optim.lr * run.schedule.lr_factor(),
+                        "grad_norm": float(grad_norm), "samples_per_s": window.samples / max(elapsed, 1e-9)})
+        if torch.cuda.is_available():
+            scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        accelerator.log(scalars, step=step)
+        bar.set_postfix(loss=f"{scalars['loss/total']:.3f}", lr=f"{scalars['lr']:.2e}",
+                        gnorm=f"{scalars['grad_norm']:.2f}")
+        window.start, window.samples = time.perf_counter(), 0
+    if output.monitor is not None:
+        accelerator.log({f"aqr/{k}": v for k, v in output.monitor.items()}, step=step)
+        if accelerator.is_main_process and (step - 1) % cfg.model.aqr.monitor.image_interval == 0:
+            run.detector.save_monitor_images(run.run_dir / "aqr_maps" / f"step_{step:08d}.png")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The epoch loop
+# ------------------------------------------------------------------------------------------------------
+def train_epoch(run: Run, bar: tqdm, window: ThroughputWindow) -> bool:
+    """Train the rest of the current epoch (from ``progress.batches_in_epoch``: a mid-epoch resume skips the
+    batches already seen, without loading them). Returns False when ``stop_after_steps`` was reached."""
+    accelerator, cfg, progress = run.accelerator, run.cfg, run.progress
+    accumulation = cfg.optim.grad_accumulation
+    run.loader.set_epoch(progress.epoch)   # sampler order, GT paste fade-out, worker seeds of this epoch
+    skip = progress.batches_in_epoch
+    batches = skip_first_batches(run.loader, skip) if skip else run.loader
+    if run.resumed_rng is not None:  # continue the random streams where the interrupted run saved them
+        ckpt.set_rng_state(run.resumed_rng)
+        run.resumed_rng = None
+    run.model.train()                # the detector keeps its frozen modules' BatchNorm in eval mode
+    losses_finite = True
+    for batch in batches:
+        if progress.batches_in_epoch >= run.batches_per_epoch:
+            break  # a tail of batches too short for a whole accumulation group
+
+        # ---- forward and backward (gradients are synchronised on the group's last batch only) ----
+        batch = batch.to(accelerator.device, non_blocking=True)
+        sync = (progress.batches_in_epoch + 1) % accumulation == 0
+        monitored = sync and progress.step % cfg.model.aqr.monitor.interval == 0
+        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
+            output = run.model(batch, monitor=monitored)
+            loss = sum(output.losses.values())
+            accelerator.backward(loss / accumulation)
+        losses_finite = losses_finite and bool(torch.isfinite(loss.detach()))
+        progress.batches_in_epoch += 1
+        window.samples += batch.batch_size * accelerator.num_processes
+        if not sync:
+            continue
+
+        # ---- the optimizer step ----
+        outcome, grad_norm = optimizer_step(run, losses_finite, loss)
+        losses_finite = True
+        if outcome == "overflow":
+            continue
+        if outcome == "nonfinite":
+            count_nonfinite_step(run)
+            continue
+        progress.nonfinite_in_a_row = 0
+        progress.step += 1
+        progress.last_healthy_step = progress.step
+        run.schedule.step()
+        bar.update(1)
+        log_step(run, output, grad_norm, window, bar)
+
+        # ---- mid-epoch checkpoints (the epoch's last step is saved by train(), with the epoch counted) ----
+        epoch_ends = progress.batches_in_epoch >= run.batches_per_epoch
+        every = cfg.train.checkpoint_every_steps
+        if every and progress.step % every == 0 and not epoch_ends and progress.step < run.total_steps:
+            save_checkpoint(run)
+        if run.options.stop_after_steps and progress.step >= run.options.stop_after_steps:
+            return False
+        if progress.step >= run.total_steps:
+            break
+    if progress.batches_in_epoch >= run.batches_per_epoch:
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+    return True
+
+
+def train(cfg: Config, options: TrainOptions) -> TrainResult:
+    """Train (or, with ``options.eval_only``, evaluate) `cfg` in ``cfg.train.output_dir``; see the module doc."""
+    run = setup(cfg, options)
+    accelerator = run.accelerator
 
     if options.eval_only:
-        metrics = evaluate(accelerator, unwrapped, cfg, run_dir / "eval")
+        run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
         if accelerator.is_main_process:
-            ckpt.write_metrics(run_dir / "eval", metrics)
+            ckpt.write_metrics(run.run_dir / "eval", run.metrics)
         accelerator.end_training()
-        return TrainResult(run_dir, progress, None, metrics)
+        return run.result()
 
-    # ---- checkpointing and evaluation ----------------------------------------------------------------------
-    def save() -> Path:
-        """A checkpoint of the current state (collective: every process contributes its RNG state)."""
-        rng_states = gather_object([ckpt.rng_state()]) if accelerator.num_processes > 1 else [ckpt.rng_state()]
-        path = None
-        if accelerator.is_main_process:
-            training_state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                              "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
-            path = ckpt.write_checkpoint(run_dir, model_state=unwrapped.state_dict(), training_state=training_state,
-                                         config_json=cfg.to_json(), progress=progress, keep_last=cfg.train.keep_last,
-                                         rng_states=rng_states)
-        accelerator.wait_for_everyone()
-        return Path(gather_object([str(path)])[0]) if accelerator.num_processes > 1 else path
-
-    def evaluate_and_save() -> tuple[Path, dict]:
-        """Evaluate, then checkpoint (its progress holds this evaluation) with metrics.json beside it; the
-        best checkpoint by NDS is copied to run_dir/best. The devkit's files go to run_dir/eval/step_N."""
-        metrics = evaluate(accelerator, unwrapped, cfg, run_dir / "eval" / ckpt.checkpoint_name(progress.step))
-        metrics = {**metrics, "step": progress.step, "epoch": progress.epoch}
-        progress.history.append({k: metrics[k] for k in ("step", "epoch", "mAP", "NDS")})
-        is_best = metrics["NDS"] > progress.best_nds
-        progress.best_nds = max(progress.best_nds, metrics["NDS"])
-        path = save()
-        if accelerator.is_main_process:
-            ckpt.write_metrics(path, {**metrics, "checkpoint": path.name})
-            (run_dir / "metrics_history.json").write_text(json.dumps(progress.history, indent=2))
-            if is_best:
-                ckpt.update_best(run_dir, path)
-        accelerator.wait_for_everyone()
-        accelerator.log({"val/mAP": metrics["mAP"], "val/NDS": metrics["NDS"]}, step=progress.step)
-        accelerator.print(f"eval at step {progress.step} (epoch {progress.epoch}): "
-                          f"mAP {metrics['mAP']:.4f}  NDS {metrics['NDS']:.4f}")
-        return path, metrics
-
-    # ---- the loop ------------------------------------------------------------------------------------------
-    aqr = getattr(unwrapped.pts_bbox_head, "aqr", None)
-    monitor = cfg.model.aqr.monitor
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_main_process, desc="train",
-               dynamic_ncols=True)
-    last_ckpt, metrics = None, None
-    done = progress.step >= total_steps or progress.epoch >= cfg.train.epochs
-    window_start, window_samples = time.perf_counter(), 0
-    loader_paste_faded = False
-    while not done:
-        paste_faded = data_config_for_epoch(cfg, progress.epoch) is not cfg
-        if paste_faded != loader_paste_faded:  # GT paste switches off (the epoch length stays the same)
-            loader, loader_paste_faded = train_loader(progress.epoch), paste_faded
-        batches = _epoch_batches(loader, progress.epoch, progress.batches_in_epoch, cfg.train.seed,
-                                 accelerator.process_index)
-        if resumed_rng is not None:  # continue the random streams where the interrupted run saved them
-            ckpt.set_rng_state(resumed_rng)
-            resumed_rng = None
-        model.train()
-        apply_frozen_bn_eval(unwrapped, frozen)
-        loss_finite = True
-        for batch in batches:
-            if progress.batches_in_epoch >= steps_per_epoch * accumulation:
-                break  # a tail of batches too short for a whole accumulation group
-            batch = batch.to(accelerator.device, non_blocking=True)
-            sync = (progress.batches_in_epoch + 1) % accumulation == 0
-            monitored = aqr is not None and sync and progress.step % monitor.interval == 0
-            if aqr is not None:
-                aqr.monitor_this_step = monitored
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                losses = model(batch)
-                loss = sum(losses.values())
-                accelerator.backward(loss / accumulation)
-            loss_finite = loss_finite and bool(torch.isfinite(loss.detach()))
-            progress.batches_in_epoch += 1
-            window_samples += batch.batch_size * accelerator.num_processes
-            if not sync:
-                continue
-
-            # ---- one optimizer step: clip, skip non-finite updates, step the schedule ----
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
-                                                    else float("inf"))
-            healthy = torch.tensor(float(loss_finite and bool(torch.isfinite(grad_norm))), device=accelerator.device)
-            healthy = bool(accelerator.reduce(healthy, "min").item() > 0)
-            loss_finite = True
-            scaler_overflow = False
-            if healthy or (accelerator.scaler is not None and bool(torch.isfinite(loss.detach()))):
-                optimizer.step()  # fp16: the loss scaler skips an overflowing step itself and lowers the scale
-                scaler_overflow = accelerator.optimizer_step_was_skipped
-            optimizer.zero_grad(set_to_none=True)
-            if scaler_overflow:
-                continue
-            if not healthy:
-                progress.nonfinite_in_a_row += 1
-                progress.nonfinite_total += 1
-                accelerator.print(f"step {progress.step + 1}: non-finite loss or gradient, update skipped "
-                                  f"({progress.nonfinite_in_a_row} in a row, {progress.nonfinite_total} in total)")
-                if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    bar.close()
-                    raise NonFiniteTrainingError(
-                        f"{progress.nonfinite_in_a_row} non-finite steps in a row; training stopped. Last healthy "
-                        f"step: {progress.last_healthy_step}; last checkpoint: {last_ckpt or 'none written yet'}")
-                continue
-            progress.nonfinite_in_a_row = 0
-            progress.step += 1
-            progress.last_healthy_step = progress.step
-            schedule.step()
-            bar.update(1)
-
-            # ---- monitoring ----
-            if progress.step % cfg.train.log_every_steps == 0 or progress.step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                scalars = {f"loss/{k}": accelerator.reduce(v.detach().float(), "mean").item() for k, v in losses.items()}
-                scalars.update({"loss/total": sum(scalars.values()), "lr": cfg.optim.lr * schedule.lr_factor(),
-                                "grad_norm": float(grad_norm), "samples_per_s": window_samples / max(elapsed, 1e-9)})
-                if torch.cuda.is_available():
-                    scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                accelerator.log(scalars, step=progress.step)
-                bar.set_postfix(loss=f"{scalars['loss/total']:.3f}", lr=f"{scalars['lr']:.2e}",
-                                gnorm=f"{scalars['grad_norm']:.2f}")
-                window_start, window_samples = time.perf_counter(), 0
-            if monitored:
-                accelerator.log({f"aqr/{k}": v for k, v in aqr.last_stats.items()}, step=progress.step)
-                if accelerator.is_main_process and (progress.step - 1) % monitor.image_interval == 0:
-                    aqr.save_images(run_dir / "aqr_maps" / f"step_{progress.step:08d}.png")
-
-            # ---- checkpoints (the epoch's last step is saved below, with the epoch counted) ----
-            epoch_ends = progress.batches_in_epoch >= steps_per_epoch * accumulation
-            if cfg.train.checkpoint_every_steps and progress.step % cfg.train.checkpoint_every_steps == 0 \
-                    and not epoch_ends and progress.step < total_steps:
-                last_ckpt = save()
-            if options.stop_after_steps and progress.step >= options.stop_after_steps:
-                bar.close()
-                accelerator.end_training()
-                return TrainResult(run_dir, progress, last_ckpt, None)
-            if progress.step >= total_steps:
-                done = True
-                break
-
-        if progress.batches_in_epoch >= steps_per_epoch * accumulation:
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
-        done = done or progress.epoch >= cfg.train.epochs
-        every = cfg.train.eval_every_epochs
-        if done or (every and progress.batches_in_epoch == 0 and progress.epoch % every == 0):
-            last_ckpt, metrics = evaluate_and_save()
-        else:
-            last_ckpt = save()
-    bar.close()
+    bar = tqdm(total=run.total_steps, initial=run.progress.step, disable=not accelerator.is_main_process,
+               desc="train", dynamic_ncols=True)
+    window = ThroughputWindow()
+    with contextlib.closing(bar):
+        while not run.done:
+            if not train_epoch(run, bar, window):
+                accelerator.end_training()       # stop_after_steps: as if interrupted, checkpoints kept
+                return TrainResult(run.run_dir, run.progress, run.last_checkpoint, None)
+            every = cfg.train.eval_every_epochs
+            if run.done or (every and run.progress.batches_in_epoch == 0 and run.progress.epoch % every == 0):
+                evaluate_and_save(run)
+            else:
+                save_checkpoint(run)
     accelerator.end_training()
-    return TrainResult(run_dir, progress, last_ckpt, metrics)
+    return run.result()

@@ -2,8 +2,9 @@
 
 Multipliers are looked up by parameter-name prefix at module boundaries (``"img_backbone"`` matches
 ``img_backbone.stem...`` but not ``img_backbone2.x``); the longest matching prefix wins. A learning-rate
-multiplier of 0 freezes the parameter: ``requires_grad=False``, no optimizer state, and every BatchNorm
-inside a fully frozen module stays in eval mode (see :func:`apply_frozen_bn_eval`).
+multiplier of 0 freezes the parameter: ``requires_grad=False`` and no optimizer state; the trainer also hands
+:func:`frozen_module_prefixes` to ``CmtDetector.freeze``, which keeps the BatchNorm layers of those modules in
+eval mode.
 
 (The released mmcv configs match ``custom_keys`` by substring, longest key first; with the names used
 in this package the prefix rule selects the same parameters for every key of the released configs.)
@@ -54,7 +55,17 @@ def group_parameters(model: nn.Module, cfg: OptimConfig) -> dict[tuple[float, fl
 
 
 def frozen_module_prefixes(cfg: OptimConfig) -> list[str]:
-    return sorted(k for k, v in cfg.lr_mults.items() if v == 0)
+    """The ``optim.lr_mults`` keys with multiplier 0 (everything below them is frozen).
+
+    Raises ConfigError when a key with a non-zero multiplier lies inside a frozen one (it could not train).
+    """
+    frozen = sorted(k for k, v in cfg.lr_mults.items() if v == 0)
+    for key, value in cfg.lr_mults.items():
+        inside = [f for f in frozen if key.startswith(f + ".")]
+        if value != 0 and inside:
+            raise ConfigError(f"config field 'optim.lr_mults': key {key!r} = {value:g} lies inside the frozen "
+                              f"{inside[0]!r} = 0")
+    return frozen
 
 
 def freeze_and_build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -78,10 +89,3 @@ def freeze_and_build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.opti
     if not param_groups:
         raise ConfigError("config field 'optim.lr_mults': every parameter is frozen, nothing to train")
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def apply_frozen_bn_eval(model: nn.Module, frozen_prefixes: list[str]) -> None:
-    """Put the BatchNorm layers of frozen modules in eval mode (call after every ``model.train()``)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _match(name, dict.fromkeys(frozen_prefixes, 0)):
-            module.eval()

@@ -89,17 +89,15 @@ def _scene_to(scene: Scene, device: torch.device) -> Scene:
 
 def model_scene(cfg: Config, checkpoint: str, data_root: str, device: torch.device) -> Scene:
     """Capture the AQR step's inputs on the first validation sample of `data_root` with the checkpoint's model."""
+    from aqrcmt.checkpoint.weights import AQR_PREFIX, load_detector_from_checkpoint
     from aqrcmt.data import build_dataloader
-    from aqrcmt.models import build_model
-    from aqrcmt.training.loop import load_pretrained
 
     cfg.model.aqr.enabled = True
     cfg.data.root = data_root
-    model = build_model(cfg.model)
-    fresh = load_pretrained(model, checkpoint, allow_missing=[], allow_unexpected=[])
-    if fresh:
-        print(f"note: {len(fresh)} AQR tensors are not in {checkpoint}: the generator is freshly initialised")
-    model.to(device).eval()
+    model, report = load_detector_from_checkpoint(checkpoint, device, cfg, missing_ok_prefixes=(AQR_PREFIX,))
+    if report.kept_init:
+        print(f"note: {len(report.kept_init)} AQR tensors are not in {checkpoint}: the generator is freshly "
+              f"initialised")
     aqr = model.pts_bbox_head.aqr
     captured: dict[str, Scene] = {}
 

@@ -11,7 +11,9 @@ weights would paint the GT layout into the features the matching queries see, so
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -28,9 +30,9 @@ class AQRModulation(nn.Module):
     """Re-weights the BEV and camera feature maps by rendered per-query modality weights.
 
     pc_range: (x_min, y_min, z_min, x_max, y_max, z_max) metres; bev_size: (H, W) of the BEV map.
-    Health signals (monitor.py) are measured only in forwards with ``monitor_this_step`` True (the trainer sets
-    it every ``cfg.monitor.interval`` steps); ``last_stats`` then holds them as floats, ``save_images`` draws the
-    last maps.
+    Health signals (monitor.py) are measured only in forwards with ``monitor_this_step`` True (set for one
+    forward by :meth:`monitoring`, which ``CmtDetector.loss(batch, monitor=True)`` uses); ``last_stats`` then
+    holds them as floats, ``save_images`` draws the last maps.
     """
 
     def __init__(self, cfg: AQRConfig, *, head_cfg: HeadConfig, pc_range: tuple[float, ...],
@@ -46,6 +48,16 @@ class AQRModulation(nn.Module):
     @property
     def last_stats(self) -> dict[str, float]:
         return self.monitor.last_stats
+
+    @contextmanager
+    def monitoring(self, enabled: bool = True) -> Iterator[HealthMonitor]:
+        """Measure the health signals in the forwards run inside this block (when `enabled`); the flag is
+        reset on exit, so later forwards (e.g. an evaluation) are not monitored."""
+        self.monitor_this_step = enabled
+        try:
+            yield self.monitor
+        finally:
+            self.monitor_this_step = False
 
     def save_images(self, path: str | Path) -> Path:
         """PNG (path + ".png" if it has no suffix) of the last monitored forward's BEV and camera maps."""

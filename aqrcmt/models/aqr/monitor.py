@@ -1,7 +1,7 @@
 """AQR health monitor: the signals of the user's "health checklist", their alarm levels, and map images.
 
-Signals are gathered as device tensors only on monitored forwards (``AQRModulation.monitor_this_step``, set
-by the trainer every ``interval`` steps) and read back with a single host synchronisation. Names (all floats):
+Signals are gathered as device tensors only on monitored forwards (``CmtDetector.loss(batch, monitor=True)``,
+which the trainer asks for every ``interval`` steps) and read back with a single host synchronisation. Names (all floats):
 
 - ``{lidar,camera}_weight_{mean,std}``: weights of the rendered queries (visible or not);
 - ``{bev,camera}_map_{mean,max}``: rendered weight maps (camera: all views together);
@@ -104,7 +104,7 @@ class HealthMonitor:
     def save_images(self, path: str | Path, title: str = "") -> Path:
         """Write the last recorded maps (sample 0) as a PNG; see save_weight_maps."""
         if self.last_maps is None:
-            raise RuntimeError("no weight maps recorded yet: set monitor_this_step = True and run a forward first")
+            raise RuntimeError("no weight maps recorded yet: run a monitored forward first (loss(batch, monitor=True))")
         path = Path(path)
         return save_weight_maps(path if path.suffix else path.with_suffix(".png"), *self.last_maps, title=title)
 

@@ -1,0 +1,148 @@
+"""Loading aqrcmt weights into a model: the one key matcher of ``--load-from``, ``evaluate --checkpoint`` and
+``diagnose``.
+
+A weights file is a ``.safetensors`` file of aqrcmt names (``aqrcmt convert`` makes one from an official
+``.pth``) or a training checkpoint directory holding ``model.safetensors``. Keys are matched after removing
+the DDP / torch.compile wrapper prefixes (``module.``, ``_orig_mod.``); any missing, unexpected or wrong-shape
+key raises :class:`~aqrcmt.checkpoint.io.CheckpointError` unless a glob pattern allows it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from aqrcmt.checkpoint import keymap
+from aqrcmt.checkpoint.io import (CheckpointError, PathLike, is_safetensors, load_safetensors,
+                                  load_safetensors_metadata)
+
+if TYPE_CHECKING:
+    from aqrcmt.config import Config
+    from aqrcmt.models.detector import CmtDetector
+
+# AQR tensors a plain CMT checkpoint lacks: they keep their initialisation.
+AQR_PREFIX = "pts_bbox_head.aqr."
+
+
+@dataclass
+class LoadReport:
+    """How a weights file fits a model (names after wrapper stripping)."""
+    path: Path
+    metadata: dict[str, str] = field(default_factory=dict)    # the file's safetensors metadata
+    missing: list[str] = field(default_factory=list)          # model keys the file lacks, not allowed
+    unexpected: list[str] = field(default_factory=list)       # file keys the model lacks, not allowed
+    wrong_shape: list[str] = field(default_factory=list)      # "key: file (..) vs model (..)"
+    kept_init: list[str] = field(default_factory=list)        # missing but allowed: they keep their init
+    ignored: list[str] = field(default_factory=list)          # unexpected but allowed: not loaded
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.wrong_shape)
+
+    def problem(self) -> str:
+        """The "does not fit" message naming the file and the offending keys (first 10 of each kind)."""
+        return (f"{self.path}: does not fit the model: {len(self.missing)} missing {self.missing[:10]}, "
+                f"{len(self.unexpected)} unexpected {self.unexpected[:10]}, {len(self.wrong_shape)} wrong shapes "
+                f"{self.wrong_shape[:10]} (use --allow-missing / --allow-unexpected PATTERN to accept; an official "
+                f".pth must first go through `aqrcmt convert`)")
+
+
+def matches_any(key: str, patterns: Sequence[str]) -> bool:
+    """True when `key` matches one of the glob `patterns` (case-sensitive)."""
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def strip_wrapper_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with DDP / torch.compile wrapper components removed from every key.
+
+    Raises CheckpointError when two keys become the same name.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        name = keymap.strip_wrappers(key)
+        if name in out:
+            raise CheckpointError(f"key {name!r} appears twice once wrapper prefixes are removed ({key!r})")
+        out[name] = value
+    return out
+
+
+def weights_file(path: PathLike) -> Path:
+    """The safetensors file of `path` (a file, or a checkpoint directory holding model.safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not is_safetensors(path):
+        raise CheckpointError(f"{path} is not a safetensors file; convert an official .pth with `aqrcmt convert`")
+    return path
+
+
+def read_weights(path: PathLike) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
+    """(resolved file, tensors with wrapper prefixes stripped, metadata) of a weights file or checkpoint dir."""
+    file = weights_file(path)
+    tensors, metadata = load_safetensors(file)
+    return file, strip_wrapper_prefixes(tensors), metadata
+
+
+def match_state(model_state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], report: LoadReport, *,
+                allow_missing: Sequence[str], allow_unexpected: Sequence[str],
+                missing_ok_prefixes: Sequence[str]) -> None:
+    """Fill `report` with how `tensors` fits `model_state` (both keyed by plain names)."""
+    for key, own in model_state.items():
+        if key not in tensors:
+            allowed = key.startswith(tuple(missing_ok_prefixes)) or matches_any(key, allow_missing)
+            (report.kept_init if allowed else report.missing).append(key)
+        elif tensors[key].shape != own.shape:
+            report.wrong_shape.append(f"{key}: file {tuple(tensors[key].shape)} vs model {tuple(own.shape)}")
+    for key in tensors:
+        if key not in model_state:
+            (report.ignored if matches_any(key, allow_unexpected) else report.unexpected).append(key)
+
+
+def load_weights(model: nn.Module, path: PathLike, *, allow_missing: Sequence[str] = (),
+                 allow_unexpected: Sequence[str] = (),
+                 missing_ok_prefixes: Sequence[str] = (AQR_PREFIX,)) -> LoadReport:
+    """Load the weights at `path` into `model` (in place, on the model's devices); returns the report.
+
+    allow_missing / allow_unexpected: glob patterns of keys that may be absent from the file / that the
+    model lacks; missing_ok_prefixes: key prefixes that may be absent (by default the AQR tensors, so a
+    plain CMT checkpoint starts an AQR model; they keep their initialisation, listed in ``kept_init``).
+    Raises CheckpointError (model unchanged) on any other mismatch.
+    """
+    file, tensors, metadata = read_weights(path)
+    report = LoadReport(file, metadata)
+    own = model.state_dict()
+    match_state(own, tensors, report, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+                missing_ok_prefixes=missing_ok_prefixes)
+    if not report.ok:
+        raise CheckpointError(report.problem())
+    model.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+    return report
+
+
+def stored_config(path: PathLike) -> "Config":
+    """The config a training run or ``aqrcmt convert`` stored in the weights' metadata (tensors not read)."""
+    from aqrcmt.config import config_from_dict
+
+    file = weights_file(path)
+    metadata = load_safetensors_metadata(file)
+    if "config" not in metadata:
+        raise CheckpointError(f"{file} stores no config; pass --config")
+    return config_from_dict(json.loads(metadata["config"]))
+
+
+def load_detector_from_checkpoint(path: PathLike, device: torch.device | str = "cpu", cfg: "Config | None" = None,
+                                  *, missing_ok_prefixes: Sequence[str] = ()) -> tuple["CmtDetector", LoadReport]:
+    """The detector of `cfg` (default: the checkpoint's stored config) with the weights at `path` loaded, on
+    `device`, in eval mode. Every model key must be in the file unless it starts with `missing_ok_prefixes`."""
+    from aqrcmt.models import build_model
+
+    detector = build_model((cfg if cfg is not None else stored_config(path)).model)
+    report = load_weights(detector, path, missing_ok_prefixes=missing_ok_prefixes)
+    return detector.to(device).eval(), report
