@@ -2,7 +2,8 @@
 
 Every setting lives in a frozen-free dataclass with a type annotation. A run's config is one `Config`
 object; it travels to the modules as typed sub-configs (``cfg.model.head``, ``cfg.model.aqr.render`` ...),
-never as an untyped dict. Named presets live in :mod:`aqrcmt.presets`.
+never as an untyped dict. Named presets and :func:`~aqrcmt.presets.load_config` (a preset name or a JSON file)
+live in :mod:`aqrcmt.presets`.
 
 Overrides use dotted paths, e.g. ``apply_overrides(cfg, ["optim.lr=1e-4", "model.aqr.render.sigma_bev=1.0"])``:
 the value is parsed against the field's annotation and the result is validated; an unknown key or a
@@ -16,7 +17,6 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -491,20 +491,3 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"config key '{path}' is a section; set one of its fields")
         setattr(target, leaf, _parse_value(text, hint, path))
     return cfg.validate()
-
-
-def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Config:
-    """A preset name (see :func:`aqrcmt.presets.list_presets`) or a path to a JSON config file."""
-    from aqrcmt import presets
-
-    path = Path(name_or_path)
-    if path.suffix == ".json" and path.exists():
-        try:
-            cfg = config_from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path}: not valid JSON ({e})") from None
-    elif path.suffix == ".json":
-        raise ConfigError(f"config file {path} does not exist")
-    else:
-        cfg = presets.get_preset(name_or_path)
-    return apply_overrides(cfg, overrides or [])

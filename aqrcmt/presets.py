@@ -5,11 +5,14 @@ official config files (see ../shared/docs/cmt_spec.md section 1) unless a commen
 """
 from __future__ import annotations
 
-from typing import Callable
+import json
+from pathlib import Path
+from typing import Callable, Optional
 
 from aqrcmt.config import (
     AQRConfig, AQRGeneratorConfig, AQRModulateConfig, AQRRenderConfig, AugmentConfig, CameraConfig, Config,
     ConfigError, DataConfig, HeadConfig, LidarConfig, ModelConfig, OptimConfig, TrainConfig, VoxelConfig,
+    apply_overrides, config_from_dict,
 )
 
 _PRESETS: dict[str, Callable[[], Config]] = {}
@@ -30,6 +33,24 @@ def get_preset(name: str) -> Config:
     cfg = _PRESETS[name]()
     cfg.name = name
     return cfg.validate()
+
+
+def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Config:
+    """A preset name (see :func:`list_presets`) or a path to a JSON config file, then `overrides`."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a JSON object, got {type(data).__name__}")
+        cfg = config_from_dict(data)
+    elif path.suffix == ".json":
+        raise ConfigError(f"config file {path} does not exist")
+    else:
+        cfg = get_preset(name_or_path)
+    return apply_overrides(cfg, overrides or [])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from aqrcmt.checkpoint import keymap
-from aqrcmt.checkpoint.convert import main as convert_main
 from aqrcmt.checkpoint.convert import sha256_of, spconv1_shape
 from aqrcmt.checkpoint.io import (CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors_atomic,
                                   torch_save_atomic)
 from aqrcmt.checkpoint.manifest import AQR_FORK_MANIFEST, Manifest, load_manifest
 from aqrcmt.cli import main as cli_main
+from aqrcmt.tools.convert_checkpoint import main as convert_main
 
 R50 = "cmt_voxel0100_r50_800x320_cbgs"
 VOV = "cmt_voxel0075_vov_1600x640_cbgs"

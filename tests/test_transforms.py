@@ -9,7 +9,7 @@ import pytest
 
 from aqrcmt.config import AugmentConfig
 from aqrcmt.data import nuscenes_dataset as nd
-from aqrcmt.data.gt_database import points_in_boxes
+from aqrcmt.data.box_geometry import points_in_boxes
 from aqrcmt.data.transforms import (
     IMAGE_MEAN_BGR, IMAGE_STD_BGR, ImageAug, Pipeline, Sample, apply_image_aug, bev_flip_matrix,
     filter_boxes_in_range, random_image_aug, random_modality_drop, rot_scale_trans_matrix, eval_image_aug,

@@ -14,7 +14,6 @@ A loaded sample (:class:`aqrcmt.data.transforms.Sample`) holds, in the key frame
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES, Config, DataConfig
 from aqrcmt.data.collate import collate
+from aqrcmt.data.gt_paste import GTPaster
 from aqrcmt.data.sampler import ShardedSampler
 from aqrcmt.data.transforms import Pipeline, Sample
 
@@ -416,8 +416,6 @@ def build_dataset(cfg: Config, split: str, train: bool) -> NuScenesDataset:
     data = cfg.data
     paste = None
     if train and data.augment.enabled and data.augment.gt_paste:
-        from aqrcmt.data.gt_database import GTPaster
-
         if not data.augment.gt_paste_database:
             raise ValueError("data.augment.gt_paste needs data.augment.gt_paste_database (a dbinfos.pkl written "
                              "by `aqrcmt build-gt-database`)")
@@ -444,26 +442,3 @@ def build_dataloader(cfg: Config, split: str, train: bool, *, num_processes: int
     return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate,
                       num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
                       drop_last=train, persistent_workers=False, generator=generator)
-
-
-# --------------------------------------------------------------------------------------------------
-# `aqrcmt create-infos`
-# --------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", required=True, help="nuScenes root (holds v1.0-*/, samples/, sweeps/)")
-    parser.add_argument("--version", default="v1.0-trainval", choices=VERSIONS)
-    parser.add_argument("--splits", nargs="+", default=None,
-                        help="official splits to write (default: train val, mini_train mini_val, or test)")
-    parser.add_argument("--out-dir", default=None, help="folder of the pkl files (default: the root)")
-    parser.add_argument("--max-sweeps", type=int, default=CONVERTER_MAX_SWEEPS)
-
-
-def run(args: argparse.Namespace) -> int:
-    splits = args.splits or {"v1.0-trainval": ["train", "val"], "v1.0-mini": ["mini_train", "mini_val"],
-                             "v1.0-test": ["test"]}[args.version]
-    out_dir = Path(args.out_dir or args.root)
-    for split in splits:
-        name = split.removeprefix("mini_")   # mmdet3d names the mini infos nuscenes_infos_{train,val}.pkl too
-        path = write_info_pkl(args.root, args.version, split, out_dir / f"nuscenes_infos_{name}.pkl", args.max_sweeps)
-        print(f"wrote {path}")
-    return 0

@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from aqrcmt.config import CAMERA_NAMES
-from aqrcmt.data.batch import Batch, Detections, SampleMeta
 from aqrcmt.data.transforms import IMAGE_MEAN_BGR, IMAGE_STD_BGR
 from aqrcmt.eval.nuscenes_eval import evaluate_detections
+from aqrcmt.structures import Batch, Detections, SampleMeta
 
 BatchTransform = Callable[[Batch], Batch]
 

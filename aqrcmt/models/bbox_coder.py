@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from aqrcmt.data.batch import Detections
+from aqrcmt.structures import Detections
 
 OUTPUT_KEYS: tuple[str, ...] = ("center", "height", "dim", "rot", "vel")
 

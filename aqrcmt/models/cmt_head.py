@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from aqrcmt.config import AQRConfig, HeadConfig
-from aqrcmt.data.batch import Detections
 from aqrcmt.models.assigner import hungarian_assign, match_cost
 from aqrcmt.models.bbox_coder import box_codes, decode_detections, encode_boxes
 from aqrcmt.models.denoising import Denoising, prepare_denoising
@@ -26,6 +25,7 @@ from aqrcmt.models.position_encoding import (
 )
 from aqrcmt.models.task_head import SeparateTaskHead
 from aqrcmt.models.transformer import CmtTransformer
+from aqrcmt.structures import Detections
 
 PRED_KEYS: tuple[str, ...] = ("center", "height", "dim", "rot", "vel", "cls_logits")
 # Official DN classification normaliser: expected positives = N * (sphere / cube volume) = N pi/6 split^3,
@@ -300,7 +300,7 @@ class CmtHead(nn.Module):
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, outputs: dict) -> list[Detections]:
-        """NMS-free detections of the last decoder layer, gravity-centre boxes (see aqrcmt.data.batch)."""
+        """NMS-free detections of the last decoder layer, gravity-centre boxes (see aqrcmt.structures)."""
         return decode_detections(outputs["cls_logits"][-1], box_codes(outputs)[-1], max_num=self.cfg.max_num,
                                  post_center_range=self.cfg.post_center_range,
                                  score_threshold=self.cfg.score_threshold)

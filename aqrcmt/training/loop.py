@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from aqrcmt.checkpoint.io import CheckpointError, load_safetensors
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
-from aqrcmt.data.batch import Batch, Detections
 from aqrcmt.models import build_model
+from aqrcmt.structures import Batch, Detections
 from aqrcmt.training import checkpointing as ckpt
 from aqrcmt.training.optim import apply_frozen_bn_eval, freeze_and_build_optimizer, frozen_module_prefixes
 from aqrcmt.training.schedule import Schedule

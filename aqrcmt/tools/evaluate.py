@@ -14,7 +14,13 @@ import json
 import sys
 from pathlib import Path
 
+from aqrcmt.checkpoint.io import CheckpointError, is_safetensors, load_safetensors
+from aqrcmt.config import apply_overrides, config_from_dict
+from aqrcmt.data import build_dataloader
 from aqrcmt.eval.nuscenes_eval import EvaluationError, evaluate_results_file, format_metrics
+from aqrcmt.eval.robustness import CLEAN, evaluate_robustness, format_robustness
+from aqrcmt.models import build_model
+from aqrcmt.presets import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +62,6 @@ def _evaluate_results(args: argparse.Namespace) -> int:
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> int:
-    from aqrcmt.config import apply_overrides, config_from_dict, load_config
-
     weights_path = _weights_file(Path(args.checkpoint))
     tensors, metadata = _read_weights(weights_path)
     if args.config:
@@ -72,10 +76,6 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
         cfg.data.version = args.version
     split = args.eval_set or cfg.data.val_split
     out = Path(args.out) if args.out else weights_path.parent / f"eval_{split}"
-
-    from aqrcmt.data import build_dataloader
-    from aqrcmt.eval.robustness import CLEAN, evaluate_robustness, format_robustness
-    from aqrcmt.models import build_model
 
     model = build_model(cfg.model)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -106,8 +106,6 @@ def _weights_file(path: Path) -> Path:
 
 
 def _read_weights(path: Path) -> tuple[dict, dict[str, str]]:
-    from aqrcmt.checkpoint.io import CheckpointError, is_safetensors, load_safetensors
-
     if not is_safetensors(path):
         raise EvaluationError(f"{path} is not a safetensors file; convert an official .pth with `aqrcmt convert`")
     try:
