@@ -1,4 +1,4 @@
-"""Cost of AQR in the CMT head: forward + backward with AQR off / on (user's settings / recommended).
+"""Cost of AQR in the CMT head: forward + backward with AQR off / on (the fork's final settings / recommended).
 
 Run: `python -m pytest bench/test_bench_aqr.py --benchmark-only -m ''` (CPU: the tiny head; on a GPU host the
 `slow` test also times the full-size head: 180 x 180 BEV, 6 x 40 x 100 camera maps, 900 queries + DN).
@@ -14,7 +14,7 @@ from aqrcmt.models.cmt_head import CmtHead
 from aqrcmt.presets import get_preset
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-VARIANTS = {"off": None, "user": "cmt_aqr_voxel0075_vov_1600x640_cbgs",
+VARIANTS = {"off": None, "fork_final": "cmt_aqr_voxel0075_vov_1600x640_cbgs",
             "recommended": "cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs"}
 
 

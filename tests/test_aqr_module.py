@@ -54,7 +54,7 @@ def test_identity_setting_reproduces_plain_cmt():
         expected, got = plain(**inputs(plain)), with_aqr(**inputs(with_aqr))
         for key in ("center", "height", "dim", "rot", "vel", "cls_logits"):
             torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6)
-        # the user's settings on the same weights do change the output (the test above is not vacuous)
+        # the fork's sum kernel on the same weights do change the output (the test above is not vacuous)
         with_aqr.aqr.cfg.render = AQRRenderConfig(kernel_norm="sum", sigma_bev=2.0, sigma_camera=2.0)
         assert (with_aqr(**inputs(with_aqr))["cls_logits"] - expected["cls_logits"]).abs().max() > 1e-3
 

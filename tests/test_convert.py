@@ -83,7 +83,7 @@ def list_dir(path: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Manifests
 # --------------------------------------------------------------------------------------------------
-# Totals of the official state_dict() (shared/docs/official_manifests/README.md).
+# Totals of the official state_dict() (the table in docs/checkpoints.md).
 OFFICIAL_TOTALS = {VOV: (997, 86_607_380), R50: (689, 40_919_572), LIDAR: (361, 16_769_492),
                    CAMERA: (781, 78_156_100)}
 

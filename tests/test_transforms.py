@@ -1,4 +1,4 @@
-"""Transforms keep points, boxes, images and lidar2img consistent (synthetic nuScenes, cmt_spec.md 1.7)."""
+"""Transforms keep points, boxes, images and lidar2img consistent (synthetic nuScenes, the released pipelines)."""
 from __future__ import annotations
 
 import copy

@@ -1,7 +1,7 @@
 """nuScenes as a PyTorch Dataset: the sample index ("infos"), its on-disk cache, and per-sample loading.
 
-The index is a list of info dicts with the fields of the mmdet3d / CMT converter (cmt_spec.md section 5), so
-the ``nuscenes_infos_{train,val}.pkl`` files CMT users already have load unchanged, and :func:`write_info_pkl`
+The index is a list of info dicts with the fields of the mmdet3d / CMT converter (junjie18/CMT
+``tools/data_converter/nuscenes_converter.py``), so existing ``nuscenes_infos_{train,val}.pkl`` files load unchanged, and :func:`write_info_pkl`
 writes such files from a nuScenes root (``aqrcmt create-infos``). Without a pkl, the index is built with the
 devkit from the official split (``nuscenes.utils.splits``) and cached under ``<root>/.aqrcmt_cache`` (or
 ``cfg.data.index_cache_dir``), keyed by root, version, split, sweeps and the tables' modification times.

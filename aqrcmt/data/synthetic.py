@@ -3,7 +3,8 @@
 ``make_synthetic_nuscenes(out)`` writes ``out/<version>/*.json`` (the 13 tables), ``out/maps/*.png``,
 LIDAR_TOP key frames (``samples/``) and sweeps (``sweeps/``) as ``.pcd.bin`` (float32 x, y, z, intensity,
 ring in the sensor frame) and six camera JPEGs per sample. ``NuScenes(version, out)`` loads the result and
-``DetectionEval`` scores it; see ``shared/docs/nuscenes_synthetic.md`` for the devkit facts it follows.
+``DetectionEval`` scores it; the tables follow the devkit's schema (nutonomy/nuscenes-devkit,
+``docs/schema_nuscenes.md``).
 
 The world:
 - global frame z-up with the ground at z = 0; the ego drives on the ground along a gentle arc;

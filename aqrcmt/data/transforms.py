@@ -1,4 +1,7 @@
-"""Per-sample transforms of the CMT training and test pipelines (cmt_spec.md section 1.7), on numpy arrays.
+"""Per-sample transforms of the CMT training and test pipelines, on numpy arrays.
+
+The pipelines are those of the released configs (junjie18/CMT ``projects/configs/fusion/*.py``, transforms in
+``projects/mmdet3d_plugin/datasets/pipelines/transform_3d.py``).
 
 One rule keeps points, boxes and cameras consistent: every 3-D augmentation is a 4x4 matrix ``M`` (column
 vectors, ``p' = M p``) applied to the points and the boxes, and every camera's ``lidar2cam`` is right-multiplied

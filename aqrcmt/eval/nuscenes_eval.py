@@ -5,7 +5,7 @@ the released code: gravity centre, size (w, l, h) = (dy, dx, dz), rotation about
 then LiDAR -> global with the key frame's 4x4 transform) -> results JSON with a default attribute per class ->
 ``nuscenes.eval.detection.DetectionEval`` (config ``detection_cvpr_2019``) -> a flat metrics dict.
 
-Pitfalls handled here (see shared/docs/nuscenes_synthetic.md): the results must cover exactly the split's
+Pitfalls handled here (``nuscenes.eval.detection``, nuscenes-devkit 1.1): the results must cover exactly the split's
 samples; an all-empty submission crashes inside the devkit, so it is scored here as mAP = NDS = 0; at most
 500 boxes per sample; velocities must be global; the JSON needs a ``meta`` entry.
 """

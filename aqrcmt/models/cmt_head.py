@@ -1,6 +1,7 @@
 """CmtHead: queries with 3-D reference points decode a joint BEV + camera token memory into boxes.
 
-Forward (cmt_spec.md 2.2): shared 3x3 conv on the BEV map -> denoising queries (training) -> position
+Forward (official ``CmtHead.forward_single``, junjie18/CMT ``projects/mmdet3d_plugin/models/dense_heads/cmt_head.py``):
+shared 3x3 conv on the BEV map -> denoising queries (training) -> position
 encodings of BEV cells, image cells and queries -> [AQR feature modulation] -> 6-layer decoder -> grouped
 task heads -> centre / height mapped to metres through the reference points. ``loss`` gives the 24
 official terms (Hungarian matching + denoising, every layer), ``decode`` the NMS-free detections.

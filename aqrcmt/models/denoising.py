@@ -1,6 +1,7 @@
 """Query denoising (DN) for training: noised copies of the ground truth prepended to the learned queries.
 
-Layout (official CMT, cmt_spec.md 2.6): every GT box of the batch is repeated in G groups. Group g, sample b
+Layout (official CMT, ``CmtHead.prepare_for_dn`` in junjie18/CMT
+``projects/mmdet3d_plugin/models/dense_heads/cmt_head.py``): every GT box of the batch is repeated in G groups. Group g, sample b
 owns query slots ``[g S, g S + n_b)`` with S slots per group (S = the largest GT count of the batch, or that
 count rounded up to a multiple of ``HeadConfig.dn_max_gt`` so that shapes stay fixed between batches).
 Unused slots keep the reference (0, 0, 0). The P = G S denoising queries come first, the learned queries
