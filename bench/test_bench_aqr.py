@@ -11,6 +11,7 @@ import torch
 
 from aqrcmt.models.aqr.diagnose import ring_lidar2img
 from aqrcmt.models.cmt_head import CmtHead
+from aqrcmt.models.denoising import prepare_denoising
 from aqrcmt.presets import get_preset
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,7 +44,8 @@ def _train_step(preset: str, variant: str, batch: int):
 
     def step() -> None:
         head.zero_grad(set_to_none=True)
-        outputs = head(bev, img, lidar2img, (img_h, img_w), gt_boxes=boxes, gt_labels=labels)
+        dn = prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range)
+        outputs = head(bev, img, lidar2img, (img_h, img_w), dn=dn)
         sum(head.loss(outputs, boxes, labels).values()).backward()
         _synchronize()
 

@@ -8,6 +8,7 @@ from aqrcmt.config import AQRModulateConfig, AQRRenderConfig, HeadConfig
 from aqrcmt.models.aqr.diagnose import ring_lidar2img
 from aqrcmt.models.aqr.module import AQRModulation
 from aqrcmt.models.cmt_head import CmtHead
+from aqrcmt.models.denoising import prepare_denoising
 from aqrcmt.presets import get_preset
 
 IMG_SHAPE = (128, 352)
@@ -68,7 +69,7 @@ def test_generator_gets_gradients_through_the_rendered_maps():
     for step in range(2):
         optimizer.zero_grad()
         head.aqr.monitor_this_step = step == 1
-        outputs = head(**inputs(head), gt_boxes=boxes, gt_labels=labels)
+        outputs = head(**inputs(head), dn=prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range))
         assert outputs["dn"] is not None
         sum(head.loss(outputs, boxes, labels).values()).backward()
         for name, p in generator.named_parameters():

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from aqrcmt.config import AQRConfig, HeadConfig
 from aqrcmt.models.assigner import hungarian_assign, match_cost
 from aqrcmt.models.bbox_coder import box_codes, decode_detections, encode_boxes
-from aqrcmt.models.denoising import Denoising, prepare_denoising
+from aqrcmt.models.denoising import Denoising
 from aqrcmt.models.losses import sigmoid_focal_loss, weighted_l1_loss
 from aqrcmt.models.position_encoding import (
     bev_grid_coords, image_ray_points, inverse_sigmoid, pos2embed, projection_matrices, query_ray_points, ray_depths,
@@ -111,6 +111,10 @@ class CmtHead(nn.Module):
 
         The camera part sums the ray embedding over the views that see the query (0 when none does).
         """
+        # A clamp into (0, 1) written as the official code writes it (the reference goes through logit space and
+        # back): x for eps <= x <= 1 - eps, eps / (1 + eps - x) below and x / (x + eps) above (eps = 1e-5).
+        # Kept as this round trip rather than x.clamp(eps, 1 - eps) because the two differ by an ulp inside
+        # the range and in the gradient at the edges, and the parity tests compare to the official outputs.
         reference = inverse_sigmoid(reference).sigmoid()
         bev = self.bev_embedding(pos2embed(reference, self.cfg.hidden_dim))
         if not self.with_camera:
@@ -123,16 +127,13 @@ class CmtHead(nn.Module):
     # Forward
     # ---------------------------------------------------------------------------------------------
     def forward(self, bev_feat: Optional[Tensor], img_feat: Optional[Tensor], lidar2img: Optional[Tensor],
-                img_shape: tuple[int, int], gt_boxes: Optional[list[Tensor]] = None,
-                gt_labels: Optional[list[Tensor]] = None, dn_noise: Optional[Tensor] = None,
-                dn: Optional[Denoising] = None) -> dict:
+                img_shape: tuple[int, int], dn: Optional[Denoising] = None) -> dict:
         """Predict boxes for every decoder layer.
 
         bev_feat: (B, in_channels, H, W) or None; img_feat: (B * 6, C, h, w) or None; lidar2img: (B, 6, 4, 4)
-        float64 (needed with cameras); img_shape: (H, W) of the (padded) images. gt_boxes / gt_labels
-        (gravity-centre (n, 9) / (n,)) enable denoising queries in training; dn_noise optionally replaces
-        their uniform noise draws (see :func:`prepare_denoising`). dn: denoising queries prepared by the caller
-        (e.g. outside torch.compile, so that varying GT counts do not recompile the head); used instead of gt_boxes.
+        float64 (needed with cameras); img_shape: (H, W) of the (padded) images. dn: the training batch's
+        denoising queries from :func:`~aqrcmt.models.denoising.prepare_denoising` (built by the caller, outside
+        torch.compile, so that varying GT counts do not recompile the head), or None.
         Returns {key: (L, B, Nq, k)} for center (m), height (m, carries log dx), dim, rot, vel, cls_logits;
         with denoising also ``dn_<key>`` (L, B, P, k); ``dn`` holds the :class:`Denoising` record or None.
         """
@@ -140,10 +141,6 @@ class CmtHead(nn.Module):
         if x is not None:
             x = self.shared_conv(x)
 
-        if dn is None and self.training and self.cfg.use_dn and gt_boxes is not None:
-            if gt_labels is None:
-                raise ValueError("gt_labels is required together with gt_boxes")
-            dn = prepare_denoising(gt_boxes, gt_labels, cfg=self.cfg, pc_range=self.pc_range, noise=dn_noise)
         reference = self.reference_points.weight.unsqueeze(0).expand(batch, -1, -1)
         if dn is not None:
             reference = torch.cat((dn.reference.to(reference), reference), dim=1)

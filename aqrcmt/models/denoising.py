@@ -32,7 +32,6 @@ class Denoising:
     batch_index:     (N,) sample of each noised copy.
     slot_index:      (N,) its query slot in [0, P).
     labels:          (N,) noised labels (num_classes = "no object").
-    labels_clean:    (N,) original labels.
     boxes:           (N, 9) clean gravity-centre GT boxes (the regression targets).
     """
     pad_size: int
@@ -43,7 +42,6 @@ class Denoising:
     batch_index: Tensor
     slot_index: Tensor
     labels: Tensor
-    labels_clean: Tensor
     boxes: Tensor
 
 
@@ -106,6 +104,6 @@ def prepare_denoising(gt_boxes: list[Tensor], gt_labels: list[Tensor], *, cfg: H
     return Denoising(
         pad_size=pad, groups=groups, slots_per_group=slots, reference=reference,
         attn_mask=denoising_attn_mask(groups, slots, cfg.num_query, device),
-        batch_index=batch_index, slot_index=slot_index, labels=known_labels, labels_clean=labels.repeat(groups),
+        batch_index=batch_index, slot_index=slot_index, labels=known_labels,
         boxes=known_boxes,
     )
