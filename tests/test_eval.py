@@ -32,7 +32,7 @@ def _pose(record: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ground_truth(synthetic_root: Path) -> tuple[list[Detections], list[SampleMeta]]:
-    """The val split's annotations as perfect Detections in each key frame's LiDAR frame (batch.py convention)."""
+    """The val split's annotations as perfect Detections in each key frame's LiDAR frame (aqrcmt.structures)."""
     nusc = NuScenes(VERSION, str(synthetic_root), verbose=False)
     detections, metas = [], []
     for token in split_sample_tokens(nusc, SPLIT):
