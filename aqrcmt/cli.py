@@ -1,4 +1,4 @@
-"""The `aqrcmt` command: one sub-command per task, each implemented in the module that owns the task.
+"""The `aqrcmt` command: one sub-command per task, each a module of :mod:`aqrcmt.tools`.
 
 Each module listed in COMMANDS exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -9,13 +9,16 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-synthetic-nuscenes": ("aqrcmt.data.synthetic", "write a small synthetic nuScenes in the devkit's format"),
-    "build-gt-database": ("aqrcmt.data.gt_database", "build the GT-paste object database from a nuScenes root"),
-    "create-infos": ("aqrcmt.data.nuscenes_dataset", "write mmdet3d/CMT-style nuscenes_infos_*.pkl from a nuScenes root"),
-    "evaluate": ("aqrcmt.eval.cli", "official nuScenes detection metrics for a results file or a checkpoint"),
-    "convert": ("aqrcmt.checkpoint.convert", "convert an official CMT .pth checkpoint to safetensors (and back)"),
-    "inspect": ("aqrcmt.checkpoint.inspect", "list a checkpoint's keys, shapes and dtypes by module"),
-    "diagnose": ("aqrcmt.models.aqr.diagnose", "AQR rendering/modulation health table, sweeps and map images"),
+    "make-synthetic-nuscenes": ("aqrcmt.tools.make_synthetic_nuscenes",
+                                "write a small synthetic nuScenes in the devkit's format"),
+    "build-gt-database": ("aqrcmt.tools.build_gt_database", "build the GT-paste object database from a nuScenes root"),
+    "create-infos": ("aqrcmt.tools.create_infos",
+                     "write mmdet3d/CMT-style nuscenes_infos_*.pkl from a nuScenes root"),
+    "evaluate": ("aqrcmt.tools.evaluate", "official nuScenes detection metrics for a results file or a checkpoint"),
+    "convert": ("aqrcmt.tools.convert_checkpoint",
+                "convert an official CMT .pth checkpoint to safetensors (and back)"),
+    "inspect": ("aqrcmt.tools.inspect_checkpoint", "list a checkpoint's keys, shapes and dtypes by module"),
+    "diagnose": ("aqrcmt.tools.diagnose", "AQR rendering/modulation health table, sweeps and map images"),
 }
 
 

@@ -2,11 +2,14 @@
 
 Every setting lives in a frozen-free dataclass with a type annotation. A run's config is one `Config`
 object; it travels to the modules as typed sub-configs (``cfg.model.head``, ``cfg.model.aqr.render`` ...),
-never as an untyped dict. Named presets live in :mod:`aqrcmt.presets`.
+never as an untyped dict. Named presets and :func:`~aqrcmt.presets.load_config` (a preset name or a JSON file)
+live in :mod:`aqrcmt.presets`.
 
 Overrides use dotted paths, e.g. ``apply_overrides(cfg, ["optim.lr=1e-4", "model.aqr.render.sigma_bev=1.0"])``:
 the value is parsed against the field's annotation and the result is validated; an unknown key or a
-value of the wrong type raises :class:`ConfigError` naming the key.
+value of the wrong type raises :class:`ConfigError` naming the key. Every section's ``validate(key)`` checks
+its values' ranges and names a bad value by its full dotted key (``key`` is the section's path, e.g.
+``model.head``; the default is where the section sits in a :class:`Config`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -44,11 +46,13 @@ class VoxelConfig:
     max_voxels_train: int = 120000
     max_voxels_test: int = 160000
 
-    def validate(self) -> None:
-        _check(len(self.point_cloud_range) == 6, "point_cloud_range", "needs 6 values")
-        _check(len(self.voxel_size) == 3 and all(v > 0 for v in self.voxel_size), "voxel_size",
+    def validate(self, key: str = "model.lidar.voxel") -> None:
+        pc = self.point_cloud_range
+        _check(len(pc) == 6 and all(pc[i] < pc[i + 3] for i in range(3)), f"{key}.point_cloud_range",
+               f"needs 6 values (mins < maxs), got {pc}")
+        _check(len(self.voxel_size) == 3 and all(v > 0 for v in self.voxel_size), f"{key}.voxel_size",
                "needs 3 positive values")
-        _check(self.max_points_per_voxel > 0, "max_points_per_voxel", "must be > 0")
+        _positive(self, key, "max_points_per_voxel", "max_voxels_train", "max_voxels_test")
 
 
 @dataclass
@@ -69,9 +73,11 @@ class LidarConfig:
     neck_out_channels: tuple[int, ...] = (256, 256)
     neck_upsample_strides: tuple[int, ...] = (1, 2)
 
-    def validate(self) -> None:
-        self.voxel.validate()
-        _check(len(self.sparse_shape) == 3, "sparse_shape", "needs (z, y, x)")
+    def validate(self, key: str = "model.lidar") -> None:
+        self.voxel.validate(f"{key}.voxel")
+        _check(len(self.sparse_shape) == 3 and all(v > 0 for v in self.sparse_shape), f"{key}.sparse_shape",
+               f"needs 3 positive sizes (z, y, x), got {self.sparse_shape}")
+        _positive(self, key, "in_channels", "base_channels", "output_channels")
 
 
 @dataclass
@@ -86,9 +92,11 @@ class CameraConfig:
     grid_mask_prob: float = 0.7
     frozen_bn: bool = True                                 # norm_eval=True of the released configs
 
-    def validate(self) -> None:
-        _check(len(self.image_size) == 2 and self.image_size[0] % 32 == 0 and self.image_size[1] % 32 == 0,
-               "image_size", f"(H, W) must be multiples of 32, got {self.image_size}")
+    def validate(self, key: str = "model.camera") -> None:
+        _check(len(self.image_size) == 2 and all(v > 0 and v % 32 == 0 for v in self.image_size),
+               f"{key}.image_size", f"(H, W) must be positive multiples of 32, got {self.image_size}")
+        _positive(self, key, "neck_out_channels")
+        _in_range(self, key, "grid_mask_prob", 0.0, 1.0)
 
 
 @dataclass
@@ -127,10 +135,21 @@ class HeadConfig:
     max_num: int = 300
     score_threshold: Optional[float] = None
 
-    def validate(self) -> None:
-        _check(self.hidden_dim % self.num_heads == 0, "hidden_dim", "must be divisible by num_heads")
-        _check(len(self.code_weights) == 10, "code_weights", "needs 10 values")
-        _check(self.final_kernel in (1, 3), "final_kernel", "must be 1 or 3")
+    def validate(self, key: str = "model.head") -> None:
+        _positive(self, key, "in_channels", "hidden_dim", "num_query", "depth_num", "downsample_scale", "num_layers",
+                  "num_heads", "ffn_dim", "head_conv", "num_classes", "dn_scalar", "dn_split", "max_num")
+        _check(self.hidden_dim % self.num_heads == 0, f"{key}.hidden_dim",
+               f"{self.hidden_dim} must be divisible by num_heads ({self.num_heads})")
+        _in_range(self, key, "dropout", 0.0, 1.0, high_open=True)
+        _non_negative(self, key, "dn_noise_scale", "dn_noise_trans", "dn_max_gt", "loss_cls_weight",
+                      "loss_bbox_weight", "focal_gamma")
+        _in_range(self, key, "focal_alpha", 0.0, 1.0)
+        _check(len(self.code_weights) == 10 and all(w >= 0 for w in self.code_weights), f"{key}.code_weights",
+               "needs 10 values >= 0")
+        _check(self.final_kernel in (1, 3), f"{key}.final_kernel", f"must be 1 or 3, got {self.final_kernel}")
+        _check(len(self.post_center_range) == 6, f"{key}.post_center_range", "needs 6 values")
+        if self.score_threshold is not None:
+            _in_range(self, key, "score_threshold", 0.0, 1.0)
 
 
 @dataclass
@@ -145,8 +164,11 @@ class AQRGeneratorConfig:
     activation: Literal["sigmoid", "tanh"] = "sigmoid"
     bias_init: float = 2.0
 
-    def validate(self) -> None:
-        _check(self.camera_window % 2 == 1 and self.bev_window % 2 == 1, "camera_window/bev_window", "must be odd")
+    def validate(self, key: str = "model.aqr.generator") -> None:
+        _positive(self, key, "num_heads", "ffn_dim", "camera_window", "bev_window")
+        for name in ("camera_window", "bev_window"):
+            _check(getattr(self, name) % 2 == 1, f"{key}.{name}", f"must be odd, got {getattr(self, name)}")
+        _in_range(self, key, "dropout", 0.0, 1.0, high_open=True)
 
 
 @dataclass
@@ -161,23 +183,32 @@ class AQRRenderConfig:
     clamp_max: Optional[float] = 1.5
     fill: float = 1.0                                      # value far from any query with kernel_norm="normalized"
 
-    def validate(self) -> None:
-        _check(self.sigma_bev > 0 and self.sigma_camera > 0, "sigma_bev/sigma_camera", "must be > 0")
-        _check(self.threshold >= 0, "threshold", "must be >= 0")
+    def validate(self, key: str = "model.aqr.render") -> None:
+        _positive(self, key, "sigma_bev", "sigma_camera")
+        _non_negative(self, key, "threshold")
+        if self.clamp_max is not None:
+            _positive(self, key, "clamp_max")
 
 
 @dataclass
 class AQRModulateConfig:
     """Feature modulation out = x * (alpha * w + beta) (see aqrcmt.kernels.modulate)."""
     mode: Literal["element_wise", "channel_wise", "adaptive"] = "element_wise"
-    residual_form: Literal["additive", "convex"] = "additive"   # additive: x*w + r*x (user's); convex: (1-r)x*w + r*x
+    residual_form: Literal["additive", "convex"] = "additive"   # additive: x*w + r*x (the fork); convex: (1-r)x*w + r*x
     residual_weight: float = 0.7
-    prenormalize: bool = False                                   # per-map min-max before modulating (user's option)
+    prenormalize: bool = False                                   # per-map min-max before modulating (fork's option)
+
+    def validate(self, key: str = "model.aqr.modulate") -> None:
+        if self.residual_form == "convex":
+            _in_range(self, key, "residual_weight", 0.0, 1.0)
+        else:
+            _non_negative(self, key, "residual_weight")
 
 
 @dataclass
 class AQRMonitorConfig:
-    """Health monitor: signals every `interval` steps, warnings at the user's alarm levels."""
+    """Health monitor: signals every `interval` steps, warnings at the alarm levels of the fork's training report
+    (docs/aqr.md), map images every `image_interval` steps."""
     interval: int = 50
     map_mean_min: float = 0.2
     map_max_max: float = 2.0
@@ -185,6 +216,11 @@ class AQRMonitorConfig:
     modulated_mean_min: float = 0.01
     query_weight_min: float = 0.2
     image_interval: int = 500
+
+    def validate(self, key: str = "model.aqr.monitor") -> None:
+        _positive(self, key, "interval", "image_interval")
+        _non_negative(self, key, "map_mean_min", "map_max_max", "relative_change_max", "modulated_mean_min",
+                      "query_weight_min")
 
 
 @dataclass
@@ -196,9 +232,11 @@ class AQRConfig:
     monitor: AQRMonitorConfig = field(default_factory=AQRMonitorConfig)
     render_dn_queries: bool = False                        # True leaks noised GT into the features in training
 
-    def validate(self) -> None:
-        self.generator.validate()
-        self.render.validate()
+    def validate(self, key: str = "model.aqr") -> None:
+        self.generator.validate(f"{key}.generator")
+        self.render.validate(f"{key}.render")
+        self.modulate.validate(f"{key}.modulate")
+        self.monitor.validate(f"{key}.monitor")
 
 
 @dataclass
@@ -208,14 +246,14 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     aqr: AQRConfig = field(default_factory=AQRConfig)
 
-    def validate(self) -> None:
-        _check(self.lidar.enabled or self.camera.enabled, "model", "needs the LiDAR or the camera branch")
-        self.lidar.validate()
-        self.camera.validate()
-        self.head.validate()
-        self.aqr.validate()
+    def validate(self, key: str = "model") -> None:
+        _check(self.lidar.enabled or self.camera.enabled, key, "needs the LiDAR or the camera branch")
+        self.lidar.validate(f"{key}.lidar")
+        self.camera.validate(f"{key}.camera")
+        self.head.validate(f"{key}.head")
+        self.aqr.validate(f"{key}.aqr")
         if self.aqr.enabled:
-            _check(self.lidar.enabled and self.camera.enabled, "model.aqr.enabled", "AQR needs both modalities")
+            _check(self.lidar.enabled and self.camera.enabled, f"{key}.aqr.enabled", "AQR needs both modalities")
 
     @property
     def bev_size(self) -> tuple[int, int]:
@@ -244,6 +282,12 @@ class AugmentConfig:
     shuffle_points: bool = True
     enabled: bool = True
 
+    def validate(self, key: str = "data.augment") -> None:
+        _ordered_range(self, key, "global_rot_range")
+        _ordered_range(self, key, "global_scale_range", positive=True)
+        _ordered_range(self, key, "image_resize_range", positive=True)
+        _non_negative(self, key, "global_translation_std", "gt_paste_until_epoch")
+
 
 @dataclass
 class DataConfig:
@@ -263,9 +307,11 @@ class DataConfig:
     pin_memory: bool = True
     on_bad_sample: Literal["error", "skip"] = "error"
 
-    def validate(self) -> None:
-        _check(self.sweeps >= 1, "sweeps", "must be >= 1 (the key frame counts)")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+    def validate(self, key: str = "data") -> None:
+        _check(self.sweeps >= 1, f"{key}.sweeps", f"must be >= 1 (the key frame counts), got {self.sweeps}")
+        _positive(self, key, "batch_size")
+        _non_negative(self, key, "num_workers")
+        self.augment.validate(f"{key}.augment")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,10 +334,20 @@ class OptimConfig:
     grad_clip: float = 35.0
     grad_accumulation: int = 1
 
-    def validate(self) -> None:
-        _check(self.lr > 0, "lr", "must be > 0")
-        _check(all(m >= 0 for m in self.lr_mults.values()), "lr_mults", "must be >= 0")
-        _check(self.grad_accumulation >= 1, "grad_accumulation", "must be >= 1")
+    def validate(self, key: str = "optim") -> None:
+        _positive(self, key, "lr", "grad_accumulation")
+        _non_negative(self, key, "weight_decay", "grad_clip", "warmup_steps")
+        for i, beta in enumerate(self.betas):
+            _check(0.0 <= beta < 1.0, f"{key}.betas", f"each must be in [0, 1), got betas[{i}] = {beta}")
+        for table in ("lr_mults", "decay_mults"):
+            for prefix, mult in getattr(self, table).items():
+                _check(mult >= 0, f"{key}.{table}.{prefix}", f"must be >= 0, got {mult}")
+        for table in ("cyclic_target_ratio", "cyclic_momentum_ratio"):
+            _check(all(r > 0 for r in getattr(self, table)), f"{key}.{table}",
+                   f"must be > 0, got {getattr(self, table)}")
+        _check(0.0 < self.cyclic_step_ratio_up < 1.0, f"{key}.cyclic_step_ratio_up",
+               f"must be in (0, 1), got {self.cyclic_step_ratio_up}")
+        _in_range(self, key, "min_lr_ratio", 0.0, 1.0)
 
 
 @dataclass
@@ -309,6 +365,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     tracker: Optional[str] = "tensorboard"
 
+    def validate(self, key: str = "train") -> None:
+        _positive(self, key, "epochs", "log_every_steps", "max_nonfinite_steps")
+        # keep_last 0 keeps every checkpoint; max_steps / checkpoint_every_steps / eval_every_epochs 0 switch off
+        _non_negative(self, key, "max_steps", "checkpoint_every_steps", "keep_last", "eval_every_epochs")
+
 
 @dataclass
 class Config:
@@ -319,9 +380,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
-        self.model.validate()
-        self.data.validate()
-        self.optim.validate()
+        self.model.validate("model")
+        self.data.validate("data")
+        self.optim.validate("optim")
+        self.train.validate("train")
         _check_literals(self, "")
         return self
 
@@ -336,8 +398,38 @@ class Config:
 # Overrides, (de)serialisation
 # --------------------------------------------------------------------------------------------------
 def _check(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError naming the full dotted `key` unless `ok`."""
     if not ok:
         raise ConfigError(f"config field '{key}': {message}")
+
+
+def _positive(section: Any, key: str, *names: str) -> None:
+    """Each field `names` of `section` (at dotted path `key`) is > 0."""
+    for name in names:
+        value = getattr(section, name)
+        _check(value > 0, f"{key}.{name}", f"must be > 0, got {value}")
+
+
+def _non_negative(section: Any, key: str, *names: str) -> None:
+    """Each field `names` of `section` (at dotted path `key`) is >= 0."""
+    for name in names:
+        value = getattr(section, name)
+        _check(value >= 0, f"{key}.{name}", f"must be >= 0, got {value}")
+
+
+def _in_range(section: Any, key: str, name: str, low: float, high: float, high_open: bool = False) -> None:
+    """Field `name` lies in [low, high], or [low, high) with `high_open`."""
+    value = getattr(section, name)
+    ok = low <= value < high if high_open else low <= value <= high
+    _check(ok, f"{key}.{name}", f"must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value}")
+
+
+def _ordered_range(section: Any, key: str, name: str, positive: bool = False) -> None:
+    """Field `name` is a (low, high) pair with low <= high, and low > 0 with `positive` (a scale factor)."""
+    low, high = getattr(section, name)
+    _check(low <= high, f"{key}.{name}", f"needs low <= high, got {(low, high)}")
+    if positive:
+        _check(low > 0, f"{key}.{name}", f"needs factors > 0, got {(low, high)}")
 
 
 def _check_literals(obj: Any, prefix: str) -> None:
@@ -491,20 +583,3 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"config key '{path}' is a section; set one of its fields")
         setattr(target, leaf, _parse_value(text, hint, path))
     return cfg.validate()
-
-
-def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Config:
-    """A preset name (see :func:`aqrcmt.presets.list_presets`) or a path to a JSON config file."""
-    from aqrcmt import presets
-
-    path = Path(name_or_path)
-    if path.suffix == ".json" and path.exists():
-        try:
-            cfg = config_from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path}: not valid JSON ({e})") from None
-    elif path.suffix == ".json":
-        raise ConfigError(f"config file {path} does not exist")
-    else:
-        cfg = presets.get_preset(name_or_path)
-    return apply_overrides(cfg, overrides or [])

@@ -1,7 +1,7 @@
-"""``python -m aqrcmt.convert`` runs ``aqrcmt convert`` (see :mod:`aqrcmt.checkpoint.convert`)."""
+"""``python -m aqrcmt.convert`` runs ``aqrcmt convert`` (see :mod:`aqrcmt.tools.convert_checkpoint`)."""
 import sys
 
-from aqrcmt.checkpoint.convert import main
+from aqrcmt.tools.convert_checkpoint import main
 
 if __name__ == "__main__":
     sys.exit(main())

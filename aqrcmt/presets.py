@@ -1,15 +1,19 @@
 """Named configs: the released CMT recipes, the AQR fork's variants, and a tiny CPU config.
 
 Each preset is a function returning a fresh :class:`~aqrcmt.config.Config`; values are those of the
-official config files (see ../shared/docs/cmt_spec.md section 1) unless a comment says otherwise.
+official config files (junjie18/CMT, ``projects/configs/{fusion,lidar,camera}/<preset name>.py``) unless a
+comment says otherwise.
 """
 from __future__ import annotations
 
-from typing import Callable
+import json
+from pathlib import Path
+from typing import Callable, Optional
 
 from aqrcmt.config import (
     AQRConfig, AQRGeneratorConfig, AQRModulateConfig, AQRRenderConfig, AugmentConfig, CameraConfig, Config,
     ConfigError, DataConfig, HeadConfig, LidarConfig, ModelConfig, OptimConfig, TrainConfig, VoxelConfig,
+    apply_overrides, config_from_dict,
 )
 
 _PRESETS: dict[str, Callable[[], Config]] = {}
@@ -30,6 +34,24 @@ def get_preset(name: str) -> Config:
     cfg = _PRESETS[name]()
     cfg.name = name
     return cfg.validate()
+
+
+def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Config:
+    """A preset name (see :func:`list_presets`) or a path to a JSON config file, then `overrides`."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a JSON object, got {type(data).__name__}")
+        cfg = config_from_dict(data)
+    elif path.suffix == ".json":
+        raise ConfigError(f"config file {path} does not exist")
+    else:
+        cfg = get_preset(name_or_path)
+    return apply_overrides(cfg, overrides or [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,7 +102,7 @@ def cmt_camera_vov_1600x640_cbgs() -> Config:
 
 
 # ------------------------------------------------------------------------------------------------
-# AQR fork variants, with the settings the user's report ends with
+# AQR fork variants, with the settings the fork's training report ends with (docs/aqr.md)
 # ------------------------------------------------------------------------------------------------
 _AQR_LR_MULTS = {
     "img_backbone": 0.0, "pts_backbone": 0.0, "pts_voxel_encoder": 0.0, "pts_middle_encoder": 0.0,
@@ -90,7 +112,8 @@ _AQR_LR_MULTS = {
 }
 
 
-def _user_aqr(sigma: float, camera_window: int) -> AQRConfig:
+def _aqr_fork_final_settings(sigma: float, camera_window: int) -> AQRConfig:
+    """AQR as the fork's training report leaves it: sum kernel, threshold 0.01, clamp 1.5, additive residual 0.7."""
     return AQRConfig(
         enabled=True,
         generator=AQRGeneratorConfig(camera_window=camera_window, bev_window=5, activation="sigmoid", bias_init=2.0),
@@ -103,7 +126,7 @@ def _user_aqr(sigma: float, camera_window: int) -> AQRConfig:
 @register
 def cmt_aqr_voxel0075_vov_1600x640_cbgs() -> Config:
     cfg = cmt_voxel0075_vov_1600x640_cbgs()
-    cfg.model.aqr = _user_aqr(sigma=1.0, camera_window=15)
+    cfg.model.aqr = _aqr_fork_final_settings(sigma=1.0, camera_window=15)
     cfg.optim = OptimConfig(lr=2e-4, lr_mults=dict(_AQR_LR_MULTS), decay_mults={"img_backbone": 5.0})
     return cfg
 
@@ -111,7 +134,7 @@ def cmt_aqr_voxel0075_vov_1600x640_cbgs() -> Config:
 @register
 def cmt_aqr_voxel0100_r50_800x320_cbgs() -> Config:
     cfg = cmt_voxel0100_r50_800x320_cbgs()
-    cfg.model.aqr = _user_aqr(sigma=1.0, camera_window=7)  # the fork uses 8 (even); our windows are odd
+    cfg.model.aqr = _aqr_fork_final_settings(sigma=1.0, camera_window=7)  # the fork uses 8 (even); our windows are odd
     cfg.optim = OptimConfig(lr=1e-4, cyclic_target_ratio=(6.0, 1e-4), lr_mults=dict(_AQR_LR_MULTS),
                             decay_mults={"img_backbone": 5.0})
     return cfg
@@ -154,7 +177,7 @@ def tiny() -> Config:
 @register
 def tiny_aqr() -> Config:
     cfg = tiny()
-    cfg.model.aqr = _user_aqr(sigma=1.0, camera_window=7)
+    cfg.model.aqr = _aqr_fork_final_settings(sigma=1.0, camera_window=7)
     cfg.model.aqr.generator.ffn_dim = 128
     cfg.model.aqr.generator.num_heads = 4
     cfg.model.aqr.generator.bev_window = 3

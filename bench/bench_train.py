@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aqrcmt.config import load_config
+from aqrcmt.presets import load_config
 from aqrcmt.data import build_dataloader
 from aqrcmt.models import build_model
 from aqrcmt.training.loop import LossModel

@@ -1,4 +1,4 @@
-"""Cost of AQR in the CMT head: forward + backward with AQR off / on (user's settings / recommended).
+"""Cost of AQR in the CMT head: forward + backward with AQR off / on (the fork's final settings / recommended).
 
 Run: `python -m pytest bench/test_bench_aqr.py --benchmark-only -m ''` (CPU: the tiny head; on a GPU host the
 `slow` test also times the full-size head: 180 x 180 BEV, 6 x 40 x 100 camera maps, 900 queries + DN).
@@ -11,10 +11,11 @@ import torch
 
 from aqrcmt.models.aqr.diagnose import ring_lidar2img
 from aqrcmt.models.cmt_head import CmtHead
+from aqrcmt.models.denoising import prepare_denoising
 from aqrcmt.presets import get_preset
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-VARIANTS = {"off": None, "user": "cmt_aqr_voxel0075_vov_1600x640_cbgs",
+VARIANTS = {"off": None, "fork_final": "cmt_aqr_voxel0075_vov_1600x640_cbgs",
             "recommended": "cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs"}
 
 
@@ -43,7 +44,8 @@ def _train_step(preset: str, variant: str, batch: int):
 
     def step() -> None:
         head.zero_grad(set_to_none=True)
-        outputs = head(bev, img, lidar2img, (img_h, img_w), gt_boxes=boxes, gt_labels=labels)
+        dn = prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range)
+        outputs = head(bev, img, lidar2img, (img_h, img_w), dn=dn)
         sum(head.loss(outputs, boxes, labels).values()).backward()
         _synchronize()
 

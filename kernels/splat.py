@@ -529,7 +529,6 @@ def _splat_backward_separable(grad_out: torch.Tensor, weights: torch.Tensor, coo
     """(grad_weights, grad_coords) of the post-processed map, written out (the backward CPU tensors run)."""
     acc = raw.dtype
     batch, _, views, _ = coords.shape
-    shape = (batch, views, p.height, p.width)
     qs = _queries(weights, coords.to(acc), valid, p)
     w = torch.where(qs.active, weights.to(acc)[:, :, None], 0.0)
     keep = raw >= p.threshold

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from aqrcmt.config import ModelConfig
-from aqrcmt.data.batch import Batch
+from aqrcmt.structures import Batch
 
 GROUND_Z = -1.8                                   # ground height in the LiDAR frame (m)
 NUM_VIEWS = 6

@@ -1,4 +1,4 @@
-"""`aqrcmt diagnose` reproduces the user's observation and writes the map images."""
+"""`aqrcmt diagnose` reproduces the fork training report's observation (map mean ~0.01) and writes the map images."""
 import pytest
 
 from aqrcmt.cli import main
@@ -14,15 +14,15 @@ def vov_scene():
                              device=torch.device("cpu"))
 
 
-def test_users_settings_render_a_map_mean_of_about_001(vov_scene):
+def test_fork_clamp_settings_render_a_map_mean_of_about_001(vov_scene):
     cfg, scene = vov_scene
     settings = {stem: (render, modulate, max_norm) for _, stem, render, modulate, max_norm in reference_settings(cfg)}
-    user = measure(scene, *settings["user_settings"])[0]
-    fix = measure(scene, *settings["user_fix"])[0]
-    assert abs(user["lidar_weight_mean"] - 0.45) < 0.01
-    assert 0.008 < user["bev_map_mean"] < 0.012                       # the report's 0.008 - 0.020
+    clamped = measure(scene, *settings["fork_clamp"])[0]
+    fix = measure(scene, *settings["report_clamp_fix"])[0]
+    assert abs(clamped["lidar_weight_mean"] - 0.45) < 0.01
+    assert 0.008 < clamped["bev_map_mean"] < 0.012                    # the report's 0.008 - 0.020
     assert 0.008 < fix["bev_map_mean"] < 0.013                        # sigma 1 + clamp does not fix it
-    assert user["bev_relative_change"] > 0.25                         # out ~ x (w + 0.7): a global attenuation
+    assert clamped["bev_relative_change"] > 0.25                      # out ~ x (w + 0.7): a global attenuation
     recommended = get_preset("cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs").model.aqr
     rec = measure(scene, recommended.render, recommended.modulate)[0]
     assert abs(rec["bev_map_mean"] - rec["lidar_weight_mean"]) < 0.05  # the map keeps the weights' magnitude
@@ -38,9 +38,9 @@ def test_ring_cameras_see_most_queries(vov_scene):
 def test_cli_prints_the_table_and_writes_pngs(tmp_path, capsys):
     assert main(["diagnose", "--config", "tiny_aqr", "--out", str(tmp_path), "--num-queries", "100"]) == 0
     text = capsys.readouterr().out
-    assert "user's settings: sum, s2, thr .01, clamp 1.5" in text and "normalized s2 convex" in text
+    assert "fork clamped: sum, s2, thr .01, clamp 1.5" in text and "normalized s2 convex" in text
     names = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert names == ["maps_config.png", "maps_fork_before_fix.png", "maps_user_fix.png", "maps_user_settings.png"]
+    assert names == ["maps_config.png", "maps_fork_clamp.png", "maps_fork_max_normalized.png", "maps_report_clamp_fix.png"]
     with pytest.raises(SystemExit, match="--checkpoint and --data"):
         main(["diagnose", "--config", "tiny_aqr", "--checkpoint", "x.safetensors"])
 

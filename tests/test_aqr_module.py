@@ -8,6 +8,7 @@ from aqrcmt.config import AQRModulateConfig, AQRRenderConfig, HeadConfig
 from aqrcmt.models.aqr.diagnose import ring_lidar2img
 from aqrcmt.models.aqr.module import AQRModulation
 from aqrcmt.models.cmt_head import CmtHead
+from aqrcmt.models.denoising import prepare_denoising
 from aqrcmt.presets import get_preset
 
 IMG_SHAPE = (128, 352)
@@ -54,7 +55,7 @@ def test_identity_setting_reproduces_plain_cmt():
         expected, got = plain(**inputs(plain)), with_aqr(**inputs(with_aqr))
         for key in ("center", "height", "dim", "rot", "vel", "cls_logits"):
             torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6)
-        # the user's settings on the same weights do change the output (the test above is not vacuous)
+        # the fork's sum kernel on the same weights do change the output (the test above is not vacuous)
         with_aqr.aqr.cfg.render = AQRRenderConfig(kernel_norm="sum", sigma_bev=2.0, sigma_camera=2.0)
         assert (with_aqr(**inputs(with_aqr))["cls_logits"] - expected["cls_logits"]).abs().max() > 1e-3
 
@@ -68,7 +69,7 @@ def test_generator_gets_gradients_through_the_rendered_maps():
     for step in range(2):
         optimizer.zero_grad()
         head.aqr.monitor_this_step = step == 1
-        outputs = head(**inputs(head), gt_boxes=boxes, gt_labels=labels)
+        outputs = head(**inputs(head), dn=prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range))
         assert outputs["dn"] is not None
         sum(head.loss(outputs, boxes, labels).values()).backward()
         for name, p in generator.named_parameters():

@@ -14,7 +14,7 @@ def lone_query(y: float, x: float, size=(24, 30), views: int = 1) -> Projection:
 
 
 def test_sum_kernel_matches_the_fork():
-    """Unit-mass Gaussian at floor(y, x): centre 0.03987 w for sigma 2 (cmt_spec 4.3), mass w, 13x13 support."""
+    """Unit-mass Gaussian at floor(y, x): centre 0.03987 w for sigma 2 (docs/aqr.md), mass w, 13x13 support."""
     cfg = AQRRenderConfig(kernel_norm="sum", position="floor", threshold=0.0, clamp_max=None)
     m = render_map(torch.tensor([[0.5]]), lone_query(10.7, 20.3), cfg, sigma=2.0)[0, 0]
     assert m.argmax().item() == 10 * 30 + 20
@@ -23,8 +23,8 @@ def test_sum_kernel_matches_the_fork():
     assert (m > 0).sum().item() == 13 * 13
 
 
-def test_user_threshold_and_clamp():
-    """Threshold 0.01 deletes the splat's tails (40 % of a 0.45 query's mass survives, cmt_spec 4.8); clamp caps."""
+def test_fork_threshold_and_clamp():
+    """Threshold 0.01 deletes the splat's tails (40 % of a 0.45 query's mass survives, docs/aqr.md); clamp caps."""
     cfg = AQRRenderConfig(kernel_norm="sum", threshold=0.01, clamp_max=1.5)
     m = render_map(torch.tensor([[0.45]]), lone_query(10.0, 15.0), cfg, sigma=2.0)[0, 0]
     assert (m > 0).sum().item() == 13 and abs(m.sum().item() / 0.45 - 0.40) < 0.01
@@ -43,8 +43,8 @@ def test_peak_and_normalized_kernels_keep_the_weight():
     assert norm[0, 0].item() == pytest.approx(1.0) and norm.min() >= 0.45 - 1e-4 and norm.max() <= 1.0 + 1e-6
 
 
-def test_mass_conservation_gives_the_users_map_mean():
-    """900 queries with w ~ 0.45 on 180 x 180: mean = N w / (H W) ~ 0.0125, whatever sigma (aqr_analysis.md)."""
+def test_mass_conservation_gives_the_reported_map_mean():
+    """900 queries with w ~ 0.45 on 180 x 180: mean = N w / (H W) ~ 0.0125, whatever sigma (docs/aqr.md)."""
     g = torch.Generator().manual_seed(0)
     coords = torch.rand(1, 900, 1, 2, generator=g) * 180
     proj = Projection(coords, torch.ones(1, 900, 1, dtype=torch.bool), (180, 180))
@@ -52,8 +52,8 @@ def test_mass_conservation_gives_the_users_map_mean():
     for sigma in (1.0, 2.0):
         raw = render_map(w, proj, AQRRenderConfig(threshold=0.0, clamp_max=None), sigma=sigma)
         assert abs(raw.mean().item() - w.sum().item() / 180 ** 2) < 0.0006      # only border crops lose mass
-    user = render_map(w, proj, AQRRenderConfig(threshold=0.01, clamp_max=1.5), sigma=2.0)
-    assert 0.008 < user.mean().item() < 0.0115
+    clamped = render_map(w, proj, AQRRenderConfig(threshold=0.01, clamp_max=1.5), sigma=2.0)
+    assert 0.008 < clamped.mean().item() < 0.0115
 
 
 @pytest.mark.parametrize("method,kernel_norm,position", [

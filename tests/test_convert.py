@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from aqrcmt.checkpoint import keymap
-from aqrcmt.checkpoint.convert import main as convert_main
 from aqrcmt.checkpoint.convert import sha256_of, spconv1_shape
 from aqrcmt.checkpoint.io import (CheckpointError, atomic_write, atomic_write_bytes, load_safetensors, pickle_atomic,
                                   save_safetensors_atomic, torch_save_atomic)
 from aqrcmt.checkpoint.manifest import AQR_FORK_MANIFEST, Manifest, load_manifest
 from aqrcmt.cli import main as cli_main
+from aqrcmt.tools.convert_checkpoint import main as convert_main
 
 R50 = "cmt_voxel0100_r50_800x320_cbgs"
 VOV = "cmt_voxel0075_vov_1600x640_cbgs"
@@ -84,7 +84,7 @@ def list_dir(path: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Manifests
 # --------------------------------------------------------------------------------------------------
-# Totals of the official state_dict() (shared/docs/official_manifests/README.md).
+# Totals of the official state_dict() (the table in docs/checkpoints.md).
 OFFICIAL_TOTALS = {VOV: (997, 86_607_380), R50: (689, 40_919_572), LIDAR: (361, 16_769_492),
                    CAMERA: (781, 78_156_100)}
 

@@ -11,12 +11,12 @@ from pyquaternion import Quaternion
 
 from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES, Config
 from aqrcmt.data import nuscenes_dataset as nd
-from aqrcmt.data.batch import Batch
-from aqrcmt.data.gt_database import (
-    GTPaster, bev_corners, boxes_overlap_bev, build_gt_database, image_boxes, points_in_boxes,
-)
+from aqrcmt.data.box_geometry import bev_corners, boxes_overlap_bev, image_boxes, points_in_boxes
+from aqrcmt.data.gt_database import build_gt_database
+from aqrcmt.data.gt_paste import GTPaster
 from aqrcmt.data.sampler import ShardedSampler, cbgs_indices, cbgs_length
 from aqrcmt.presets import get_preset
+from aqrcmt.structures import Batch
 
 
 @pytest.fixture()

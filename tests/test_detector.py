@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from aqrcmt.data.batch import Batch
 from aqrcmt.models import CmtDetector, build_model
 from aqrcmt.presets import get_preset
 from parity_bundle import load_manifest
 from synthetic_batch import synthetic_batch
+from aqrcmt.structures import Batch
 
 RELEASED = {
     "cmt_voxel0075_vov_1600x640_cbgs": "vov_1600x640",

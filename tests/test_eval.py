@@ -14,12 +14,12 @@ from nuscenes.eval.detection.utils import category_to_detection_name
 from pyquaternion import Quaternion
 
 from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES
-from aqrcmt.data.batch import Batch, Detections, SampleMeta
 from aqrcmt.eval.nuscenes_eval import (
     EvaluationError, attribute_name, detections_to_results, evaluate_detections, evaluate_results_file,
     format_metrics, split_sample_tokens, write_results,
 )
 from aqrcmt.eval.robustness import ModalityDrop, evaluate_robustness, format_robustness, standard_drops
+from aqrcmt.structures import Batch, Detections, SampleMeta
 
 VERSION, SPLIT = "v1.0-mini", "mini_val"
 
@@ -32,7 +32,7 @@ def _pose(record: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ground_truth(synthetic_root: Path) -> tuple[list[Detections], list[SampleMeta]]:
-    """The val split's annotations as perfect Detections in each key frame's LiDAR frame (batch.py convention)."""
+    """The val split's annotations as perfect Detections in each key frame's LiDAR frame (aqrcmt.structures)."""
     nusc = NuScenes(VERSION, str(synthetic_root), verbose=False)
     detections, metas = [], []
     for token in split_sample_tokens(nusc, SPLIT):
@@ -225,7 +225,7 @@ class _OracleModel(torch.nn.Module):
 
 def test_robustness_with_the_dataset_and_an_oracle(synthetic_root: Path, tmp_path: Path) -> None:
     """The dataset's GT (LiDAR frame, batch convention) scores 1 through the export; without LiDAR, 0."""
-    from aqrcmt.config import load_config
+    from aqrcmt.presets import load_config
     from aqrcmt.data import build_dataloader
 
     cfg = load_config("tiny", [f"data.root={synthetic_root}", "data.load_images=false"])
@@ -264,7 +264,7 @@ def test_evaluate_cli_on_a_checkpoint(tmp_path: Path) -> None:
     """An untrained tiny model, saved as a training checkpoint would be, evaluates end to end (and with drops)."""
     from aqrcmt.checkpoint.io import save_safetensors_atomic
     from aqrcmt.cli import main
-    from aqrcmt.config import load_config
+    from aqrcmt.presets import load_config
     from aqrcmt.data.synthetic import make_synthetic_nuscenes
     from aqrcmt.models import build_model
 

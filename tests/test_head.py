@@ -203,7 +203,7 @@ def test_denoising_noise_override_and_label_flip():
     noise = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 0.5]])          # signed (0,0,0) and (1,1,0)
     dn = prepare_denoising(boxes, labels, cfg=cfg, pc_range=PC_RANGE, noise=noise)
     assert dn.labels.tolist() == [3, cfg.num_classes]                  # norm sqrt(2) > 0.75 -> "no object"
-    assert dn.labels_clean.tolist() == [3, 4]
+    torch.testing.assert_close(dn.boxes, boxes[0])                     # targets stay the clean GT, flipped too
     moved = torch.tensor([2.0, 1.0, 0.0])                               # half the box size per axis
     low, span = torch.tensor(PC_RANGE[:3]), torch.tensor(PC_RANGE[3:]) - torch.tensor(PC_RANGE[:3])
     torch.testing.assert_close(dn.reference[0, 1], (moved - low) / span)
@@ -315,7 +315,7 @@ def test_tiny_head_train_step_shapes_losses_and_gradients():
     inputs = tiny_inputs(head)
     gen = torch.Generator().manual_seed(0)
     boxes, labels = random_gt([4, 0], gen)                              # one sample without GT
-    out = head(**inputs, gt_boxes=boxes, gt_labels=labels)
+    out = head(**inputs, dn=prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range))
     pad = out["dn"].pad_size
     assert pad == 16 * min(10, cfg.num_query // 16)
     assert out["center"].shape == (cfg.num_layers, 2, cfg.num_query, 2)
@@ -341,8 +341,10 @@ def test_matching_queries_do_not_see_denoising_queries():
     boxes, labels = random_gt([3, 2], gen)
     copies = 5 * min(10, head.cfg.num_query // head.cfg.dn_max_gt)      # GT count x groups
     with torch.no_grad():
-        a = head(**inputs, gt_boxes=boxes, gt_labels=labels, dn_noise=torch.zeros(copies, 3))
-        b = head(**inputs, gt_boxes=boxes, gt_labels=labels, dn_noise=torch.full((copies, 3), 0.9))
+        a = head(**inputs, dn=prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range,
+                                                noise=torch.zeros(copies, 3)))
+        b = head(**inputs, dn=prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range,
+                                                noise=torch.full((copies, 3), 0.9)))
         plain = head.eval()(**inputs)
     torch.testing.assert_close(a["cls_logits"], b["cls_logits"])
     torch.testing.assert_close(a["center"], plain["center"], atol=1e-4, rtol=1e-4)
@@ -354,7 +356,9 @@ def test_batch_without_any_gt_trains_without_denoising():
     head.train()
     inputs = tiny_inputs(head)
     empty = ([torch.zeros(0, 9), torch.zeros(0, 9)], [torch.zeros(0, dtype=torch.long)] * 2)
-    out = head(**inputs, gt_boxes=empty[0], gt_labels=empty[1])
+    dn = prepare_denoising(*empty, cfg=head.cfg, pc_range=head.pc_range)
+    assert dn is None
+    out = head(**inputs, dn=dn)
     assert out["dn"] is None and "dn_center" not in out
     losses = head.loss(out, *empty)
     assert losses["loss_bbox"].item() == 0.0 and losses["dn_loss_cls"].item() == 0.0
@@ -397,7 +401,7 @@ def test_aqr_hook_receives_the_documented_tensors():
     head.train()
     inputs = tiny_inputs(head)
     boxes, labels = random_gt([2, 1], torch.Generator().manual_seed(0))
-    head(**inputs, gt_boxes=boxes, gt_labels=labels)
+    head(**inputs, dn=prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range))
     pad = seen["num_dn"]
     nq = pad + cfg.num_query
     h, w = head.bev_size
@@ -414,7 +418,7 @@ def test_loss_is_fp32_under_autocast():
     head.train()
     boxes, labels = random_gt([3, 2], torch.Generator().manual_seed(0))
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        out = head(**tiny_inputs(head), gt_boxes=boxes, gt_labels=labels)
+        out = head(**tiny_inputs(head), dn=prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range))
         losses = head.loss(out, boxes, labels)
     assert out["cls_logits"].dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())

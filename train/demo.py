@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from aqrcmt.config import load_config
+from aqrcmt.presets import load_config
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
 
 DEMO_SCENES, DEMO_SAMPLES_PER_SCENE, DEMO_SEED = 3, 10, 0

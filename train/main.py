@@ -14,8 +14,8 @@ import argparse
 import logging
 import sys
 
-from aqrcmt.config import ConfigError, load_config
-from aqrcmt.presets import list_presets
+from aqrcmt.config import ConfigError
+from aqrcmt.presets import list_presets, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

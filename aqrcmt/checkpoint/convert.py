@@ -1,4 +1,4 @@
-"""``aqrcmt convert``: an official CMT checkpoint (.pth) -> aqrcmt safetensors, and back with ``--reverse``.
+"""An official CMT checkpoint (.pth) -> aqrcmt safetensors, and back (``aqrcmt convert``, ``reverse=True``).
 
 Every key of the source is checked against the official layout of the config's released model (the
 manifests in ``manifests/``): names go through :mod:`aqrcmt.checkpoint.keymap`, sparse-conv weights saved in
@@ -12,12 +12,10 @@ written only when no key is unexpected, missing or of the wrong shape (``--allow
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import pickle
 import re
-import sys
 import zipfile
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from aqrcmt.checkpoint.io import CheckpointError, is_safetensors, load_safetenso
 from aqrcmt.checkpoint.manifest import Manifest, ManifestEntry, load_manifest, manifests_for, \
     released_manifest_names
 from aqrcmt.checkpoint.weights import matches_any, strip_wrapper_prefixes
-from aqrcmt.config import ConfigError, load_config
+from aqrcmt.presets import load_config
 
 CONVERTER_VERSION = "1"
 NUM_BATCHES_TRACKED = "num_batches_tracked"
@@ -360,44 +358,3 @@ def convert(src: Path, dst: Path, config_name: str, *, reverse: bool = False, un
                     "source_meta": json.dumps(_json_safe(source.meta))}
         save_safetensors_atomic(result.tensors, dst, metadata)
     return result
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=Path, help="official checkpoint (.pth), or with --reverse an aqrcmt .safetensors")
-    parser.add_argument("dst", type=Path, help="output: .safetensors, or with --reverse an mmdet3d .pth")
-    parser.add_argument("--config", required=True, help="aqrcmt preset name or config .json of the model")
-    parser.add_argument("--reverse", action="store_true",
-                        help="aqrcmt -> official: write {'meta', 'state_dict'} for the original code")
-    parser.add_argument("--allow-missing", action="append", default=[], metavar="PATTERN",
-                        help="glob of expected keys that may be absent (repeatable)")
-    parser.add_argument("--allow-unexpected", action="append", default=[], metavar="PATTERN",
-                        help="glob of source keys to drop instead of refusing (repeatable)")
-    parser.add_argument("--unsafe-load", action="store_true",
-                        help="unpickle arbitrary objects (old checkpoints' metadata); only for trusted files")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        result = convert(args.src, args.dst, args.config, reverse=args.reverse, unsafe_load=args.unsafe_load,
-                         allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
-                         overwrite=args.overwrite)
-    except (CheckpointError, ConfigError) as e:
-        print(f"aqrcmt convert: error: {e}", file=sys.stderr)
-        return 1
-    print(summary(result))
-    print(f"wrote {args.dst}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aqrcmt.convert", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
-"""Data: the nuScenes dataset and index, transforms, GT paste, sampling, collation into a Batch.
+"""Data: the nuScenes dataset and index, transforms, GT paste, sampling, collation into a
+:class:`aqrcmt.structures.Batch`.
 
-Names are imported on first use, so ``import aqrcmt.data.synthetic`` (or ``.batch``) stays light.
+Names are imported on first use, so ``import aqrcmt.data.synthetic`` stays light.
 """
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
-    "Batch": "aqrcmt.data.batch",
-    "Detections": "aqrcmt.data.batch",
-    "SampleMeta": "aqrcmt.data.batch",
     "collate": "aqrcmt.data.collate",
     "BadSampleError": "aqrcmt.data.nuscenes_dataset",
     "EpochDataLoader": "aqrcmt.data.nuscenes_dataset",
@@ -24,7 +22,7 @@ _EXPORTS: dict[str, str] = {
     "cbgs_indices": "aqrcmt.data.sampler",
     "Pipeline": "aqrcmt.data.transforms",
     "Sample": "aqrcmt.data.transforms",
-    "GTPaster": "aqrcmt.data.gt_database",
+    "GTPaster": "aqrcmt.data.gt_paste",
     "build_gt_database": "aqrcmt.data.gt_database",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""Batching: a list of transformed samples -> :class:`aqrcmt.data.batch.Batch`.
+"""Batching: a list of transformed samples -> :class:`aqrcmt.structures.Batch`.
 
 Point clouds and GT sets keep their own lengths (lists of tensors); images and projection matrices are
 stacked. Runs inside the DataLoader workers, so the batch crosses processes as shared-memory tensors.
@@ -10,8 +10,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from aqrcmt.data.batch import Batch, SampleMeta
 from aqrcmt.data.transforms import Sample
+from aqrcmt.structures import Batch, SampleMeta
 
 
 def collate(samples: Sequence[Sample]) -> Batch:

@@ -1,7 +1,7 @@
 """nuScenes as a PyTorch Dataset: the sample index ("infos"), its on-disk cache, and per-sample loading.
 
-The index is a list of info dicts with the fields of the mmdet3d / CMT converter (cmt_spec.md section 5), so
-the ``nuscenes_infos_{train,val}.pkl`` files CMT users already have load unchanged, and :func:`write_info_pkl`
+The index is a list of info dicts with the fields of the mmdet3d / CMT converter (junjie18/CMT
+``tools/data_converter/nuscenes_converter.py``), so existing ``nuscenes_infos_{train,val}.pkl`` files load unchanged, and :func:`write_info_pkl`
 writes such files from a nuScenes root (``aqrcmt create-infos``). Without a pkl, the index is built with the
 devkit from the official split (``nuscenes.utils.splits``) and cached under ``<root>/.aqrcmt_cache`` (or
 ``cfg.data.index_cache_dir``), keyed by root, version, split, sweeps and the tables' modification times.
@@ -14,7 +14,6 @@ A loaded sample (:class:`aqrcmt.data.transforms.Sample`) holds, in the key frame
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import pickle
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from aqrcmt.checkpoint.io import pickle_atomic
 from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES, Config, DataConfig
 from aqrcmt.data.collate import collate
+from aqrcmt.data.gt_paste import GTPaster
 from aqrcmt.data.sampler import ShardedSampler
 from aqrcmt.data.transforms import Pipeline, Sample
 
@@ -428,8 +428,6 @@ def build_dataset(cfg: Config, split: str, train: bool) -> NuScenesDataset:
     data = cfg.data
     paste = None
     if train and data.augment.enabled and data.augment.gt_paste:
-        from aqrcmt.data.gt_database import GTPaster
-
         if not data.augment.gt_paste_database:
             raise ValueError("data.augment.gt_paste needs data.augment.gt_paste_database (a dbinfos.pkl written "
                              "by `aqrcmt build-gt-database`)")
@@ -482,26 +480,3 @@ def build_dataloader(cfg: Config, split: str, train: bool, *, num_processes: int
                            num_workers=cfg.data.num_workers, drop_last=train, persistent_workers=False,
                            pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), generator=generator,
                            seed=seed, process_index=process_index)
-
-
-# --------------------------------------------------------------------------------------------------
-# `aqrcmt create-infos`
-# --------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", required=True, help="nuScenes root (holds v1.0-*/, samples/, sweeps/)")
-    parser.add_argument("--version", default="v1.0-trainval", choices=VERSIONS)
-    parser.add_argument("--splits", nargs="+", default=None,
-                        help="official splits to write (default: train val, mini_train mini_val, or test)")
-    parser.add_argument("--out-dir", default=None, help="folder of the pkl files (default: the root)")
-    parser.add_argument("--max-sweeps", type=int, default=CONVERTER_MAX_SWEEPS)
-
-
-def run(args: argparse.Namespace) -> int:
-    splits = args.splits or {"v1.0-trainval": ["train", "val"], "v1.0-mini": ["mini_train", "mini_val"],
-                             "v1.0-test": ["test"]}[args.version]
-    out_dir = Path(args.out_dir or args.root)
-    for split in splits:
-        name = split.removeprefix("mini_")   # mmdet3d names the mini infos nuscenes_infos_{train,val}.pkl too
-        path = write_info_pkl(args.root, args.version, split, out_dir / f"nuscenes_infos_{name}.pkl", args.max_sweeps)
-        print(f"wrote {path}")
-    return 0

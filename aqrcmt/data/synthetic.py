@@ -3,7 +3,8 @@
 ``make_synthetic_nuscenes(out)`` writes ``out/<version>/*.json`` (the 13 tables), ``out/maps/*.png``,
 LIDAR_TOP key frames (``samples/``) and sweeps (``sweeps/``) as ``.pcd.bin`` (float32 x, y, z, intensity,
 ring in the sensor frame) and six camera JPEGs per sample. ``NuScenes(version, out)`` loads the result and
-``DetectionEval`` scores it; see ``shared/docs/nuscenes_synthetic.md`` for the devkit facts it follows.
+``DetectionEval`` scores it; the tables follow the devkit's schema (nutonomy/nuscenes-devkit,
+``docs/schema_nuscenes.md``).
 
 The world:
 - global frame z-up with the ground at z = 0; the ego drives on the ground along a gentle arc;
@@ -22,12 +23,10 @@ Everything derives from ``seed``: two runs with the same arguments write the sam
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -602,30 +601,3 @@ def _encode(image: Image.Image, image_format: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=image_format, quality=90)
     return buffer.getvalue()
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI: aqrcmt make-synthetic-nuscenes
-# --------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="root directory to write (created if missing)")
-    parser.add_argument("--version", default="v1.0-mini", choices=sorted(VERSIONS))
-    parser.add_argument("--scenes", type=int, default=3,
-                        help="total scenes; a third (>= 1) go to val (at most 10 for v1.0-mini)")
-    parser.add_argument("--samples-per-scene", type=int, default=6, help="key frames per scene (>= 2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, nargs=2, default=list(DEFAULT_IMAGE_SIZE), metavar=("W", "H"),
-                        help="camera image size; 1600 900 is the real one")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        root = make_synthetic_nuscenes(args.out, version=args.version, scenes=args.scenes,
-                                       samples_per_scene=args.samples_per_scene, seed=args.seed,
-                                       image_size=tuple(args.image_size))
-    except (ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote a synthetic nuScenes ({args.version}, {args.scenes} scenes x {args.samples_per_scene} samples) "
-          f"to {root}")
-    return 0

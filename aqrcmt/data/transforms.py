@@ -1,4 +1,7 @@
-"""Per-sample transforms of the CMT training and test pipelines (cmt_spec.md section 1.7), on numpy arrays.
+"""Per-sample transforms of the CMT training and test pipelines, on numpy arrays.
+
+The pipelines are those of the released configs (junjie18/CMT ``projects/configs/fusion/*.py``, transforms in
+``projects/mmdet3d_plugin/datasets/pipelines/transform_3d.py``).
 
 One rule keeps points, boxes and cameras consistent: every 3-D augmentation is a 4x4 matrix ``M`` (column
 vectors, ``p' = M p``) applied to the points and the boxes, and every camera's ``lidar2cam`` is right-multiplied
@@ -30,7 +33,7 @@ class Sample:
     """One sample on its way through the pipeline (the unit every transform takes and changes in place).
 
     points:       (N, 5) float32 x, y, z (m, key-frame LiDAR frame), intensity, time lag (s).
-    gt_boxes:     (n, 9) float64 (x, y, z gravity centre, dx, dy, dz, yaw, vx, vy); see aqrcmt.data.batch.
+    gt_boxes:     (n, 9) float64 (x, y, z gravity centre, dx, dy, dz, yaw, vx, vy); see aqrcmt.structures.
     gt_labels:    (n,) int64 indices into CLASS_NAMES.
     lidar2global: (4, 4) float64, from the (augmented) LiDAR frame to the nuScenes global frame.
     images:       (6, H, W, 3) uint8 BGR, (6, 3, H, W) float32 after :func:`normalize_images`, or None.
@@ -239,7 +242,7 @@ class Pipeline:
     """The training or test transform chain of one dataset (see the module docstring for the order).
 
     point_cloud_range: the model's voxel range (m); image_size: (H, W) the images come out at.
-    paste: an optional GT-object paster (see aqrcmt.data.gt_database.GTPaster), used in training only.
+    paste: an optional GT-object paster (see aqrcmt.data.gt_paste.GTPaster), used in training only.
     """
 
     def __init__(self, augment: AugmentConfig, point_cloud_range: tuple[float, ...], image_size: tuple[int, int],

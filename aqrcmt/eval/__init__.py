@@ -1,5 +1,5 @@
-"""Evaluation: the prediction loop (predict), the official nuScenes detection metrics (nuscenes_eval),
-sensor-drop robustness (robustness) and the `aqrcmt evaluate` command (cli)."""
+"""Evaluation: the prediction loop (predict), the official nuScenes detection metrics (nuscenes_eval) and
+sensor-drop robustness (robustness); the `aqrcmt evaluate` command is :mod:`aqrcmt.tools.evaluate`."""
 from aqrcmt.eval.nuscenes_eval import (
     EvaluationError, detections_to_results, evaluate_detections, evaluate_results_file, format_metrics,
     write_results,

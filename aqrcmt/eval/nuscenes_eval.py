@@ -1,11 +1,11 @@
 """Official nuScenes detection metrics for aqrcmt detections.
 
-Path: ``Detections`` (LiDAR frame, see :mod:`aqrcmt.data.batch`) -> global-frame nuScenes boxes (the export of
+Path: ``Detections`` (LiDAR frame, see :mod:`aqrcmt.structures`) -> global-frame nuScenes boxes (the export of
 the released code: gravity centre, size (w, l, h) = (dy, dx, dz), rotation about z by yaw, velocity (vx, vy, 0),
 then LiDAR -> global with the key frame's 4x4 transform) -> results JSON with a default attribute per class ->
 ``nuscenes.eval.detection.DetectionEval`` (config ``detection_cvpr_2019``) -> a flat metrics dict.
 
-Pitfalls handled here (see shared/docs/nuscenes_synthetic.md): the results must cover exactly the split's
+Pitfalls handled here (``nuscenes.eval.detection``, nuscenes-devkit 1.1): the results must cover exactly the split's
 samples; an all-empty submission crashes inside the devkit, so it is scored here as mAP = NDS = 0; at most
 500 boxes per sample; velocities must be global; the JSON needs a ``meta`` entry.
 """
@@ -22,7 +22,7 @@ import torch
 from pyquaternion import Quaternion
 
 from aqrcmt.config import CLASS_NAMES
-from aqrcmt.data.batch import Detections, SampleMeta
+from aqrcmt.structures import Detections, SampleMeta
 
 MAX_BOXES_PER_SAMPLE = 500
 EVAL_CONFIG = "detection_cvpr_2019"

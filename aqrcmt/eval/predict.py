@@ -6,7 +6,7 @@ from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 
-from aqrcmt.data.batch import Batch, Detections, SampleMeta
+from aqrcmt.structures import Batch, Detections, SampleMeta
 
 BatchTransform = Callable[[Batch], Batch]
 

@@ -14,10 +14,10 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from aqrcmt.config import CAMERA_NAMES
-from aqrcmt.data.batch import Batch
 from aqrcmt.data.transforms import IMAGE_MEAN_BGR, IMAGE_STD_BGR
 from aqrcmt.eval.nuscenes_eval import evaluate_detections
 from aqrcmt.eval.predict import predict_dataset
+from aqrcmt.structures import Batch
 
 
 @dataclass(frozen=True)

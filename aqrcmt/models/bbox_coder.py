@@ -3,7 +3,8 @@
 Code layout (10 values, by position, official CMT): (cx, cy, log dx, log dy, cz, log dz, sin yaw, cos yaw,
 vx, vy), centres in metres (gravity centre z). The head's outputs are concatenated as
 (center 2, height 1, dim 3, rot 2, vel 2) and read by position, so the output named "height" carries
-log dx and dim[1] carries cz (cmt_spec.md 2.9); encoder and decoder agree with that layout.
+log dx and dim[1] carries cz (``normalize_bbox`` in junjie18/CMT ``projects/mmdet3d_plugin/core/bbox/util.py`` vs the
+head's output order); encoder and decoder agree with that layout.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from aqrcmt.data.batch import Detections
+from aqrcmt.structures import Detections
 
 OUTPUT_KEYS: tuple[str, ...] = ("center", "height", "dim", "rot", "vel")
 

@@ -24,10 +24,10 @@ def build_image_backbone(cfg: CameraConfig) -> VoVNet | ResNet:
     """VoVNet-99-eSE, ResNet-50 or the tiny ResNet, forward (N, 3, H, W) -> (stride-16 map, stride-32 map)."""
     out_channels = tuple(cfg.backbone_out_channels)
     if len(out_channels) != 2:
-        raise ConfigError(f"config field 'camera.backbone_out_channels': needs 2 values, got {out_channels}")
+        raise ConfigError(f"config field 'model.camera.backbone_out_channels': needs 2 values, got {out_channels}")
     expected = FIXED_OUT_CHANNELS.get(cfg.backbone)
     if expected is not None and out_channels != expected:
-        raise ConfigError(f"config field 'camera.backbone_out_channels': {cfg.backbone} outputs {expected}, "
+        raise ConfigError(f"config field 'model.camera.backbone_out_channels': {cfg.backbone} outputs {expected}, "
                           f"got {out_channels}")
     if cfg.backbone == "vovnet99":
         return VoVNet(frozen_bn=cfg.frozen_bn)
@@ -35,7 +35,7 @@ def build_image_backbone(cfg: CameraConfig) -> VoVNet | ResNet:
         return resnet50(frozen_bn=cfg.frozen_bn)
     if cfg.backbone == "tiny":
         return tiny_resnet(out_channels, frozen_bn=cfg.frozen_bn)
-    raise ConfigError(f"config field 'camera.backbone': unknown backbone {cfg.backbone!r}")
+    raise ConfigError(f"config field 'model.camera.backbone': unknown backbone {cfg.backbone!r}")
 
 
 def build_image_neck(cfg: CameraConfig) -> CPFPN:

@@ -1,6 +1,7 @@
 """CmtHead: queries with 3-D reference points decode a joint BEV + camera token memory into boxes.
 
-Forward (cmt_spec.md 2.2): shared 3x3 conv on the BEV map -> denoising queries (training) -> position
+Forward (official ``CmtHead.forward_single``, junjie18/CMT ``projects/mmdet3d_plugin/models/dense_heads/cmt_head.py``):
+shared 3x3 conv on the BEV map -> denoising queries (training) -> position
 encodings of BEV cells, image cells and queries -> [AQR feature modulation] -> 6-layer decoder -> grouped
 task heads -> centre / height mapped to metres through the reference points. ``loss`` gives the 24
 official terms (Hungarian matching + denoising, every layer), ``decode`` the NMS-free detections.
@@ -16,16 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from aqrcmt.config import AQRConfig, HeadConfig
-from aqrcmt.data.batch import Detections
 from aqrcmt.models.assigner import hungarian_assign, match_cost
 from aqrcmt.models.bbox_coder import box_codes, decode_detections, encode_boxes
-from aqrcmt.models.denoising import Denoising, prepare_denoising
+from aqrcmt.models.denoising import Denoising
 from aqrcmt.models.losses import sigmoid_focal_loss, weighted_l1_loss
 from aqrcmt.models.position_encoding import (
     bev_grid_coords, image_ray_points, inverse_sigmoid, pos2embed, projection_matrices, query_ray_points, ray_depths,
 )
 from aqrcmt.models.task_head import SeparateTaskHead
 from aqrcmt.models.transformer import CmtTransformer
+from aqrcmt.structures import Detections
 
 PRED_KEYS: tuple[str, ...] = ("center", "height", "dim", "rot", "vel", "cls_logits")
 # Official DN classification normaliser: expected positives = N * (sphere / cube volume) = N pi/6 split^3,
@@ -110,6 +111,10 @@ class CmtHead(nn.Module):
 
         The camera part sums the ray embedding over the views that see the query (0 when none does).
         """
+        # A clamp into (0, 1) written as the official code writes it (the reference goes through logit space and
+        # back): x for eps <= x <= 1 - eps, eps / (1 + eps - x) below and x / (x + eps) above (eps = 1e-5).
+        # Kept as this round trip rather than x.clamp(eps, 1 - eps) because the two differ by an ulp inside
+        # the range and in the gradient at the edges, and the parity tests compare to the official outputs.
         reference = inverse_sigmoid(reference).sigmoid()
         bev = self.bev_embedding(pos2embed(reference, self.cfg.hidden_dim))
         if not self.with_camera:
@@ -122,16 +127,13 @@ class CmtHead(nn.Module):
     # Forward
     # ---------------------------------------------------------------------------------------------
     def forward(self, bev_feat: Optional[Tensor], img_feat: Optional[Tensor], lidar2img: Optional[Tensor],
-                img_shape: tuple[int, int], gt_boxes: Optional[list[Tensor]] = None,
-                gt_labels: Optional[list[Tensor]] = None, dn_noise: Optional[Tensor] = None,
-                dn: Optional[Denoising] = None) -> dict:
+                img_shape: tuple[int, int], dn: Optional[Denoising] = None) -> dict:
         """Predict boxes for every decoder layer.
 
         bev_feat: (B, in_channels, H, W) or None; img_feat: (B * 6, C, h, w) or None; lidar2img: (B, 6, 4, 4)
-        float64 (needed with cameras); img_shape: (H, W) of the (padded) images. gt_boxes / gt_labels
-        (gravity-centre (n, 9) / (n,)) enable denoising queries in training; dn_noise optionally replaces
-        their uniform noise draws (see :func:`prepare_denoising`). dn: denoising queries prepared by the caller
-        (e.g. outside torch.compile, so that varying GT counts do not recompile the head); used instead of gt_boxes.
+        float64 (needed with cameras); img_shape: (H, W) of the (padded) images. dn: the training batch's
+        denoising queries from :func:`~aqrcmt.models.denoising.prepare_denoising` (built by the caller, outside
+        torch.compile, so that varying GT counts do not recompile the head), or None.
         Returns {key: (L, B, Nq, k)} for center (m), height (m, carries log dx), dim, rot, vel, cls_logits;
         with denoising also ``dn_<key>`` (L, B, P, k); ``dn`` holds the :class:`Denoising` record or None.
         """
@@ -139,10 +141,6 @@ class CmtHead(nn.Module):
         if x is not None:
             x = self.shared_conv(x)
 
-        if dn is None and self.training and self.cfg.use_dn and gt_boxes is not None:
-            if gt_labels is None:
-                raise ValueError("gt_labels is required together with gt_boxes")
-            dn = prepare_denoising(gt_boxes, gt_labels, cfg=self.cfg, pc_range=self.pc_range, noise=dn_noise)
         reference = self.reference_points.weight.unsqueeze(0).expand(batch, -1, -1)
         if dn is not None:
             reference = torch.cat((dn.reference.to(reference), reference), dim=1)
@@ -300,7 +298,7 @@ class CmtHead(nn.Module):
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, outputs: dict) -> list[Detections]:
-        """NMS-free detections of the last decoder layer, gravity-centre boxes (see aqrcmt.data.batch)."""
+        """NMS-free detections of the last decoder layer, gravity-centre boxes (see aqrcmt.structures)."""
         return decode_detections(outputs["cls_logits"][-1], box_codes(outputs)[-1], max_num=self.cfg.max_num,
                                  post_center_range=self.cfg.post_center_range,
                                  score_threshold=self.cfg.score_threshold)

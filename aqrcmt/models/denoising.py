@@ -1,6 +1,7 @@
 """Query denoising (DN) for training: noised copies of the ground truth prepended to the learned queries.
 
-Layout (official CMT, cmt_spec.md 2.6): every GT box of the batch is repeated in G groups. Group g, sample b
+Layout (official CMT, ``CmtHead.prepare_for_dn`` in junjie18/CMT
+``projects/mmdet3d_plugin/models/dense_heads/cmt_head.py``): every GT box of the batch is repeated in G groups. Group g, sample b
 owns query slots ``[g S, g S + n_b)`` with S slots per group (S = the largest GT count of the batch, or that
 count rounded up to a multiple of ``HeadConfig.dn_max_gt`` so that shapes stay fixed between batches).
 Unused slots keep the reference (0, 0, 0). The P = G S denoising queries come first, the learned queries
@@ -31,7 +32,6 @@ class Denoising:
     batch_index:     (N,) sample of each noised copy.
     slot_index:      (N,) its query slot in [0, P).
     labels:          (N,) noised labels (num_classes = "no object").
-    labels_clean:    (N,) original labels.
     boxes:           (N, 9) clean gravity-centre GT boxes (the regression targets).
     """
     pad_size: int
@@ -42,7 +42,6 @@ class Denoising:
     batch_index: Tensor
     slot_index: Tensor
     labels: Tensor
-    labels_clean: Tensor
     boxes: Tensor
 
 
@@ -105,6 +104,6 @@ def prepare_denoising(gt_boxes: list[Tensor], gt_labels: list[Tensor], *, cfg: H
     return Denoising(
         pad_size=pad, groups=groups, slots_per_group=slots, reference=reference,
         attn_mask=denoising_attn_mask(groups, slots, cfg.num_query, device),
-        batch_index=batch_index, slot_index=slot_index, labels=known_labels, labels_clean=labels.repeat(groups),
+        batch_index=batch_index, slot_index=slot_index, labels=known_labels,
         boxes=known_boxes,
     )

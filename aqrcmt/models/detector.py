@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from aqrcmt.config import ModelConfig
-from aqrcmt.data.batch import Batch, Detections
 from aqrcmt.models.camera import build_image_backbone, build_image_neck
 from aqrcmt.models.cmt_head import CmtHead
 from aqrcmt.models.denoising import Denoising, prepare_denoising
@@ -31,6 +30,7 @@ from aqrcmt.models.grid_mask import GridMask
 from aqrcmt.models.second import SECOND, SECONDFPN
 from aqrcmt.models.sparse_encoder import SparseEncoder
 from aqrcmt.models.voxelize import HardSimpleVFE, HardVoxelizer
+from aqrcmt.structures import Batch, Detections
 
 
 class LossOutput(NamedTuple):

@@ -1,6 +1,7 @@
 """Detection losses: sigmoid focal loss and weighted L1, both element-wise (no reduction).
 
-The caller sums, divides by its own normaliser (the official avg_factors, see cmt_spec.md 2.7) and applies
+The caller sums, divides by its own normaliser (the official avg_factors of ``CmtHead.loss_single`` /
+``dn_loss_single`` in junjie18/CMT ``projects/mmdet3d_plugin/models/dense_heads/cmt_head.py``) and applies
 the loss weight, so each normalisation stays visible where it is decided.
 """
 from __future__ import annotations

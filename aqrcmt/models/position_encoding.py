@@ -3,8 +3,10 @@
 All encodings work on coordinates normalised by the point-cloud range, ``(p - pc_min) / (pc_max - pc_min)``.
 They are pure geometry (no learned weights) and always run in fp32, also under autocast (pixel
 coordinates times depth exceed the fp16 range); the head feeds their output through its ``bev_embedding`` and
-``rv_embedding`` MLPs. The formulas reproduce the official CMT code exactly, quirks included (see
-cmt_spec.md 2.3-2.5): :func:`pos2embed` has no temperature, ray depths are linear in [1, pc_max_x).
+``rv_embedding`` MLPs. The formulas reproduce the official CMT code exactly, quirks included (``pos2embed``,
+``CmtHead._rv_pe`` and ``CmtHead._rv_query_embed`` in junjie18/CMT
+``projects/mmdet3d_plugin/models/dense_heads/cmt_head.py``): :func:`pos2embed` has no temperature, ray depths
+are linear in [1, pc_max_x).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The CMT decoder: queries attend to each other, then to the joint BEV + camera token memory.
 
-Each of the ``num_layers`` layers runs (cmt_spec.md 1.5, 2.2.6)::
+Each of the ``num_layers`` layers runs (``CmtTransformer`` in junjie18/CMT
+``projects/mmdet3d_plugin/models/utils/cmt_transformer.py``)::
 
     tgt = LN0(tgt + drop(SelfAttn(q = k = tgt + query_pos, v = tgt, mask = DN mask)))
     tgt = LN1(tgt + drop(CrossAttn(q = tgt + query_pos, k = memory + key_pos, v = memory)))

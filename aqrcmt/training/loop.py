@@ -35,11 +35,11 @@ from aqrcmt.checkpoint.io import CheckpointError
 from aqrcmt.checkpoint.weights import load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
-from aqrcmt.data.batch import Batch
 from aqrcmt.data.nuscenes_dataset import EpochDataLoader
 from aqrcmt.eval.predict import predict_dataset
 from aqrcmt.models import build_model
 from aqrcmt.models.detector import CmtDetector, LossOutput
+from aqrcmt.structures import Batch
 from aqrcmt.training import checkpointing as ckpt
 from aqrcmt.training.optim import freeze_and_build_optimizer, frozen_module_prefixes
 from aqrcmt.training.schedule import Schedule

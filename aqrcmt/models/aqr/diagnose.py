@@ -1,26 +1,24 @@
-"""`aqrcmt diagnose`: what the AQR renderer and modulator do to the features, for a config.
+"""What the AQR renderer and modulator do to the features: scenes, render/modulate settings and their signals.
 
-Prints the user's debug table (query-weight mean -> rendered map mean -> "loss ratio", map max, feature
-change) for the config's settings and for the fork's settings before and after the user's fix, then a sweep
-over sigma x kernel normalisation x residual form, and writes PNGs of the BEV map and the six camera maps.
+The measurements behind ``aqrcmt diagnose`` (:mod:`aqrcmt.tools.diagnose`) and docs/aqr.md: a :class:`Scene`
+(query weights, their BEV/camera projections and the features), :func:`measure` of one render/modulate setting,
+the reference settings (the AQR fork's renderer with max-normalisation and with the clamp, the fork training
+report's fix, the config) and a sweep over sigma x kernel normalisation x residual form.
 
-Queries are random by default (900 per sample, uniform in the point-cloud range, weights ~ N(0.45, 0.1) as in
-the user's logs, a ring of six pinhole cameras); with ``--checkpoint`` and ``--data`` they come from the model:
-the AQR step's inputs are captured on one real sample and its generator's weights are used.
+:func:`random_scene` draws uniform queries (weights ~ N(0.45, 0.1), the means the report logs) seen by a ring of
+six pinhole cameras; the tool can instead capture a scene from a model on a real sample.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from aqrcmt.config import AQRModulateConfig, AQRRenderConfig, Config, load_config
+from aqrcmt.config import AQRModulateConfig, AQRRenderConfig, Config
 from aqrcmt.models.aqr.modulate import modulate_features
-from aqrcmt.models.aqr.monitor import map_signals, modulation_signals, save_weight_maps, weight_signals
+from aqrcmt.models.aqr.monitor import map_signals, modulation_signals, weight_signals
 from aqrcmt.models.aqr.projection import Projection, project_to_bev, project_to_cameras
 from aqrcmt.models.aqr.render import render_weight_maps
 
@@ -87,38 +85,11 @@ def _scene_to(scene: Scene, device: torch.device) -> Scene:
                  move(scene.cameras), scene.bev_features.to(device), scene.camera_features.to(device), scene.source)
 
 
-def model_scene(cfg: Config, checkpoint: str, data_root: str, device: torch.device) -> Scene:
-    """Capture the AQR step's inputs on the first validation sample of `data_root` with the checkpoint's model."""
-    from aqrcmt.checkpoint.weights import AQR_PREFIX, load_detector_from_checkpoint
-    from aqrcmt.data import build_dataloader
-
-    cfg.model.aqr.enabled = True
-    cfg.data.root = data_root
-    model, report = load_detector_from_checkpoint(checkpoint, device, cfg, missing_ok_prefixes=(AQR_PREFIX,))
-    if report.kept_init:
-        print(f"note: {len(report.kept_init)} AQR tensors are not in {checkpoint}: the generator is freshly "
-              f"initialised")
-    aqr = model.pts_bbox_head.aqr
-    captured: dict[str, Scene] = {}
-
-    def capture(module, args, kwargs):
-        x, x_img = args
-        lidar_w, camera_w, bev, cameras = module.query_weights(x, x_img, **kwargs)
-        captured["scene"] = Scene(lidar_w, camera_w, bev, cameras, x, x_img, source=f"model: {checkpoint}")
-
-    handle = aqr.register_forward_pre_hook(capture, with_kwargs=True)
-    loader = build_dataloader(cfg, cfg.data.val_split, train=False)
-    with torch.no_grad():
-        model(next(iter(loader)).to(device))
-    handle.remove()
-    return captured["scene"]
-
-
 def measure(scene: Scene, render: AQRRenderConfig, modulate: AQRModulateConfig,
             max_normalize: bool = False) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Signals (monitor names) of one render/modulate setting, and the (B, H, W), (B, V, h, w) maps.
 
-    max_normalize: divide each sample's map by its maximum (the fork's renderer before the user's fix).
+    max_normalize: divide each sample's map by its maximum (the fork's renderer with normalize_weights=False).
     """
     with torch.no_grad():
         bev_map, camera_maps = render_weight_maps(scene.lidar_weights, scene.camera_weights, scene.bev,
@@ -136,33 +107,18 @@ def measure(scene: Scene, render: AQRRenderConfig, modulate: AQRModulateConfig,
     return {k: float(v) for k, v in signals.items()}, bev_map, camera_maps
 
 
-def debug_table(rows: list[tuple[str, dict[str, float]]]) -> str:
-    """The user's table: per setting and modality, weight mean -> map mean, loss ratio, map max, feature change."""
-    width = max(len(label) for label, _ in rows)
-    header = (f"{'setting':{width}s} {'map':6s} {'w mean':>7s} {'map mean':>9s} {'loss':>7s} {'map max':>8s} "
-              f"{'rel chg':>8s} {'energy':>7s} {'out mean':>9s}")
-    lines = [header, "-" * len(header)]
-    for label, s in rows:
-        for modality, weight in (("bev", "lidar"), ("camera", "camera")):
-            w_mean, m_mean = s[f"{weight}_weight_mean"], s[f"{modality}_map_mean"]
-            loss = (m_mean - w_mean) / w_mean if w_mean else float("nan")
-            lines.append(f"{label:{width}s} {modality:6s} {w_mean:7.3f} {m_mean:9.4f} {loss:+7.1%} "
-                         f"{s[f'{modality}_map_max']:8.3f} {s[f'{modality}_relative_change']:8.1%} "
-                         f"{s[f'{modality}_energy_retention']:7.1%} {s[f'{modality}_modulated_mean']:9.4f}")
-            label = ""
-    return "\n".join(lines)
-
-
 def reference_settings(cfg: Config) -> list[tuple[str, str, AQRRenderConfig, AQRModulateConfig, bool]]:
-    """(label, file stem, render, modulate, max_normalize): the fork before/after the user's fix, the config."""
+    """(label, file stem, render, modulate, max_normalize): the fork's renderer max-normalised and clamped, the
+    fix its training report proposes (sigma 1 + clamp), and the config's settings."""
     fork_modulate = AQRModulateConfig(mode="element_wise", residual_form="additive", residual_weight=0.7)
-    before = AQRRenderConfig(kernel_norm="sum", sigma_bev=2.0, sigma_camera=2.0, threshold=0.01, clamp_max=None)
-    after = dataclasses.replace(before, sigma_bev=1.0, sigma_camera=1.0, clamp_max=1.5)
-    user = dataclasses.replace(before, clamp_max=1.5)
+    max_normalized = AQRRenderConfig(kernel_norm="sum", sigma_bev=2.0, sigma_camera=2.0, threshold=0.01,
+                                     clamp_max=None)
+    clamped = dataclasses.replace(max_normalized, clamp_max=1.5)
+    report_fix = dataclasses.replace(clamped, sigma_bev=1.0, sigma_camera=1.0)
     return [
-        ("fork before fix: sum, s2, thr .01, /max", "fork_before_fix", before, fork_modulate, True),
-        ("user's settings: sum, s2, thr .01, clamp 1.5", "user_settings", user, fork_modulate, False),
-        ("user's fix: sum, s1, thr .01, clamp 1.5", "user_fix", after, fork_modulate, False),
+        ("fork max-normalised: sum, s2, thr .01, /max", "fork_max_normalized", max_normalized, fork_modulate, True),
+        ("fork clamped: sum, s2, thr .01, clamp 1.5", "fork_clamp", clamped, fork_modulate, False),
+        ("report's fix: sum, s1, thr .01, clamp 1.5", "report_clamp_fix", report_fix, fork_modulate, False),
         (f"config {cfg.name}", "config", cfg.model.aqr.render, cfg.model.aqr.modulate, False),
     ]
 
@@ -177,46 +133,3 @@ def sweep_settings(cfg: Config) -> list[tuple[str, AQRRenderConfig, AQRModulateC
                 modulate = dataclasses.replace(cfg.model.aqr.modulate, residual_form=form)
                 out.append((f"{norm:10s} s{sigma:g} {form:8s} r={modulate.residual_weight:g}", render, modulate))
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="preset name or config .json")
-    parser.add_argument("--checkpoint", help="model weights (.safetensors); with --data: real queries and features")
-    parser.add_argument("--data", help="nuScenes (or synthetic nuScenes) root for --checkpoint")
-    parser.add_argument("--out", default="aqr_diagnose", help="folder for the PNGs (default: %(default)s)")
-    parser.add_argument("--num-queries", type=int, default=900, help="random queries per sample")
-    parser.add_argument("--batch", type=int, default=2, help="random samples")
-    parser.add_argument("--weight-mean", type=float, default=0.45, help="random query weight mean")
-    parser.add_argument("--weight-std", type=float, default=0.1, help="random query weight std")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-sweep", action="store_true", help="only the reference settings")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    device = torch.device(args.device)
-    if bool(args.checkpoint) != bool(args.data):
-        raise SystemExit("diagnose: --checkpoint and --data go together (real queries need both)")
-    if args.checkpoint:
-        scene = model_scene(cfg, args.checkpoint, args.data, device)
-    else:
-        scene = random_scene(cfg, num_queries=args.num_queries, batch=args.batch, weight_mean=args.weight_mean,
-                             weight_std=args.weight_std, seed=args.seed, device=device)
-    out_dir = Path(args.out)
-    print(f"AQR diagnose: config {cfg.name}; {scene.source}")
-    print(f"BEV map {scene.bev.size}, camera maps 6 x {scene.cameras.size}; "
-          f"queries seen by a camera: {scene.cameras.valid.any(-1).float().mean().item():.1%}\n")
-    rows = []
-    for label, stem, render, modulate, max_normalize in reference_settings(cfg):
-        stats, bev_map, camera_maps = measure(scene, render, modulate, max_normalize)
-        rows.append((label, stats))
-        save_weight_maps(out_dir / f"maps_{stem}.png", bev_map[0], camera_maps[0], title=label)
-    print(debug_table(rows))
-    if not args.no_sweep:
-        print("\nSweep (loss = map mean vs query-weight mean; rel chg = mean|out-x|/mean|x|; energy = sum out^2 / "
-              "sum x^2):")
-        print(debug_table([(label, measure(scene, render, modulate)[0])
-                           for label, render, modulate in sweep_settings(cfg)]))
-    print(f"\nmaps written to {out_dir}/maps_*.png")
-    return 0

@@ -1,4 +1,4 @@
-"""AQR health monitor: the signals of the user's "health checklist", their alarm levels, and map images.
+"""AQR health monitor: the signals of the fork training report's "health checklist", their alarm levels, and map images.
 
 Signals are gathered as device tensors only on monitored forwards (``CmtDetector.loss(batch, monitor=True)``,
 which the trainer asks for every ``interval`` steps) and read back with a single host synchronisation. Names (all floats):
@@ -9,7 +9,7 @@ which the trainer asks for every ``interval`` steps) and read back with a single
 - ``{bev,camera}_energy_retention``: sum out^2 / sum x^2;
 - ``{bev,camera}_modulated_{mean,std}``: the modulated features.
 
-Alarm levels (the user's report): map mean < 0.2, map max > 2.0, relative change > 50 %, modulated mean < 0.01,
+Alarm levels (the fork's training report, docs/aqr.md): map mean < 0.2, map max > 2.0, relative change > 50 %, modulated mean < 0.01,
 query-weight mean < 0.2.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def modulation_signals(prefix: str, features: torch.Tensor, stats: ModulationSta
 
 
 def find_alarms(stats: dict[str, float], cfg: AQRMonitorConfig) -> list[str]:
-    """One message per signal outside the user's alarm levels, naming signal, value and level."""
+    """One message per signal outside the alarm levels, naming signal, value and level."""
     rules = []  # (signal, value, comparison, level, meaning)
     for modality in ("bev", "camera"):
         rules += [

@@ -14,7 +14,13 @@ import json
 import sys
 from pathlib import Path
 
+from aqrcmt.checkpoint.io import CheckpointError
+from aqrcmt.checkpoint.weights import load_detector_from_checkpoint, stored_config, weights_file
+from aqrcmt.config import apply_overrides
+from aqrcmt.data import build_dataloader
 from aqrcmt.eval.nuscenes_eval import EvaluationError, evaluate_results_file, format_metrics
+from aqrcmt.eval.robustness import CLEAN, evaluate_robustness, format_robustness
+from aqrcmt.presets import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,10 +62,6 @@ def _evaluate_results(args: argparse.Namespace) -> int:
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> int:
-    from aqrcmt.checkpoint.io import CheckpointError
-    from aqrcmt.checkpoint.weights import load_detector_from_checkpoint, stored_config, weights_file
-    from aqrcmt.config import apply_overrides, load_config
-
     try:
         weights_path = weights_file(args.checkpoint)
         cfg = load_config(args.config, args.override) if args.config else \
@@ -73,9 +75,6 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
         raise EvaluationError(str(error)) from None
     split = args.eval_set or cfg.data.val_split
     out = Path(args.out) if args.out else weights_path.parent / f"eval_{split}"
-
-    from aqrcmt.data import build_dataloader
-    from aqrcmt.eval.robustness import CLEAN, evaluate_robustness, format_robustness
 
     loader = build_dataloader(cfg, split, train=False)
     drops = None if args.robustness else [CLEAN]

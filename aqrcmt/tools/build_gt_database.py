@@ -1,0 +1,35 @@
+"""``aqrcmt build-gt-database``: the GT-paste object database of a split (see :mod:`aqrcmt.data.gt_database`)."""
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+from aqrcmt.data.gt_database import build_gt_database
+from aqrcmt.data.nuscenes_dataset import build_dataset
+from aqrcmt.presets import load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="cmt_voxel0075_vov_1600x640_cbgs",
+                        help="preset name or config .json (its data.* settings: root, version, sweeps)")
+    parser.add_argument("--root", default=None, help="nuScenes root (default: the config's data.root)")
+    parser.add_argument("--version", default=None, help="nuScenes version (default: the config's data.version)")
+    parser.add_argument("--split", default=None, help="split to read (default: the config's data.train_split)")
+    parser.add_argument("--out", default=None, help="output folder (default: <root>/aqrcmt_gt_database)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    overrides += [f"data.root={args.root}"] if args.root else []
+    overrides += [f"data.version={args.version}"] if args.version else []
+    cfg = load_config(args.config, overrides)   # data.load_images=false: points only, no image crops
+    split = args.split or cfg.data.train_split
+    out = Path(args.out or Path(cfg.data.root) / "aqrcmt_gt_database")
+    path = build_gt_database(build_dataset(cfg, split, train=False), out)
+    with path.open("rb") as f:
+        counts = {k: len(v) for k, v in pickle.load(f)["objects"].items()}
+    print(f"wrote {path}: {sum(counts.values())} objects {counts}")
+    print(f"use it with: data.augment.gt_paste=true data.augment.gt_paste_database={path}")
+    return 0

@@ -1,0 +1,51 @@
+"""``aqrcmt convert``: an official CMT checkpoint (.pth) -> aqrcmt safetensors, and back with ``--reverse``.
+
+The conversion and its checks are :func:`aqrcmt.checkpoint.convert.convert`; ``python -m aqrcmt.convert`` runs
+:func:`main`, the same command without the ``aqrcmt`` dispatcher.
+
+    aqrcmt convert voxel0075_vov_1600x640_epoch20.pth cmt_vov.safetensors --config cmt_voxel0075_vov_1600x640_cbgs
+    aqrcmt convert cmt_vov.safetensors back.pth --config cmt_voxel0075_vov_1600x640_cbgs --reverse
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from aqrcmt.checkpoint.convert import convert, summary
+from aqrcmt.checkpoint.io import CheckpointError
+from aqrcmt.config import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", type=Path, help="official checkpoint (.pth), or with --reverse an aqrcmt .safetensors")
+    parser.add_argument("dst", type=Path, help="output: .safetensors, or with --reverse an mmdet3d .pth")
+    parser.add_argument("--config", required=True, help="aqrcmt preset name or config .json of the model")
+    parser.add_argument("--reverse", action="store_true",
+                        help="aqrcmt -> official: write {'meta', 'state_dict'} for the original code")
+    parser.add_argument("--allow-missing", action="append", default=[], metavar="PATTERN",
+                        help="glob of expected keys that may be absent (repeatable)")
+    parser.add_argument("--allow-unexpected", action="append", default=[], metavar="PATTERN",
+                        help="glob of source keys to drop instead of refusing (repeatable)")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="unpickle arbitrary objects (old checkpoints' metadata); only for trusted files")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = convert(args.src, args.dst, args.config, reverse=args.reverse, unsafe_load=args.unsafe_load,
+                         allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
+                         overwrite=args.overwrite)
+    except (CheckpointError, ConfigError) as e:
+        print(f"aqrcmt convert: error: {e}", file=sys.stderr)
+        return 1
+    print(summary(result))
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aqrcmt.convert", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

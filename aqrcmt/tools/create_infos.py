@@ -1,0 +1,27 @@
+"""``aqrcmt create-infos``: write mmdet3d/CMT-style ``nuscenes_infos_*.pkl`` files from a nuScenes root."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from aqrcmt.data.nuscenes_dataset import CONVERTER_MAX_SWEEPS, VERSIONS, write_info_pkl
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="nuScenes root (holds v1.0-*/, samples/, sweeps/)")
+    parser.add_argument("--version", default="v1.0-trainval", choices=VERSIONS)
+    parser.add_argument("--splits", nargs="+", default=None,
+                        help="official splits to write (default: train val, mini_train mini_val, or test)")
+    parser.add_argument("--out-dir", default=None, help="folder of the pkl files (default: the root)")
+    parser.add_argument("--max-sweeps", type=int, default=CONVERTER_MAX_SWEEPS)
+
+
+def run(args: argparse.Namespace) -> int:
+    splits = args.splits or {"v1.0-trainval": ["train", "val"], "v1.0-mini": ["mini_train", "mini_val"],
+                             "v1.0-test": ["test"]}[args.version]
+    out_dir = Path(args.out_dir or args.root)
+    for split in splits:
+        name = split.removeprefix("mini_")   # mmdet3d names the mini infos nuscenes_infos_{train,val}.pkl too
+        path = write_info_pkl(args.root, args.version, split, out_dir / f"nuscenes_infos_{name}.pkl", args.max_sweeps)
+        print(f"wrote {path}")
+    return 0

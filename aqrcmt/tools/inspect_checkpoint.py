@@ -1,0 +1,40 @@
+"""``aqrcmt inspect FILE``: a checkpoint's keys, shapes and dtypes, grouped by module, with totals.
+
+Reads aqrcmt safetensors files and official / mmcv ``.pth`` checkpoints alike (tensors only, unless
+``--unsafe-load``); the listing is :func:`aqrcmt.checkpoint.inspect.format_listing`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from aqrcmt.checkpoint.convert import read_checkpoint
+from aqrcmt.checkpoint.inspect import format_listing, format_metadata
+from aqrcmt.checkpoint.io import CheckpointError, is_safetensors
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="checkpoint: .safetensors or .pth (mmcv dict or plain state dict)")
+    parser.add_argument("--depth", type=int, default=1, help="group keys by their first DEPTH name components")
+    parser.add_argument("--summary", action="store_true", help="per-module totals only, no per-key lines")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="unpickle arbitrary objects (old checkpoints' metadata); only for trusted files")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.depth < 1:
+        print(f"aqrcmt inspect: error: --depth must be >= 1, got {args.depth}", file=sys.stderr)
+        return 2
+    try:
+        checkpoint = read_checkpoint(args.file, args.unsafe_load)
+    except CheckpointError as e:
+        print(f"aqrcmt inspect: error: {e}", file=sys.stderr)
+        return 1
+    kind = "safetensors" if is_safetensors(args.file) else "torch pickle"
+    print(f"{args.file} ({kind})")
+    metadata = format_metadata(checkpoint)
+    if metadata:
+        print("metadata:\n" + metadata)
+    print(format_listing(checkpoint, args.depth, keys=not args.summary))
+    return 0

@@ -1,0 +1,31 @@
+"""``aqrcmt make-synthetic-nuscenes``: write a small synthetic nuScenes (see :mod:`aqrcmt.data.synthetic`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aqrcmt.data.synthetic import DEFAULT_IMAGE_SIZE, VERSIONS, make_synthetic_nuscenes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="root directory to write (created if missing)")
+    parser.add_argument("--version", default="v1.0-mini", choices=sorted(VERSIONS))
+    parser.add_argument("--scenes", type=int, default=3,
+                        help="total scenes; a third (>= 1) go to val (at most 10 for v1.0-mini)")
+    parser.add_argument("--samples-per-scene", type=int, default=6, help="key frames per scene (>= 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, nargs=2, default=list(DEFAULT_IMAGE_SIZE), metavar=("W", "H"),
+                        help="camera image size; 1600 900 is the real one")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        root = make_synthetic_nuscenes(args.out, version=args.version, scenes=args.scenes,
+                                       samples_per_scene=args.samples_per_scene, seed=args.seed,
+                                       image_size=tuple(args.image_size))
+    except (ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote a synthetic nuScenes ({args.version}, {args.scenes} scenes x {args.samples_per_scene} samples) "
+          f"to {root}")
+    return 0
