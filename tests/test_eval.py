@@ -32,7 +32,8 @@ def _pose(record: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ground_truth(synthetic_root: Path) -> tuple[list[Detections], list[SampleMeta]]:
-    """The val split's annotations as perfect Detections in each key frame's LiDAR frame (aqrcmt.structures)."""
+    """The val split's annotations as perfect Detections in each key frame's LiDAR frame (aqrcmt.structures).
+    Annotations without LiDAR points are left out: the devkit drops them from the ground truth."""
     nusc = NuScenes(VERSION, str(synthetic_root), verbose=False)
     detections, metas = [], []
     for token in split_sample_tokens(nusc, SPLIT):
@@ -42,8 +43,9 @@ def ground_truth(synthetic_root: Path) -> tuple[list[Detections], list[SampleMet
         _, boxes, _ = nusc.get_sample_data(sd["token"])
         rows, labels = [], []
         for box in boxes:
-            name = category_to_detection_name(nusc.get("sample_annotation", box.token)["category_name"])
-            if name is None:
+            ann = nusc.get("sample_annotation", box.token)
+            name = category_to_detection_name(ann["category_name"])
+            if name is None or ann["num_lidar_pts"] == 0:
                 continue
             velocity = lidar2global[:3, :3].T @ nusc.box_velocity(box.token)
             w, l, h = box.wlh

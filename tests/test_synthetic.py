@@ -52,15 +52,74 @@ def test_devkit_loads_default_set(nusc: NuScenes) -> None:
     assert math.isclose(Quaternion(lidar_calib["rotation"]).yaw_pitch_roll[0], -math.pi / 2, abs_tol=1e-9)
 
 
-def test_every_class_in_every_scene_and_linked(nusc: NuScenes) -> None:
-    for scene in nusc.scene:
-        tokens = {s["token"] for s in nusc.sample if s["scene_token"] == scene["token"]}
-        anns = [a for a in nusc.sample_annotation if a["sample_token"] in tokens]
-        assert {category_to_detection_name(a["category_name"]) for a in anns} >= set(CLASS_NAMES)
-        assert all(a["prev"] or a["next"] for a in anns)
-        assert all(a["size"][0] > 0 and a["num_lidar_pts"] > 0 for a in anns)
+def _detection_classes_by_scene(nusc: NuScenes) -> dict[str, list[str]]:
+    scene_of = {s["token"]: nusc.get("scene", s["scene_token"])["name"] for s in nusc.sample}
+    classes: dict[str, list[str]] = {}
+    for a in nusc.sample_annotation:
+        classes.setdefault(scene_of[a["sample_token"]], []).append(category_to_detection_name(a["category_name"]))
+    return classes
+
+
+def test_every_class_in_every_split_and_linked(nusc: NuScenes) -> None:
+    splits = create_splits_scenes()
+    by_scene = _detection_classes_by_scene(nusc)
+    for split in ("mini_train", "mini_val"):
+        present = {c for name, classes in by_scene.items() if name in splits[split] for c in classes}
+        assert present >= set(CLASS_NAMES), split
+    assert all(a["prev"] or a["next"] for a in nusc.sample_annotation)
+    assert all(min(a["size"]) > 0 for a in nusc.sample_annotation)
+    assert np.mean([a["num_lidar_pts"] > 0 for a in nusc.sample_annotation]) > 0.8
     velocity = np.stack([nusc.box_velocity(a["token"]) for a in nusc.sample_annotation])
     assert np.isfinite(velocity).all() and (np.linalg.norm(velocity, axis=1) > 0.5).any()
+
+
+def test_scenes_vary(tmp_path: Path) -> None:
+    """Per-scene variety: class counts from 0 up, sizes within each class's range, distractors, ego speeds."""
+    from aqrcmt.data.synthetic import _CLASSES, MAX_PER_CLASS
+
+    root = make_synthetic_nuscenes(tmp_path, version="v1.0-trainval", scenes=12, samples_per_scene=2, seed=3,
+                                   image_size=(64, 36))
+    nusc = NuScenes("v1.0-trainval", str(root), verbose=False)
+    first = {s["scene_token"]: s for s in nusc.sample if not s["prev"]}
+    counts = []
+    for scene_token, sample in first.items():
+        names = [category_to_detection_name(nusc.get("sample_annotation", t)["category_name"]) for t in sample["anns"]]
+        counts.append([names.count(c) for c in CLASS_NAMES])
+    counts = np.array(counts)
+    assert counts.min() == 0 and counts.max() == MAX_PER_CLASS and len({tuple(c) for c in counts}) == len(counts)
+    assert any(category_to_detection_name(a["category_name"]) is None for a in nusc.sample_annotation)
+    size_range = {c.name: np.array(c.size_range) for c in _CLASSES}
+    for a in nusc.sample_annotation:
+        name = category_to_detection_name(a["category_name"])
+        if name is not None:
+            assert ((size_range[name][:, 0] <= a["size"]) & (a["size"] <= size_range[name][:, 1])).all()
+    speeds = []
+    for scene in nusc.scene:
+        sample = nusc.get("sample", scene["first_sample_token"])
+        a, b = (np.array(nusc.get("ego_pose", nusc.get("sample", t)["data"]["LIDAR_TOP"])["translation"])
+                for t in (sample["token"], sample["next"]))
+        speeds.append(np.linalg.norm(b - a) / 0.5)
+    assert min(speeds) < 0.1 and max(speeds) > 2.0
+
+
+def test_occluded_points_are_dropped() -> None:
+    """A box right behind another (seen from the sensor) gets no points; its visibility level is the lowest."""
+    from aqrcmt.data.synthetic import _CLASSES, _lidar_points, _segment_hits_box, _visibility_level
+
+    origin = np.zeros(3)
+    assert _segment_hits_box(origin, np.array([[10.0, 0, 0.5], [10.0, 5, 0.5]]), np.array([5.0, 0, 0.5]),
+                             np.array([2.0, 2.0, 2.0]), 0.0).tolist() == [True, False]
+    car = next(c for c in _CLASSES if c.name == "car")
+    front = (np.array([8.0, 0.0, 1.0]), np.array([3.0, 1.0, 3.0]), math.pi / 2, car)   # a 3 m wide wall
+    behind = (np.array([14.0, 0.0, 0.5]), np.array([1.0, 1.0, 1.0]), 0.0, car)
+    sensor2global = np.eye(4)
+    sensor2global[2, 3] = 0.6
+    points, fraction = _lidar_points(np.random.default_rng(0), [front, behind], sensor2global)
+    assert fraction[0] == 1.0 and fraction[1] == 0.0 and _visibility_level(fraction[1]) == "1"
+    inside_behind = (np.abs(points[:, 0] - 14.0) < 0.5) & (np.abs(points[:, 1]) < 0.5)
+    assert not inside_behind.any()
+    alone, alone_fraction = _lidar_points(np.random.default_rng(0), [behind], sensor2global)
+    assert alone_fraction[0] == 1.0 and ((np.abs(alone[:, 0] - 14.0) < 0.5) & (np.abs(alone[:, 1]) < 0.5)).any()
 
 
 def test_timestamps_and_ego_motion(nusc: NuScenes) -> None:

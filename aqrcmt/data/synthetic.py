@@ -12,11 +12,16 @@ The world:
   key frames every 0.5 s, 9 sweeps between them (20 Hz), also before the first key frame;
 - cameras are level, looking along yaws 0, -55, +55, 180, +110, -110 deg; frame x right, y down, z forward;
   intrinsics f = 1266.4 px, c = (816.3, 491.5) at 1600x900, scaled to the image size;
-- every scene holds 1-2 instances of each of the 10 detection classes plus one animal (a category the
-  detection task ignores); objects move straight at constant speed or stand still, stay apart, and stay
-  within 0.75 of their class's evaluation range from the ego at every time stamp;
-- LiDAR points lie just inside the object surfaces that face the sensor and on rings on the ground;
-  ``num_lidar_pts`` is the real count of key-frame points inside each annotated box;
+- scenes differ: the ego's speed (0-8 m/s, some scenes parked) and turn rate; 0-3 instances of each of the
+  10 detection classes per scene (the first scene of each split holds every class at least once, so every
+  split can score every class), plus 0-2 distractors of categories the detection task ignores (animal,
+  pushable_pullable, debris); sizes drawn within each class's real range, headings and positions uniform;
+  objects move straight at constant speed or stand still, stay apart, and stay within 0.75 of their class's
+  evaluation range from the ego at every time stamp;
+- LiDAR points lie just inside the object surfaces that face the sensor and on rings on the ground; a point
+  whose ray from the sensor passes through another object is occluded and dropped, so objects behind others
+  get few or no points; ``num_lidar_pts`` is the real count of key-frame points inside each annotated box and
+  ``visibility_token`` its visible fraction of the unoccluded points (levels 1-4);
 - images are flat-shaded boxes (one colour per class, one brightness per face) over sky and ground.
 
 Everything derives from ``seed``: two runs with the same arguments write the same bytes.
@@ -99,10 +104,10 @@ _VISIBILITY: tuple[tuple[str, str], ...] = (("1", "v0-40"), ("2", "v40-60"), ("3
 
 @dataclass(frozen=True)
 class _ObjectClass:
-    """How objects of one class look and move. Sizes (w, l, h) in metres, speeds in m/s."""
+    """How objects of one class look and move. Size ranges ((w), (l), (h)) in metres, speeds in m/s."""
     name: str
     categories: tuple[str, ...]        # nuScenes categories to draw from
-    size: tuple[float, float, float]
+    size_range: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
     eval_range: float                  # DetectionEval class range (m); objects stay within 0.75 of it
     moving_prob: float
     speed: tuple[float, float]
@@ -111,32 +116,42 @@ class _ObjectClass:
     intensity: float                   # mean LiDAR intensity
 
 
+# Size ranges span the bulk of each class's boxes in the nuScenes training annotations.
 _CLASSES: tuple[_ObjectClass, ...] = (
-    _ObjectClass("car", ("vehicle.car",), (1.9, 4.6, 1.7), 50, 0.5, (2.0, 8.0),
+    _ObjectClass("car", ("vehicle.car",), ((1.7, 2.1), (3.9, 5.2), (1.4, 1.9)), 50, 0.5, (2.0, 8.0),
                  ("vehicle.moving", "vehicle.parked"), (220, 40, 40), 40),
-    _ObjectClass("truck", ("vehicle.truck",), (2.5, 7.0, 2.9), 50, 0.5, (2.0, 6.0),
+    _ObjectClass("truck", ("vehicle.truck",), ((2.2, 2.9), (5.5, 9.5), (2.5, 3.6)), 50, 0.5, (2.0, 6.0),
                  ("vehicle.moving", "vehicle.parked"), (40, 150, 40), 30),
-    _ObjectClass("construction_vehicle", ("vehicle.construction",), (2.8, 6.5, 3.2), 50, 0.3, (1.0, 3.0),
-                 ("vehicle.moving", "vehicle.parked"), (240, 200, 0), 25),
-    _ObjectClass("bus", ("vehicle.bus.rigid", "vehicle.bus.bendy"), (2.9, 11.0, 3.5), 50, 0.5, (2.0, 6.0),
-                 ("vehicle.moving", "vehicle.stopped"), (30, 60, 220), 35),
-    _ObjectClass("trailer", ("vehicle.trailer",), (2.9, 12.0, 3.9), 50, 0.3, (2.0, 5.0),
+    _ObjectClass("construction_vehicle", ("vehicle.construction",), ((2.4, 3.2), (5.0, 7.5), (2.6, 3.6)), 50,
+                 0.3, (1.0, 3.0), ("vehicle.moving", "vehicle.parked"), (240, 200, 0), 25),
+    _ObjectClass("bus", ("vehicle.bus.rigid", "vehicle.bus.bendy"), ((2.8, 3.1), (10.0, 12.5), (3.1, 3.8)), 50,
+                 0.5, (2.0, 6.0), ("vehicle.moving", "vehicle.stopped"), (30, 60, 220), 35),
+    _ObjectClass("trailer", ("vehicle.trailer",), ((2.4, 3.0), (8.0, 13.0), (3.2, 4.2)), 50, 0.3, (2.0, 5.0),
                  ("vehicle.moving", "vehicle.parked"), (140, 70, 20), 20),
-    _ObjectClass("barrier", ("movable_object.barrier",), (2.4, 0.5, 1.0), 30, 0.0, (0.0, 0.0),
-                 ("", ""), (250, 250, 250), 60),
-    _ObjectClass("motorcycle", ("vehicle.motorcycle",), (0.8, 2.1, 1.5), 40, 0.5, (2.0, 7.0),
-                 ("cycle.with_rider", "cycle.without_rider"), (200, 0, 200), 45),
-    _ObjectClass("bicycle", ("vehicle.bicycle",), (0.6, 1.7, 1.3), 40, 0.5, (1.5, 4.0),
+    _ObjectClass("barrier", ("movable_object.barrier",), ((1.8, 3.0), (0.4, 0.6), (0.9, 1.2)), 30, 0.0,
+                 (0.0, 0.0), ("", ""), (250, 250, 250), 60),
+    _ObjectClass("motorcycle", ("vehicle.motorcycle",), ((0.6, 1.0), (1.8, 2.4), (1.2, 1.6)), 40, 0.5,
+                 (2.0, 7.0), ("cycle.with_rider", "cycle.without_rider"), (200, 0, 200), 45),
+    _ObjectClass("bicycle", ("vehicle.bicycle",), ((0.5, 0.8), (1.5, 1.9), (1.0, 1.4)), 40, 0.5, (1.5, 4.0),
                  ("cycle.with_rider", "cycle.without_rider"), (0, 200, 200), 50),
     _ObjectClass("pedestrian", ("human.pedestrian.adult", "human.pedestrian.child",
                                 "human.pedestrian.construction_worker", "human.pedestrian.police_officer"),
-                 (0.7, 0.7, 1.75), 40, 0.6, (0.8, 1.6),
+                 ((0.5, 0.9), (0.5, 0.9), (1.5, 1.9)), 40, 0.6, (0.8, 1.6),
                  ("pedestrian.moving", "pedestrian.standing"), (255, 140, 0), 15),
-    _ObjectClass("traffic_cone", ("movable_object.trafficcone",), (0.4, 0.4, 1.0), 30, 0.0, (0.0, 0.0),
-                 ("", ""), (255, 90, 150), 70),
-    _ObjectClass("animal", ("animal",), (0.4, 0.9, 0.6), 40, 0.5, (0.5, 1.5),
-                 ("", ""), (110, 110, 60), 10),
+    _ObjectClass("traffic_cone", ("movable_object.trafficcone",), ((0.3, 0.5), (0.3, 0.5), (0.6, 1.1)), 30, 0.0,
+                 (0.0, 0.0), ("", ""), (255, 90, 150), 70),
 )
+# Objects of categories the detection task ignores: they are annotated, drawn and scanned like the others.
+_DISTRACTORS: tuple[_ObjectClass, ...] = (
+    _ObjectClass("animal", ("animal",), ((0.3, 0.5), (0.6, 1.1), (0.4, 0.8)), 40, 0.5, (0.5, 1.5),
+                 ("", ""), (110, 110, 60), 10),
+    _ObjectClass("pushable_pullable", ("movable_object.pushable_pullable",), ((0.5, 0.9), (0.6, 1.2), (1.0, 1.3)),
+                 30, 0.0, (0.0, 0.0), ("", ""), (90, 160, 110), 55),
+    _ObjectClass("debris", ("movable_object.debris",), ((0.4, 1.2), (0.4, 1.5), (0.2, 0.5)), 30, 0.0, (0.0, 0.0),
+                 ("", ""), (80, 70, 60), 12),
+)
+MAX_PER_CLASS = 3          # instances of one detection class in a scene: 0 .. MAX_PER_CLASS
+MAX_DISTRACTORS = 2
 _SKY, _GROUND = (150, 185, 215), (95, 95, 95)
 # Box faces as corner indices (corners ordered by local (x, y, z) signs, see _box_corners) and brightness.
 _FACES: tuple[tuple[tuple[int, int, int, int], float], ...] = (
@@ -237,20 +252,32 @@ class _Object:
         return 0.5 * math.hypot(self.wlh[0], self.wlh[1])
 
 
-def _place_objects(rng: np.random.Generator, ego: _EgoTrajectory, times: np.ndarray) -> list[_Object]:
-    """1-2 instances of every detection class plus one animal, each within 0.75 of its class range from the
-    ego and clear of the ego and of each other at every time in `times` (s)."""
+def _instance_counts(rng: np.random.Generator, every_class: bool) -> list[tuple[_ObjectClass, int, bool]]:
+    """(class, count, required) per class for one scene: 0..MAX_PER_CLASS of each detection class (at least one
+    when `every_class`; those are required, i.e. placement must succeed) and 0..MAX_DISTRACTORS distractors."""
+    counts = []
+    for cls in _CLASSES:
+        count = int(rng.integers(0, MAX_PER_CLASS + 1))
+        counts.append((cls, max(count, 1) if every_class else count, every_class))
+    distractors = rng.choice(len(_DISTRACTORS), size=int(rng.integers(0, MAX_DISTRACTORS + 1)))
+    counts += [(_DISTRACTORS[int(i)], 1, False) for i in distractors]
+    return counts
+
+
+def _place_objects(rng: np.random.Generator, ego: _EgoTrajectory, times: np.ndarray,
+                   counts: list[tuple[_ObjectClass, int, bool]]) -> list[_Object]:
+    """Place `counts` instances, each within 0.75 of its class range from the ego and clear of the ego and of
+    each other at every time in `times` (s). An optional instance that finds no free place is left out."""
     ego_xy = np.stack([ego.pose(t)[0][:2] for t in times])                    # (T, 2)
     mid = ego_xy[len(times) // 2]
     placed: list[_Object] = []
     tracks: list[np.ndarray] = []                                              # (T, 2) per placed object
-    for cls in _CLASSES:
-        count = 1 if cls.name == "animal" else int(rng.integers(1, 3))
+    for cls, count, required in counts:
         for _ in range(count):
-            for _attempt in range(2000):
+            for _attempt in range(500):
                 moving = rng.random() < cls.moving_prob
                 angle, radius = rng.uniform(-math.pi, math.pi), rng.uniform(6.0, 0.7 * cls.eval_range)
-                wlh = tuple(float(s * rng.uniform(0.9, 1.1)) for s in cls.size)
+                wlh = tuple(float(rng.uniform(low, high)) for low, high in cls.size_range)
                 obj = _Object(
                     cls=cls, category=str(rng.choice(cls.categories)),
                     attribute=cls.attributes[0] if moving else cls.attributes[1], wlh=wlh,
@@ -268,25 +295,44 @@ def _place_objects(rng: np.random.Generator, ego: _EgoTrajectory, times: np.ndar
                 tracks.append(track)
                 break
             else:
-                raise RuntimeError(f"could not place a {cls.name} within 0.75 x {cls.eval_range} m of the ego "
-                                   f"for the whole scene; use fewer samples per scene")
+                if required:
+                    raise RuntimeError(f"could not place a {cls.name} within 0.75 x {cls.eval_range} m of the ego "
+                                       f"for the whole scene; use fewer samples per scene")
     return placed
 
 
 # --------------------------------------------------------------------------------------------------
 # Sensors: LiDAR points and camera images
 # --------------------------------------------------------------------------------------------------
+def _segment_hits_box(origin: np.ndarray, points: np.ndarray, center: np.ndarray, wlh: np.ndarray,
+                      yaw: float) -> np.ndarray:
+    """(N,) bool: the open segment origin -> point passes through the box (slab test in the box frame)."""
+    rot = _rot_z(yaw)
+    start = (origin - center) @ rot                                            # (3,) in box coordinates
+    delta = (points - center) @ rot - start                                    # (N, 3)
+    half = np.array([wlh[1] / 2, wlh[0] / 2, wlh[2] / 2])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1, t2 = (-half - start) / delta, (half - start) / delta
+    t_near = np.nanmax(np.where(delta != 0, np.minimum(t1, t2), -np.inf), axis=1)
+    t_far = np.nanmin(np.where(delta != 0, np.maximum(t1, t2), np.inf), axis=1)
+    outside_slab = ((delta == 0) & (np.abs(start) > half)).any(axis=1)         # parallel to a slab and outside it
+    return ~outside_slab & (t_near < t_far) & (t_far > 0.0) & (t_near < 1.0 - 1e-6)
+
+
 def _lidar_points(rng: np.random.Generator, boxes: list[tuple[np.ndarray, np.ndarray, float, _ObjectClass]],
-                  sensor2global: np.ndarray, density: float = 1200.0) -> np.ndarray:
-    """(N, 5) float32 points (x, y, z, intensity, ring) in the sensor frame for one LiDAR sweep.
+                  sensor2global: np.ndarray, density: float = 1200.0) -> tuple[np.ndarray, np.ndarray]:
+    """One LiDAR sweep: (N, 5) float32 points (x, y, z, intensity, ring) in the sensor frame, and per box the
+    fraction (K,) of its points that no other box occludes.
 
     boxes: (centre (3,), wlh (3,), yaw, class) in the global frame. Object points lie up to 5 cm inside the
     faces that face the sensor, about density * area / distance^2 per face (at least 8 per object); ground
-    points lie on 20 rings around the sensor, minus those under an object.
+    points lie on 20 rings around the sensor, minus those under an object. A point whose ray from the sensor
+    crosses another box is dropped (ground points: any box).
     """
     origin = sensor2global[:3, 3]
     clouds: list[np.ndarray] = []
-    for center, wlh, yaw, cls in boxes:
+    owners: list[np.ndarray] = []                                             # index of the box a point lies on
+    for index, (center, wlh, yaw, cls) in enumerate(boxes):
         w, l, h = wlh
         rot = _rot_z(yaw)
         dist = max(float(np.linalg.norm(center - origin)), 1.0)
@@ -312,6 +358,7 @@ def _lidar_points(rng: np.random.Generator, boxes: list[tuple[np.ndarray, np.nda
         xyz = local @ rot.T + center
         intensity = np.clip(rng.normal(cls.intensity, 5.0, size=(len(xyz), 1)), 0, 255)
         clouds.append(np.concatenate([xyz, intensity], axis=1))
+        owners.append(np.full(len(xyz), index))
 
     radii = 3.0 * (55.0 / 3.0) ** (np.arange(20) / 19)                          # 3 m .. 55 m
     azimuth = rng.uniform(-math.pi, math.pi, size=(20, 120))
@@ -323,13 +370,26 @@ def _lidar_points(rng: np.random.Generator, boxes: list[tuple[np.ndarray, np.nda
         keep &= ~((np.abs(local[:, 0]) <= wlh[1] / 2) & (np.abs(local[:, 1]) <= wlh[0] / 2))
     ground = ground[keep]
     clouds.append(np.concatenate([ground, rng.uniform(2, 12, size=(len(ground), 1))], axis=1))
+    owners.append(np.full(len(ground), -1))
 
-    world = np.concatenate(clouds)
+    world, owner = np.concatenate(clouds), np.concatenate(owners)
+    visible = np.ones(len(world), dtype=bool)
+    for index, (center, wlh, yaw, _) in enumerate(boxes):
+        others = owner != index
+        visible[others] &= ~_segment_hits_box(origin, world[others, :3], center, np.asarray(wlh), yaw)
+    visible_fraction = np.array([visible[owner == k].mean() for k in range(len(boxes))])
+    world = world[visible]
     global2sensor = np.linalg.inv(sensor2global)
     xyz = world[:, :3] @ global2sensor[:3, :3].T + global2sensor[:3, 3]
     elevation = np.degrees(np.arctan2(xyz[:, 2], np.linalg.norm(xyz[:, :2], axis=1)))
     ring = np.clip(np.round((elevation + 30.0) / 40.0 * 31), 0, 31)             # 32 beams, -30 .. +10 deg
-    return np.concatenate([xyz, world[:, 3:4], ring[:, None]], axis=1).astype(np.float32)
+    points = np.concatenate([xyz, world[:, 3:4], ring[:, None]], axis=1).astype(np.float32)
+    return points, visible_fraction
+
+
+def _visibility_level(fraction: float) -> str:
+    """nuScenes visibility token ('1' = 0-40 %, '2' = 40-60 %, '3' = 60-80 %, '4' = 80-100 %) of a fraction."""
+    return "1" if fraction < 0.4 else "2" if fraction < 0.6 else "3" if fraction < 0.8 else "4"
 
 
 def _count_in_box(points_global: np.ndarray, center: np.ndarray, wlh: np.ndarray, yaw: float) -> int:
@@ -428,8 +488,10 @@ def make_synthetic_nuscenes(out: str | Path, version: str = "v1.0-mini", scenes:
     locations = ("singapore-onenorth", "boston-seaport")
     logs_by_location: dict[str, list[str]] = {loc: [] for loc in locations}
     for scene_index, (scene_name, split) in enumerate(scene_names):
+        first_of_split = scene_index == 0 or scene_names[scene_index - 1][1] != split
         log_token = writer.write_scene(rng, scene_index, scene_name, split, samples_per_scene,
-                                       location=locations[scene_index % len(locations)])
+                                       location=locations[scene_index % len(locations)],
+                                       first_of_split=first_of_split)
         logs_by_location[locations[scene_index % len(locations)]].append(log_token)
     for location, log_tokens in logs_by_location.items():
         if log_tokens:
@@ -470,8 +532,9 @@ class _Writer:
         return _token(self.seed, *parts)
 
     def write_scene(self, rng: np.random.Generator, scene_index: int, scene_name: str, split: str,
-                    samples_per_scene: int, location: str) -> str:
-        """Write one scene (log, calibration, samples, sensor data, annotations); return its log token."""
+                    samples_per_scene: int, location: str, first_of_split: bool) -> str:
+        """Write one scene (log, calibration, samples, sensor data, annotations); return its log token.
+        The first scene of a split holds every detection class."""
         base_us = 1_532_402_927_000_000 + scene_index * 3_600_000_000
         logfile = f"n015-2018-07-{24 + scene_index % 5:02d}-11-{scene_index % 60:02d}-00+0800"
         log_token = self.token("log", scene_name)
@@ -492,11 +555,12 @@ class _Writer:
         camera_offsets = [offset for _, _, offset in _CAMERA_RIG.values()]
         check_times = np.array(sorted(set(lidar_us) | {k + o for k in key_us for o in camera_offsets})) / 1e6
         duration = key_us[-1] / 1e6
+        # Some scenes parked, the others up to 8 m/s (at most 16 m travelled, so that objects fit in range).
+        speed = 0.0 if rng.random() < 0.15 else float(rng.uniform(1.0, min(8.0, 16.0 / duration)))
         ego = _EgoTrajectory(origin=(float(rng.uniform(300, 1500)), float(rng.uniform(300, 1500))),
-                             yaw0=float(rng.uniform(-math.pi, math.pi)),
-                             speed=float(min(4.0, 12.0 / duration) * rng.uniform(0.6, 1.0)),
-                             yaw_rate=float(rng.uniform(-0.05, 0.05)))
-        objects = _place_objects(rng, ego, check_times)
+                             yaw0=float(rng.uniform(-math.pi, math.pi)), speed=speed,
+                             yaw_rate=float(rng.uniform(-0.12, 0.12)))
+        objects = _place_objects(rng, ego, check_times, _instance_counts(rng, every_class=first_of_split))
 
         sample_tokens = [self.token("sample", scene_name, k) for k in range(samples_per_scene)]
         scene_token = self.token("scene", scene_name)
@@ -523,13 +587,15 @@ class _Writer:
 
         # LiDAR key frames and sweeps; a sweep belongs to the next key frame's sample.
         key_points: dict[int, np.ndarray] = {}                         # key index -> points in the global frame
+        key_visibility: dict[int, np.ndarray] = {}                     # key index -> visible fraction per object
         records: dict[str, list[dict]] = {ch: [] for ch in self.channels}
         for t_us in lidar_us:
             is_key = t_us in key_us
             next_key = next(k for k, kt in enumerate(key_us) if kt >= t_us)
             sensor2global = ego.ego2global(t_us / 1e6) @ self.sensor2ego["LIDAR_TOP"]
-            points = _lidar_points(rng, boxes_at(t_us), sensor2global)
+            points, visible_fraction = _lidar_points(rng, boxes_at(t_us), sensor2global)
             if is_key:
+                key_visibility[next_key] = visible_fraction
                 key_points[next_key] = points[:, :3].astype(np.float64) @ sensor2global[:3, :3].T + sensor2global[:3, 3]
             folder = "samples" if is_key else "sweeps"
             filename = f"{folder}/LIDAR_TOP/{logfile}__LIDAR_TOP__{base_us + t_us}.pcd.bin"
@@ -564,7 +630,7 @@ class _Writer:
                 center = obj.center(kt / 1e6)
                 self.tables["sample_annotation"].append({
                     "token": ann_tokens[k], "sample_token": sample_tokens[k], "instance_token": instance_token,
-                    "visibility_token": "4",
+                    "visibility_token": _visibility_level(float(key_visibility[k][j])),
                     "attribute_tokens": [self.attribute_token[obj.attribute]] if obj.attribute else [],
                     "translation": [float(v) for v in center], "size": list(obj.wlh),
                     "rotation": _quat_z(obj.yaw),
