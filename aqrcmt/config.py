@@ -130,6 +130,10 @@ class HeadConfig:
     # Normalise losses by the mean of the processes' positive/query counts (all-reduce) instead of the
     # local counts (the release). With it, N processes compute exactly the 1-process loss of the global batch.
     sync_loss_normalizers: bool = False
+    # Gaussian locality prior on the cross-attention logits (aqrcmt/models/locality.py); 0 = off (the release).
+    # Not in the released CMT: the tiny CPU configs use it so that queries see their neighbourhood from step 0.
+    locality_sigma_bev: float = 0.0                        # metres
+    locality_sigma_camera: float = 0.0                     # camera feature-map pixels
     # decoding
     post_center_range: tuple[float, ...] = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
     max_num: int = 300
@@ -144,12 +148,17 @@ class HeadConfig:
         _non_negative(self, key, "dn_noise_scale", "dn_noise_trans", "dn_max_gt", "loss_cls_weight",
                       "loss_bbox_weight", "focal_gamma")
         _in_range(self, key, "focal_alpha", 0.0, 1.0)
+        _non_negative(self, key, "locality_sigma_bev", "locality_sigma_camera")
         _check(len(self.code_weights) == 10 and all(w >= 0 for w in self.code_weights), f"{key}.code_weights",
                "needs 10 values >= 0")
         _check(self.final_kernel in (1, 3), f"{key}.final_kernel", f"must be 1 or 3, got {self.final_kernel}")
         _check(len(self.post_center_range) == 6, f"{key}.post_center_range", "needs 6 values")
         if self.score_threshold is not None:
             _in_range(self, key, "score_threshold", 0.0, 1.0)
+
+    @property
+    def locality_enabled(self) -> bool:
+        return self.locality_sigma_bev > 0 or self.locality_sigma_camera > 0
 
 
 @dataclass
@@ -254,6 +263,12 @@ class ModelConfig:
         self.aqr.validate(f"{key}.aqr")
         if self.aqr.enabled:
             _check(self.lidar.enabled and self.camera.enabled, f"{key}.aqr.enabled", "AQR needs both modalities")
+        head = self.head
+        if head.locality_enabled:
+            _check(head.locality_sigma_bev > 0 or not self.lidar.enabled, f"{key}.head.locality_sigma_bev",
+                   "must be > 0 when the locality prior is on (locality_sigma_camera > 0) and the LiDAR branch is")
+            _check(head.locality_sigma_camera > 0 or not self.camera.enabled, f"{key}.head.locality_sigma_camera",
+                   "must be > 0 when the locality prior is on (locality_sigma_bev > 0) and the camera branch is")
 
     @property
     def bev_size(self) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from aqrcmt.config import AQRConfig, HeadConfig
 from aqrcmt.models.assigner import hungarian_assign, match_cost
 from aqrcmt.models.bbox_coder import box_codes, decode_detections, encode_boxes
 from aqrcmt.models.denoising import Denoising
+from aqrcmt.models.locality import cross_attention_locality_bias
 from aqrcmt.models.losses import sigmoid_focal_loss, weighted_l1_loss
 from aqrcmt.models.position_encoding import (
     bev_grid_coords, image_ray_points, inverse_sigmoid, pos2embed, projection_matrices, query_ray_points, ray_depths,
@@ -159,8 +160,15 @@ class CmtHead(nn.Module):
             x, x_img = self.aqr(x, x_img, query_pos=query_pos, bev_pos=bev_pos, rv_pos=rv_pos,
                                 reference_points=reference, lidar2img=lidar2img, img_shape=img_shape, num_dn=num_dn)
 
+        locality = None
+        if self.cfg.locality_enabled:
+            locality = cross_attention_locality_bias(
+                reference, pc_range=self.pc_range, sigma_bev=self.cfg.locality_sigma_bev,
+                sigma_camera=self.cfg.locality_sigma_camera, bev_coords=self.bev_coords if self.with_lidar else None,
+                lidar2img=lidar2img if self.with_camera else None, img_shape=img_shape,
+                camera_feature_size=tuple(x_img.shape[-2:]) if self.with_camera else None)
         features = self.transformer(query_pos, x, bev_pos, x_img, rv_pos,
-                                    dn.attn_mask if dn is not None else None)
+                                    dn.attn_mask if dn is not None else None, cross_attn_bias=locality)
         preds = self.task_heads[0](torch.nan_to_num(features))
         preds = self._to_metres(preds, inverse_sigmoid(reference))
 

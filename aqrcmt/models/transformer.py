@@ -37,7 +37,8 @@ class PackedAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        """query (B, Nq, C), key / value (B, Nk, C), attn_mask (Nq, Nk) bool (True = may attend) -> (B, Nq, C)."""
+        """query (B, Nq, C), key / value (B, Nk, C) -> (B, Nq, C). attn_mask: (Nq, Nk) bool (True = may attend)
+        or a float bias broadcastable to (B, heads, Nq, Nk) added to the logits."""
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         q, k, v = (self._split_heads(F.linear(x, w, b)) for x, w, b in
@@ -87,11 +88,12 @@ class DecoderLayer(nn.Module):
         self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(3)])
 
     def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, key: Tensor,
-                self_attn_mask: Optional[Tensor]) -> Tensor:
-        """tgt / query_pos (B, Nq, C); memory (B, M, C) values; key = memory + key_pos (B, M, C)."""
+                self_attn_mask: Optional[Tensor], cross_attn_bias: Optional[Tensor] = None) -> Tensor:
+        """tgt / query_pos (B, Nq, C); memory (B, M, C) values; key = memory + key_pos (B, M, C);
+        cross_attn_bias: optional (B, 1, Nq, M) float added to the cross-attention logits."""
         q = tgt + query_pos
         tgt = self.norms[0](tgt + self.attentions[0](q, q, tgt, self_attn_mask))
-        tgt = self.norms[1](tgt + self.attentions[1](tgt + query_pos, key, memory))
+        tgt = self.norms[1](tgt + self.attentions[1](tgt + query_pos, key, memory, cross_attn_bias))
         return self.norms[2](tgt + self.ffns[0](tgt))
 
 
@@ -105,13 +107,13 @@ class Decoder(nn.Module):
         self.post_norm = nn.LayerNorm(embed_dim)
 
     def forward(self, query_pos: Tensor, memory: Tensor, key_pos: Tensor,
-                self_attn_mask: Optional[Tensor] = None) -> Tensor:
+                self_attn_mask: Optional[Tensor] = None, cross_attn_bias: Optional[Tensor] = None) -> Tensor:
         """query_pos (B, Nq, C), memory / key_pos (B, M, C) -> (num_layers, B, Nq, C); queries start at zero."""
         tgt = torch.zeros_like(query_pos)
         key = memory + key_pos
         outputs = []
         for layer in self.layers:
-            tgt = layer(tgt, query_pos, memory, key, self_attn_mask)
+            tgt = layer(tgt, query_pos, memory, key, self_attn_mask, cross_attn_bias)
             outputs.append(self.post_norm(tgt))
         return torch.stack(outputs)
 
@@ -132,7 +134,7 @@ class CmtTransformer(nn.Module):
 
     def forward(self, query_pos: Tensor, bev_feat: Optional[Tensor], bev_pos: Optional[Tensor],
                 img_feat: Optional[Tensor], img_pos: Optional[Tensor],
-                self_attn_mask: Optional[Tensor] = None) -> Tensor:
+                self_attn_mask: Optional[Tensor] = None, cross_attn_bias: Optional[Tensor] = None) -> Tensor:
         """Decode queries against the memory.
 
         query_pos: (B, Nq, C). bev_feat: (B, C, H, W) with bev_pos (H * W, C). img_feat: (B * V, C, h, w) with
@@ -150,4 +152,4 @@ class CmtTransformer(nn.Module):
         if not memories:
             raise ValueError("CmtTransformer needs bev_feat or img_feat")
         memory, key_pos = torch.cat(memories, dim=1), torch.cat(positions, dim=1)
-        return self.decoder(query_pos, memory, key_pos, self_attn_mask)
+        return self.decoder(query_pos, memory, key_pos, self_attn_mask, cross_attn_bias)
