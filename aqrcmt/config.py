@@ -191,6 +191,12 @@ class AQRRenderConfig:
     threshold: float = 0.01
     clamp_max: Optional[float] = 1.5
     fill: float = 1.0                                      # value far from any query with kernel_norm="normalized"
+    # The AQR fork's behaviours, off by default (docs/aqr.md, "The fork's renderer"): after threshold/clamp,
+    # divide each map by its own maximum ("max_per_map": BEV per sample, each camera view apart) or the BEV map
+    # per sample and the six camera maps by their common maximum ("max_over_views", the fork before its clamp fix).
+    normalize: Literal["none", "max_per_map", "max_over_views"] = "none"
+    # Queries that no camera sees: "skip" them, or "pile_at_origin": splat them at pixel (0, 0) of view 0 (the fork).
+    invisible_queries: Literal["skip", "pile_at_origin"] = "skip"
 
     def validate(self, key: str = "model.aqr.render") -> None:
         _positive(self, key, "sigma_bev", "sigma_camera")

@@ -16,7 +16,7 @@ def vov_scene():
 
 def test_fork_clamp_settings_render_a_map_mean_of_about_001(vov_scene):
     cfg, scene = vov_scene
-    settings = {stem: (render, modulate, max_norm) for _, stem, render, modulate, max_norm in reference_settings(cfg)}
+    settings = {stem: (render, modulate) for _, stem, render, modulate in reference_settings(cfg)}
     clamped = measure(scene, *settings["fork_clamp"])[0]
     fix = measure(scene, *settings["report_clamp_fix"])[0]
     assert abs(clamped["lidar_weight_mean"] - 0.45) < 0.01
@@ -27,6 +27,19 @@ def test_fork_clamp_settings_render_a_map_mean_of_about_001(vov_scene):
     rec = measure(scene, recommended.render, recommended.modulate)[0]
     assert abs(rec["bev_map_mean"] - rec["lidar_weight_mean"]) < 0.05  # the map keeps the weights' magnitude
     assert rec["bev_map_max"] <= 1.0 + 1e-5
+
+
+def test_invisible_queries_piled_at_origin_explain_large_camera_maxima(vov_scene):
+    """Each query no camera sees adds its kernel peak (0.0399 w at sigma 2) to pixel (0, 0) of view 0."""
+    cfg, scene = vov_scene
+    settings = {stem: (render, modulate) for _, stem, render, modulate in reference_settings(cfg)}
+    piled = measure(scene, *settings["fork_piled_at_origin"])
+    skipped = measure(scene, *settings["fork_clamp"])
+    invisible = ~scene.cameras.valid.any(-1)
+    expected = float((scene.camera_weights * invisible).sum()) * 0.03987
+    assert invisible.sum() > 10
+    assert abs(piled[2][0, 0, 0, 0].item() - expected) < 0.05 * expected + 0.05
+    assert piled[0]["camera_map_max"] > 2 * skipped[0]["camera_map_max"]
 
 
 def test_ring_cameras_see_most_queries(vov_scene):
@@ -40,7 +53,8 @@ def test_cli_prints_the_table_and_writes_pngs(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "fork clamped: sum, s2, thr .01, clamp 1.5" in text and "normalized s2 convex" in text
     names = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert names == ["maps_config.png", "maps_fork_clamp.png", "maps_fork_max_normalized.png", "maps_report_clamp_fix.png"]
+    assert names == ["maps_config.png", "maps_fork_clamp.png", "maps_fork_max_normalized.png",
+                     "maps_fork_piled_at_origin.png", "maps_report_clamp_fix.png"]
     with pytest.raises(SystemExit, match="--checkpoint and --data"):
         main(["diagnose", "--config", "tiny_aqr", "--checkpoint", "x.safetensors"])
 

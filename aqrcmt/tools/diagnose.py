@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"BEV map {scene.bev.size}, camera maps 6 x {scene.cameras.size}; "
           f"queries seen by a camera: {scene.cameras.valid.any(-1).float().mean().item():.1%}\n")
     rows = []
-    for label, stem, render, modulate, max_normalize in reference_settings(cfg):
-        stats, bev_map, camera_maps = measure(scene, render, modulate, max_normalize)
+    for label, stem, render, modulate in reference_settings(cfg):
+        stats, bev_map, camera_maps = measure(scene, render, modulate)
         rows.append((label, stats))
         save_weight_maps(out_dir / f"maps_{stem}.png", bev_map[0], camera_maps[0], title=label)
     print(debug_table(rows))

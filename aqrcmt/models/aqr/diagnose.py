@@ -85,18 +85,12 @@ def _scene_to(scene: Scene, device: torch.device) -> Scene:
                  move(scene.cameras), scene.bev_features.to(device), scene.camera_features.to(device), scene.source)
 
 
-def measure(scene: Scene, render: AQRRenderConfig, modulate: AQRModulateConfig,
-            max_normalize: bool = False) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Signals (monitor names) of one render/modulate setting, and the (B, H, W), (B, V, h, w) maps.
-
-    max_normalize: divide each sample's map by its maximum (the fork's renderer with normalize_weights=False).
-    """
+def measure(scene: Scene, render: AQRRenderConfig,
+            modulate: AQRModulateConfig) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Signals (monitor names) of one render/modulate setting, and the (B, H, W), (B, V, h, w) maps."""
     with torch.no_grad():
         bev_map, camera_maps = render_weight_maps(scene.lidar_weights, scene.camera_weights, scene.bev,
                                                   scene.cameras, render)
-        if max_normalize:
-            bev_map = bev_map / bev_map.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)
-            camera_maps = camera_maps / camera_maps.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1, 1)
         _, bev_stats = modulate_features(scene.bev_features, bev_map, modulate, return_stats=True)
         _, cam_stats = modulate_features(scene.camera_features, camera_maps.flatten(0, 1), modulate,
                                          return_stats=True)
@@ -107,19 +101,23 @@ def measure(scene: Scene, render: AQRRenderConfig, modulate: AQRModulateConfig,
     return {k: float(v) for k, v in signals.items()}, bev_map, camera_maps
 
 
-def reference_settings(cfg: Config) -> list[tuple[str, str, AQRRenderConfig, AQRModulateConfig, bool]]:
-    """(label, file stem, render, modulate, max_normalize): the fork's renderer max-normalised and clamped, the
-    fix its training report proposes (sigma 1 + clamp), and the config's settings."""
+def reference_settings(cfg: Config) -> list[tuple[str, str, AQRRenderConfig, AQRModulateConfig]]:
+    """(label, file stem, render, modulate): the fork's renderer max-normalised and clamped (queries no camera
+    sees skipped; or, as the fork's runs without camera post-processing did, piled at pixel (0, 0) of view 0), the
+    fix its training report proposes
+    (sigma 1 + clamp), and the config's settings."""
     fork_modulate = AQRModulateConfig(mode="element_wise", residual_form="additive", residual_weight=0.7)
     max_normalized = AQRRenderConfig(kernel_norm="sum", sigma_bev=2.0, sigma_camera=2.0, threshold=0.01,
-                                     clamp_max=None)
-    clamped = dataclasses.replace(max_normalized, clamp_max=1.5)
+                                     clamp_max=None, normalize="max_over_views")
+    clamped = dataclasses.replace(max_normalized, clamp_max=1.5, normalize="none")
+    piled = dataclasses.replace(clamped, clamp_max=None, invisible_queries="pile_at_origin")
     report_fix = dataclasses.replace(clamped, sigma_bev=1.0, sigma_camera=1.0)
     return [
-        ("fork max-normalised: sum, s2, thr .01, /max", "fork_max_normalized", max_normalized, fork_modulate, True),
-        ("fork clamped: sum, s2, thr .01, clamp 1.5", "fork_clamp", clamped, fork_modulate, False),
-        ("report's fix: sum, s1, thr .01, clamp 1.5", "report_clamp_fix", report_fix, fork_modulate, False),
-        (f"config {cfg.name}", "config", cfg.model.aqr.render, cfg.model.aqr.modulate, False),
+        ("fork max-normalised: sum, s2, thr .01, /max", "fork_max_normalized", max_normalized, fork_modulate),
+        ("fork clamped: sum, s2, thr .01, clamp 1.5", "fork_clamp", clamped, fork_modulate),
+        ("fork unclamped, invisible at (0, 0)", "fork_piled_at_origin", piled, fork_modulate),
+        ("report's fix: sum, s1, thr .01, clamp 1.5", "report_clamp_fix", report_fix, fork_modulate),
+        (f"config {cfg.name}", "config", cfg.model.aqr.render, cfg.model.aqr.modulate),
     ]
 
 

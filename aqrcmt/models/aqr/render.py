@@ -27,9 +27,33 @@ def render_map(weights: torch.Tensor, projection: Projection, cfg: AQRRenderConf
                  clamp_max=cfg.clamp_max, method=cfg.method, fill=cfg.fill)
 
 
+def pile_invisible_at_origin(cameras: Projection) -> Projection:
+    """The fork's placement of queries that no camera sees: pixel (0, 0) of view 0 (``invisible_queries``)."""
+    invisible = ~cameras.valid.any(dim=-1)                                         # (B, Q)
+    valid = cameras.valid.clone()
+    valid[..., 0] |= invisible
+    coords = cameras.coords.clone()
+    coords[..., 0, :] = torch.where(invisible[..., None], torch.zeros_like(coords[..., 0, :]), coords[..., 0, :])
+    return Projection(coords, valid, cameras.size)
+
+
+def divide_by_max(maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """maps / their maximum over `dims` (an all-zero map stays 0): the fork's max normalisation."""
+    peak = maps.amax(dim=dims, keepdim=True)
+    return maps / peak.clamp(min=torch.finfo(maps.dtype).tiny)
+
+
 def render_weight_maps(lidar_weights: torch.Tensor, camera_weights: torch.Tensor, bev: Projection,
                        cameras: Projection, cfg: AQRRenderConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(BEV map (B, H, W), camera maps (B, V, h, w)) from the (B, Q) LiDAR and camera weights."""
+    """(BEV map (B, H, W), camera maps (B, V, h, w)) from the (B, Q) LiDAR and camera weights.
+
+    ``cfg.invisible_queries`` and ``cfg.normalize`` switch on the fork's behaviours (see AQRRenderConfig).
+    """
+    if cfg.invisible_queries == "pile_at_origin":
+        cameras = pile_invisible_at_origin(cameras)
     bev_map = render_map(lidar_weights, bev, cfg, cfg.sigma_bev)[:, 0]
     camera_maps = render_map(camera_weights, cameras, cfg, cfg.sigma_camera)
+    if cfg.normalize != "none":
+        bev_map = divide_by_max(bev_map, (1, 2))
+        camera_maps = divide_by_max(camera_maps, (2, 3) if cfg.normalize == "max_per_map" else (1, 2, 3))
     return bev_map, camera_maps
