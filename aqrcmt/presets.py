@@ -123,6 +123,36 @@ def _aqr_fork_final_settings(sigma: float, camera_window: int) -> AQRConfig:
     )
 
 
+def _aqr_fork_original_settings(camera_window: int) -> AQRConfig:
+    """AQR as the fork first trained it (the run whose mAP fell from 0.703 to 0.135; docs/aqr.md): tanh weights
+    (bias 1.5), sum kernel sigma 2, threshold 0.01, BEV map / its max and camera maps / the max over the six views,
+    queries no camera sees piled at pixel (0, 0) of view 0, denoising queries rendered too, per-map min-max before
+    modulating and an additive residual of 0.1 (the modulator's defaults then)."""
+    return AQRConfig(
+        enabled=True,
+        generator=AQRGeneratorConfig(camera_window=camera_window, bev_window=5, activation="tanh", bias_init=1.5),
+        render=AQRRenderConfig(kernel_norm="sum", sigma_bev=2.0, sigma_camera=2.0, threshold=0.01, clamp_max=None,
+                               normalize="max_over_views", invisible_queries="pile_at_origin"),
+        modulate=AQRModulateConfig(mode="element_wise", residual_form="additive", residual_weight=0.1,
+                                   prenormalize=True),
+        render_dn_queries=True,
+    )
+
+
+def _aqr_recommended_render() -> AQRRenderConfig:
+    """A renderer that keeps the weights' magnitude: normalized kernel, sigma 2, fill 1, no threshold or clamp."""
+    return AQRRenderConfig(kernel_norm="normalized", sigma_bev=2.0, sigma_camera=2.0, threshold=0.0, clamp_max=None,
+                           fill=1.0)
+
+
+@register
+def cmt_aqr_fork_original_voxel0075_vov_1600x640_cbgs() -> Config:
+    cfg = cmt_voxel0075_vov_1600x640_cbgs()
+    cfg.model.aqr = _aqr_fork_original_settings(camera_window=15)
+    cfg.optim = OptimConfig(lr=2e-4, lr_mults=dict(_AQR_LR_MULTS), decay_mults={"img_backbone": 5.0})
+    return cfg
+
+
 @register
 def cmt_aqr_voxel0075_vov_1600x640_cbgs() -> Config:
     cfg = cmt_voxel0075_vov_1600x640_cbgs()
@@ -144,8 +174,7 @@ def cmt_aqr_voxel0100_r50_800x320_cbgs() -> Config:
 def cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs() -> Config:
     """AQR with a renderer that keeps the feature energy: normalized kernel (fill 1), convex residual."""
     cfg = cmt_aqr_voxel0075_vov_1600x640_cbgs()
-    cfg.model.aqr.render = AQRRenderConfig(kernel_norm="normalized", sigma_bev=2.0, sigma_camera=2.0,
-                                           threshold=0.0, clamp_max=None, fill=1.0)
+    cfg.model.aqr.render = _aqr_recommended_render()
     cfg.model.aqr.modulate = AQRModulateConfig(residual_form="convex", residual_weight=0.5)
     return cfg
 
@@ -174,11 +203,31 @@ def tiny() -> Config:
     )
 
 
-@register
-def tiny_aqr() -> Config:
+def _tiny_with_aqr(aqr: AQRConfig) -> Config:
     cfg = tiny()
-    cfg.model.aqr = _aqr_fork_final_settings(sigma=1.0, camera_window=7)
+    cfg.model.aqr = aqr
     cfg.model.aqr.generator.ffn_dim = 128
     cfg.model.aqr.generator.num_heads = 4
     cfg.model.aqr.generator.bev_window = 3
+    return cfg
+
+
+@register
+def tiny_aqr() -> Config:
+    """The tiny model with the AQR settings the fork's training report ends with (its clamp fix)."""
+    return _tiny_with_aqr(_aqr_fork_final_settings(sigma=1.0, camera_window=7))
+
+
+@register
+def tiny_aqr_fork_original() -> Config:
+    """The tiny model with the AQR settings of the fork's collapsed run."""
+    return _tiny_with_aqr(_aqr_fork_original_settings(camera_window=7))
+
+
+@register
+def tiny_aqr_recommended() -> Config:
+    """The tiny model with the recommended AQR settings (the main job's config)."""
+    cfg = _tiny_with_aqr(_aqr_fork_final_settings(sigma=2.0, camera_window=7))
+    cfg.model.aqr.render = _aqr_recommended_render()
+    cfg.model.aqr.modulate = AQRModulateConfig(residual_form="convex", residual_weight=0.5)
     return cfg
