@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "convert an official CMT .pth checkpoint to safetensors (and back)"),
     "inspect": ("aqrcmt.tools.inspect_checkpoint", "list a checkpoint's keys, shapes and dtypes by module"),
     "diagnose": ("aqrcmt.tools.diagnose", "AQR rendering/modulation health table, sweeps and map images"),
+    "study": ("aqrcmt.tools.study", "the AQR fine-tuning study: a pretrained CMT fine-tuned with each AQR setting"),
 }
 
 

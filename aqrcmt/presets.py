@@ -104,7 +104,8 @@ def cmt_camera_vov_1600x640_cbgs() -> Config:
 # ------------------------------------------------------------------------------------------------
 # AQR fork variants, with the settings the fork's training report ends with (docs/aqr.md)
 # ------------------------------------------------------------------------------------------------
-_AQR_LR_MULTS = {
+# The AQR fork's learning-rate multipliers (its vov config): frozen backbones, slowed necks and head.
+AQR_FORK_LR_MULTS = {
     "img_backbone": 0.0, "pts_backbone": 0.0, "pts_voxel_encoder": 0.0, "pts_middle_encoder": 0.0,
     "img_neck": 0.05, "pts_neck": 0.05,
     "pts_bbox_head.transformer": 0.5, "pts_bbox_head.reference_points": 0.3, "pts_bbox_head.task_heads": 0.8,
@@ -149,7 +150,7 @@ def _aqr_recommended_render() -> AQRRenderConfig:
 def cmt_aqr_fork_original_voxel0075_vov_1600x640_cbgs() -> Config:
     cfg = cmt_voxel0075_vov_1600x640_cbgs()
     cfg.model.aqr = _aqr_fork_original_settings(camera_window=15)
-    cfg.optim = OptimConfig(lr=2e-4, lr_mults=dict(_AQR_LR_MULTS), decay_mults={"img_backbone": 5.0})
+    cfg.optim = OptimConfig(lr=2e-4, lr_mults=dict(AQR_FORK_LR_MULTS), decay_mults={"img_backbone": 5.0})
     return cfg
 
 
@@ -157,7 +158,7 @@ def cmt_aqr_fork_original_voxel0075_vov_1600x640_cbgs() -> Config:
 def cmt_aqr_voxel0075_vov_1600x640_cbgs() -> Config:
     cfg = cmt_voxel0075_vov_1600x640_cbgs()
     cfg.model.aqr = _aqr_fork_final_settings(sigma=1.0, camera_window=15)
-    cfg.optim = OptimConfig(lr=2e-4, lr_mults=dict(_AQR_LR_MULTS), decay_mults={"img_backbone": 5.0})
+    cfg.optim = OptimConfig(lr=2e-4, lr_mults=dict(AQR_FORK_LR_MULTS), decay_mults={"img_backbone": 5.0})
     return cfg
 
 
@@ -165,7 +166,7 @@ def cmt_aqr_voxel0075_vov_1600x640_cbgs() -> Config:
 def cmt_aqr_voxel0100_r50_800x320_cbgs() -> Config:
     cfg = cmt_voxel0100_r50_800x320_cbgs()
     cfg.model.aqr = _aqr_fork_final_settings(sigma=1.0, camera_window=7)  # the fork uses 8 (even); our windows are odd
-    cfg.optim = OptimConfig(lr=1e-4, cyclic_target_ratio=(6.0, 1e-4), lr_mults=dict(_AQR_LR_MULTS),
+    cfg.optim = OptimConfig(lr=1e-4, cyclic_target_ratio=(6.0, 1e-4), lr_mults=dict(AQR_FORK_LR_MULTS),
                             decay_mults={"img_backbone": 5.0})
     return cfg
 

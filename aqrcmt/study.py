@@ -1,0 +1,206 @@
+"""The AQR fine-tuning study: does AQR keep a pretrained CMT's accuracy, and which AQR settings collapse it?
+
+    run_study(StudyPlan(out=Path("study")))       # `aqrcmt study --out study [--quick]`
+
+1. The synthetic benchmark (train scenes / held-out val scenes) is written to ``out/data``.
+2. A plain tiny CMT is pretrained on the train scenes, written in the official ``.pth`` layout and brought back
+   with the converter (``out/pretrained``): the path a user takes with the released weights.
+3. Every arm fine-tunes that model for the same number of steps with the same seed, data order and the AQR fork's
+   learning-rate multipliers (frozen backbones): plain CMT continued (the control), the fork's original AQR, the
+   fix its training report proposes, the recommended AQR, and the recommended AQR with denoising queries rendered.
+4. Each arm is evaluated on the val scenes (official DetectionEval) at 0, 1/4, 1/2 and all of its budget, and its
+   AQR health signals are measured on val batches at the same checkpoints.
+5. ``out/report.md``, ``out/map_vs_step.png`` and each arm's rendered maps summarise it.
+
+Finished pieces are kept: re-running on a partly done ``out`` resumes (the benchmark, the pretrained weights and
+every finished arm are reused; an unfinished arm restarts).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from aqrcmt.checkpoint.convert import convert
+from aqrcmt.checkpoint.io import atomic_write_bytes
+from aqrcmt.config import Config
+from aqrcmt.data.synthetic import make_synthetic_nuscenes
+from aqrcmt.presets import AQR_FORK_LR_MULTS, load_config
+from aqrcmt.training.loop import TrainOptions, train
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuning run: a preset and the overrides that make it differ from the others."""
+    name: str
+    preset: str
+    description: str
+    overrides: tuple[str, ...] = ()
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("control", "tiny", "plain CMT, fine-tuned on (no AQR)"),
+    Arm("fork_original", "tiny_aqr_fork_original",
+        "the fork's collapsed run: tanh, sum kernel s2, /max over views, invisible at (0,0), DN rendered, "
+        "min-max, additive r 0.1"),
+    Arm("report_fix", "tiny_aqr", "the report's fix: sum kernel s1, threshold 0.01, clamp 1.5, additive r 0.7"),
+    Arm("recommended", "tiny_aqr_recommended", "recommended: normalized kernel s2 (fill 1), convex r 0.5"),
+    Arm("recommended_dn_rendered", "tiny_aqr_recommended", "recommended, denoising queries rendered too",
+        ("model.aqr.render_dn_queries=true",)),
+)
+ARM_NAMES = tuple(arm.name for arm in ARMS)
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """What the study runs. Steps are optimizer steps; the same for every arm."""
+    out: Path
+    arms: tuple[str, ...] = ARM_NAMES
+    version: str = "v1.0-trainval"
+    scenes: int = 30                     # a third are val scenes
+    samples_per_scene: int = 8
+    data_seed: int = 0
+    pretrain_steps: int = 1200
+    finetune_steps: int = 400
+    finetune_lr: float = 2e-4            # the fork's base learning rate, with its multipliers
+    eval_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+    signal_batches: int = 4              # val batches whose AQR signals are averaged at each evaluation
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, out: Path, arms: tuple[str, ...] = ARM_NAMES) -> "StudyPlan":
+        """Every arm for a few steps on a small benchmark: the end-to-end check (minutes)."""
+        return cls(out=out, arms=arms, version="v1.0-mini", scenes=3, samples_per_scene=2, pretrain_steps=4,
+                   finetune_steps=4, signal_batches=1)
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.arms if a not in ARM_NAMES]
+        if unknown:
+            raise ValueError(f"unknown study arm(s) {unknown}; known arms: {list(ARM_NAMES)}")
+        if self.finetune_steps < 4 or self.pretrain_steps < 1:
+            raise ValueError(f"finetune_steps must be >= 4 and pretrain_steps >= 1, got {self.finetune_steps}, "
+                             f"{self.pretrain_steps}")
+
+
+@dataclass
+class ArmResult:
+    name: str
+    description: str
+    evaluations: list[dict] = field(default_factory=list)   # {step, mAP, NDS, signals, loss}
+
+    @property
+    def before(self) -> dict:
+        return self.evaluations[0]
+
+    @property
+    def after(self) -> dict:
+        return self.evaluations[-1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The phases
+# ------------------------------------------------------------------------------------------------------
+def run_study(plan: StudyPlan, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) the study of `plan`; returns the path of report.md."""
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = prepare_benchmark(plan, log)
+    weights, pretrain_cfg = pretrain(plan, data_root, log)
+    results = [finetune_arm(plan, arm, data_root, weights, log) for arm in ARMS if arm.name in plan.arms]
+    from aqrcmt.study_report import write_report
+
+    return write_report(plan, pretrain_cfg, results)
+
+
+def prepare_benchmark(plan: StudyPlan, log: Callable[[str], None]) -> Path:
+    root = plan.out / "data"
+    if not (root / plan.version / "sample.json").is_file():
+        log(f"[study] writing the synthetic benchmark to {root}")
+        make_synthetic_nuscenes(root, version=plan.version, scenes=plan.scenes,
+                                samples_per_scene=plan.samples_per_scene, seed=plan.data_seed)
+    return root
+
+
+def _splits(version: str) -> tuple[str, str]:
+    return ("mini_train", "mini_val") if version.endswith("mini") else ("train", "val")
+
+
+def _base_overrides(plan: StudyPlan, data_root: Path, run_dir: Path) -> list[str]:
+    train_split, val_split = _splits(plan.version)
+    return [f"data.root={data_root}", f"data.version={plan.version}", f"data.train_split={train_split}",
+            f"data.val_split={val_split}", f"train.output_dir={run_dir}", f"train.seed={plan.seed}",
+            "train.epochs=100000", "train.eval_every_epochs=0"]
+
+
+def pretrain(plan: StudyPlan, data_root: Path, log: Callable[[str], None]) -> tuple[Path, Config]:
+    """Plain tiny CMT on the train scenes -> official .pth layout -> converted back to safetensors."""
+    run_dir, folder = plan.out / "pretrain", plan.out / "pretrained"
+    official, converted = folder / "cmt_tiny_official.pth", folder / "cmt_tiny.safetensors"
+    cfg_path = run_dir / "config.json"
+    if converted.is_file() and cfg_path.is_file():
+        log(f"[study] reusing the pretrained model {converted}")
+        return converted, load_config(str(cfg_path))
+    if run_dir.exists():
+        shutil.rmtree(run_dir)                       # an unfinished pretraining restarts
+    cfg = load_config("tiny", [*_base_overrides(plan, data_root, run_dir), f"train.max_steps={plan.pretrain_steps}"])
+    log(f"[study] pretraining plain tiny CMT for {plan.pretrain_steps} steps in {run_dir}")
+    result = train(cfg, TrainOptions())
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in (official, converted):
+        path.unlink(missing_ok=True)
+    convert(result.last_checkpoint / "model.safetensors", official, str(cfg_path), reverse=True)
+    convert(official, converted, str(cfg_path))
+    log(f"[study] pretrained weights: {official} (official layout) -> {converted}")
+    return converted, cfg
+
+
+def finetune_arm(plan: StudyPlan, arm: Arm, data_root: Path, weights: Path,
+                 log: Callable[[str], None]) -> ArmResult:
+    """Fine-tune one arm from `weights` and evaluate it at plan.eval_fractions of its budget."""
+    run_dir = plan.out / "arms" / arm.name
+    done = run_dir / "arm_result.json"
+    if done.is_file():
+        log(f"[study] arm {arm.name}: finished earlier, reusing {done}")
+        return ArmResult(**json.loads(done.read_text()))
+    if run_dir.exists():
+        shutil.rmtree(run_dir)                       # an unfinished arm restarts
+    steps = plan.finetune_steps
+    eval_steps = sorted({round(f * steps) for f in plan.eval_fractions})
+    every = max(1, eval_steps[1] if len(eval_steps) > 1 else steps)
+    lr_mults = json.dumps(AQR_FORK_LR_MULTS)
+    cfg = load_config(arm.preset, [*_base_overrides(plan, data_root, run_dir), f"train.max_steps={steps}",
+                                   f"optim.lr={plan.finetune_lr}", f"optim.lr_mults={lr_mults}",
+                                   # every epoch end saves too: keep them all, the evaluated ones are among them
+                                   f"train.checkpoint_every_steps={every}", "train.keep_last=100000",
+                                   *arm.overrides])
+    log(f"[study] arm {arm.name} ({arm.description}): {steps} steps from {weights}")
+    final = train(cfg, TrainOptions(load_from=str(weights)))       # evaluates its last step itself
+    result = ArmResult(arm.name, arm.description)
+    for step in eval_steps:
+        metrics = final.metrics if step == steps else None
+        result.evaluations.append(evaluate_step(cfg, run_dir, step, weights, plan.signal_batches, metrics))
+        e = result.evaluations[-1]
+        log(f"[study] arm {arm.name} step {step}: mAP {e['mAP']:.4f} NDS {e['NDS']:.4f}")
+    atomic_write_bytes(done, json.dumps(asdict(result), indent=1).encode())
+    return result
+
+
+def evaluate_step(cfg: Config, run_dir: Path, step: int, weights: Path, signal_batches: int,
+                  metrics: Optional[dict] = None) -> dict:
+    """Official metrics (unless given), val loss and AQR signals of the arm's model after `step` steps."""
+    from aqrcmt.study_report import measure_signals
+
+    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
+    if metrics is None:
+        eval_dir = run_dir / "eval" / f"step_{step:08d}"
+        options = TrainOptions(eval_only=True, load_from=str(weights)) if step == 0 else \
+            TrainOptions(eval_only=True, resume=str(checkpoint))
+        eval_cfg = load_config(str(run_dir / "config.json"), [f"train.output_dir={eval_dir}", "train.tracker=none"])
+        metrics = train(eval_cfg, options).metrics
+    signals, loss = measure_signals(cfg, weights if step == 0 else checkpoint / "model.safetensors",
+                                    signal_batches, image=run_dir / "maps" / f"step_{step:08d}.png")
+    return {"step": step, "mAP": metrics["mAP"], "NDS": metrics["NDS"], "loss": loss, "signals": signals}
