@@ -104,9 +104,11 @@ def cmt_camera_vov_1600x640_cbgs() -> Config:
 # ------------------------------------------------------------------------------------------------
 # AQR fork variants, with the settings the fork's training report ends with (docs/aqr.md)
 # ------------------------------------------------------------------------------------------------
-# The AQR fork's learning-rate multipliers (its vov config): frozen backbones, slowed necks and head.
+# The AQR fork's learning-rate multipliers (its vov config): frozen backbones, slowed necks and head. The fork also
+# lists pts_voxel_encoder (0.0): the mean VFE has no parameters, so the entry is left out (a multiplier that matches
+# no parameter is an error here).
 AQR_FORK_LR_MULTS = {
-    "img_backbone": 0.0, "pts_backbone": 0.0, "pts_voxel_encoder": 0.0, "pts_middle_encoder": 0.0,
+    "img_backbone": 0.0, "pts_backbone": 0.0, "pts_middle_encoder": 0.0,
     "img_neck": 0.05, "pts_neck": 0.05,
     "pts_bbox_head.transformer": 0.5, "pts_bbox_head.reference_points": 0.3, "pts_bbox_head.task_heads": 0.8,
     "pts_bbox_head.shared_conv": 0.5, "pts_bbox_head.aqr": 1.0,

@@ -23,12 +23,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+
 import torch
 
 from aqrcmt.checkpoint.convert import convert
 from aqrcmt.checkpoint.io import atomic_write_bytes
+from aqrcmt.checkpoint.weights import AQR_PREFIX, load_detector_from_checkpoint, load_weights
 from aqrcmt.config import Config
+from aqrcmt.data import build_dataloader
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
+from aqrcmt.models import build_model
 from aqrcmt.presets import AQR_FORK_LR_MULTS, load_config
 from aqrcmt.training.loop import TrainOptions, train
 
@@ -64,8 +68,8 @@ class StudyPlan:
     scenes: int = 30                     # a third are val scenes
     samples_per_scene: int = 8
     data_seed: int = 0
-    pretrain_steps: int = 1200
-    finetune_steps: int = 400
+    pretrain_steps: int = 640
+    finetune_steps: int = 200
     finetune_lr: float = 2e-4            # the fork's base learning rate, with its multipliers
     eval_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
     signal_batches: int = 4              # val batches whose AQR signals are averaged at each evaluation
@@ -111,8 +115,6 @@ def run_study(plan: StudyPlan, log: Callable[[str], None] = print) -> Path:
     data_root = prepare_benchmark(plan, log)
     weights, pretrain_cfg = pretrain(plan, data_root, log)
     results = [finetune_arm(plan, arm, data_root, weights, log) for arm in ARMS if arm.name in plan.arms]
-    from aqrcmt.study_report import write_report
-
     return write_report(plan, pretrain_cfg, results)
 
 
@@ -142,8 +144,10 @@ def pretrain(plan: StudyPlan, data_root: Path, log: Callable[[str], None]) -> tu
     official, converted = folder / "cmt_tiny_official.pth", folder / "cmt_tiny.safetensors"
     cfg_path = run_dir / "config.json"
     if converted.is_file() and cfg_path.is_file():
+        cfg = load_config(str(cfg_path))
+        load_weights(build_model(cfg.model), converted, missing_ok_prefixes=())   # CheckpointError if it does not fit
         log(f"[study] reusing the pretrained model {converted}")
-        return converted, load_config(str(cfg_path))
+        return converted, cfg
     if run_dir.exists():
         shutil.rmtree(run_dir)                       # an unfinished pretraining restarts
     cfg = load_config("tiny", [*_base_overrides(plan, data_root, run_dir), f"train.max_steps={plan.pretrain_steps}"])
@@ -171,7 +175,8 @@ def finetune_arm(plan: StudyPlan, arm: Arm, data_root: Path, weights: Path,
     steps = plan.finetune_steps
     eval_steps = sorted({round(f * steps) for f in plan.eval_fractions})
     every = max(1, eval_steps[1] if len(eval_steps) > 1 else steps)
-    lr_mults = json.dumps(AQR_FORK_LR_MULTS)
+    with_aqr = load_config(arm.preset, list(arm.overrides)).model.aqr.enabled
+    lr_mults = json.dumps({k: v for k, v in AQR_FORK_LR_MULTS.items() if with_aqr or not (k + ".").startswith(AQR_PREFIX)})
     cfg = load_config(arm.preset, [*_base_overrides(plan, data_root, run_dir), f"train.max_steps={steps}",
                                    f"optim.lr={plan.finetune_lr}", f"optim.lr_mults={lr_mults}",
                                    # every epoch end saves too: keep them all, the evaluated ones are among them
@@ -192,8 +197,6 @@ def finetune_arm(plan: StudyPlan, arm: Arm, data_root: Path, weights: Path,
 def evaluate_step(cfg: Config, run_dir: Path, step: int, weights: Path, signal_batches: int,
                   metrics: Optional[dict] = None) -> dict:
     """Official metrics (unless given), val loss and AQR signals of the arm's model after `step` steps."""
-    from aqrcmt.study_report import measure_signals
-
     checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
     if metrics is None:
         eval_dir = run_dir / "eval" / f"step_{step:08d}"
@@ -204,3 +207,112 @@ def evaluate_step(cfg: Config, run_dir: Path, step: int, weights: Path, signal_b
     signals, loss = measure_signals(cfg, weights if step == 0 else checkpoint / "model.safetensors",
                                     signal_batches, image=run_dir / "maps" / f"step_{step:08d}.png")
     return {"step": step, "mAP": metrics["mAP"], "NDS": metrics["NDS"], "loss": loss, "signals": signals}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Measurements beyond mAP/NDS, and the report
+# ------------------------------------------------------------------------------------------------------
+# Signals of the report's debug table, per modality (monitor names): weight mean -> map mean / max -> change.
+TABLE_SIGNALS = ("weight_mean", "map_mean", "map_max", "relative_change", "energy_retention")
+
+
+def measure_signals(cfg: Config, weights: Path, num_batches: int,
+                    image: Optional[Path] = None) -> tuple[dict[str, float], float]:
+    """(AQR health signals averaged over `num_batches` val batches ({} without AQR), mean val loss).
+
+    The model is in eval mode (no denoising queries); `image`: where to draw the last batch's weight maps.
+    """
+    detector, _ = load_detector_from_checkpoint(weights, cfg=cfg, missing_ok_prefixes=(AQR_PREFIX,))
+    with_aqr = detector.pts_bbox_head.aqr is not None
+    totals: dict[str, float] = {}
+    losses = []
+    with torch.no_grad():
+        for index, batch in enumerate(build_dataloader(cfg, cfg.data.val_split, train=False)):
+            if index >= num_batches:
+                break
+            output = detector.loss(batch, monitor=with_aqr)
+            losses.append(float(sum(output.losses.values())))
+            for key, value in (output.monitor or {}).items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+    if with_aqr and image is not None:
+        image.parent.mkdir(parents=True, exist_ok=True)
+        detector.save_monitor_images(image)
+    count = max(len(losses), 1)
+    return {k: v / count for k, v in totals.items()}, sum(losses) / count
+
+
+def _table_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def report_markdown(plan: StudyPlan, pretrain_cfg: Config, results: list[ArmResult]) -> str:
+    """The report: the fork report's first table (before/after per arm) and its debug table (signals)."""
+    lines = [
+        "# AQR fine-tuning study", "",
+        f"Benchmark: synthetic nuScenes {plan.version}, {plan.scenes} scenes x {plan.samples_per_scene} samples "
+        f"(seed {plan.data_seed}); scored on the val scenes with the official DetectionEval.",
+        f"Pretrained: plain `{pretrain_cfg.name}` CMT, {plan.pretrain_steps} steps, written as an official `.pth` and "
+        "converted back. Every arm: the same seed and data order, "
+        f"{plan.finetune_steps} steps at lr {plan.finetune_lr:g} with the AQR fork's multipliers (backbones frozen).",
+        "", "## Accuracy before and after fine-tuning", "",
+        _table_row(["arm", "settings", "mAP before", "mAP after", "change", "NDS before", "NDS after",
+                    "val loss before", "val loss after"]),
+        _table_row(["---"] * 9),
+    ]
+    for r in results:
+        b, a = r.before, r.after
+        change = f"{(a['mAP'] - b['mAP']) / b['mAP']:+.1%}" if b["mAP"] > 0 else "n/a"
+        lines.append(_table_row([r.name, r.description, f"{b['mAP']:.4f}", f"{a['mAP']:.4f}", change,
+                                 f"{b['NDS']:.4f}", f"{a['NDS']:.4f}", f"{b['loss']:.3f}", f"{a['loss']:.3f}"]))
+    lines += ["", "## mAP at 0, 1/4, 1/2 and all of the budget", "",
+              _table_row(["arm", *[f"step {e['step']}" for e in results[0].evaluations]]),
+              _table_row(["---"] * (1 + len(results[0].evaluations)))]
+    for r in results:
+        lines.append(_table_row([r.name, *[f"{e['mAP']:.4f}" for e in r.evaluations]]))
+    lines += ["", "## AQR health signals on val batches (the report's debug table), at the start and the end", "",
+              "weight mean -> rendered map mean / max -> 'loss' = map mean / weight mean - 1; feature relative "
+              "change mean|out - x| / mean|x|; energy retention sum out^2 / sum x^2.", "",
+              _table_row(["arm", "step", "map", "weight mean", "map mean", "loss", "map max", "rel. change",
+                          "energy"]),
+              _table_row(["---"] * 9)]
+    for r in results:
+        for e in (r.before, r.after):
+            s = e["signals"]
+            if not s:
+                continue
+            for modality, weight in (("bev", "lidar"), ("camera", "camera")):
+                w, m = s[f"{weight}_weight_mean"], s[f"{modality}_map_mean"]
+                loss = f"{m / w - 1:+.1%}" if w else "n/a"
+                lines.append(_table_row([r.name, str(e["step"]), modality, f"{w:.3f}", f"{m:.4f}", loss,
+                                         f"{s[f'{modality}_map_max']:.3f}", f"{s[f'{modality}_relative_change']:.1%}",
+                                         f"{s[f'{modality}_energy_retention']:.1%}"]))
+    lines += ["", "Plot: `map_vs_step.png`; rendered maps of each arm: `arms/<arm>/maps/step_*.png`.", ""]
+    return "\n".join(lines)
+
+
+def plot_map_vs_step(results: list[ArmResult], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in results:
+        ax.plot([e["step"] for e in r.evaluations], [e["mAP"] for e in r.evaluations], marker="o", label=r.name)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("val mAP (official)")
+    ax.set_title("AQR fine-tuning from a pretrained CMT")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(plan: StudyPlan, pretrain_cfg: Config, results: list[ArmResult]) -> Path:
+    """Write out/report.md and out/map_vs_step.png; returns the report's path."""
+    plot_map_vs_step(results, plan.out / "map_vs_step.png")
+    path = plan.out / "report.md"
+    atomic_write_bytes(path, report_markdown(plan, pretrain_cfg, results).encode())
+    return path

@@ -47,8 +47,9 @@ def test_camera_bias_peaks_at_the_projection_and_hides_views_that_do_not_see_the
 
 def test_config_needs_both_sigmas_for_a_fusion_model():
     load_config("tiny", ["model.head.locality_sigma_bev=6", "model.head.locality_sigma_camera=2"])
+    load_config("tiny", ["model.head.locality_sigma_bev=0", "model.head.locality_sigma_camera=0"])   # off
     with pytest.raises(ConfigError, match="model.head.locality_sigma_camera"):
-        load_config("tiny", ["model.head.locality_sigma_bev=6"])
+        load_config("tiny", ["model.head.locality_sigma_bev=6", "model.head.locality_sigma_camera=0"])
     with pytest.raises(ConfigError, match="model.head.locality_sigma_bev"):
         load_config("tiny", ["model.head.locality_sigma_bev=-1"])
 
@@ -80,7 +81,7 @@ def _cross_attention_near_share(head, radius_m: float) -> float:
 
 
 def test_locality_prior_makes_fresh_queries_attend_near_their_reference():
-    release, _ = tiny_head()
+    release, _ = tiny_head(locality_sigma_bev=0.0, locality_sigma_camera=0.0)
     local, _ = tiny_head(locality_sigma_bev=6.0, locality_sigma_camera=2.0)
     uniform_share = float((torch.cdist(release.reference_points.weight[:, :2], release.bev_coords) * 108 < 10)
                           .float().mean())

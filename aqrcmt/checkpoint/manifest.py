@@ -83,18 +83,35 @@ def released_manifest_names() -> list[str]:
     return list(RELEASED.values())
 
 
-def manifests_for(model: ModelConfig) -> list[Manifest]:
-    """The official layouts a checkpoint for `model` has: the released config's, plus the AQR fork's keys.
+def derived_manifest(model: ModelConfig) -> Manifest:
+    """The official layout of a structure CMT never released (e.g. the tiny CPU config), derived from aqrcmt's own
+    model, whose module names are the official ones: its state_dict keys in order, shapes, dtypes and module
+    versions; 5-D weights of the sparse encoder are spconv-2 weights. Only for models without AQR."""
+    from aqrcmt.models import build_model
 
-    Raises ValueError when no released CMT config has the model's structure (e.g. the tiny config).
-    """
+    if model.aqr.enabled:
+        raise ValueError("an official layout exists only for the released AQR fork's generator; convert the model "
+                         "without AQR (model.aqr.enabled=false)")
+    detector = build_model(model)
+    state = detector.state_dict()
+    parameters = {name for name, _ in detector.named_parameters()}
+    entries = tuple(
+        ManifestEntry(key, tuple(t.shape), t.dtype,
+                      "sparse_conv" if key.startswith("pts_middle_encoder.") and t.dim() == 5
+                      else "param" if key in parameters else "buffer")
+        for key, t in state.items())
+    versions = {prefix.rstrip("."): meta["version"] for prefix, meta in state._metadata.items()
+                if prefix and meta.get("version", 1) != 1}
+    return Manifest("derived_from_aqrcmt", entries, versions)
+
+
+def manifests_for(model: ModelConfig) -> list[Manifest]:
+    """The official layouts a checkpoint for `model` has: the released config's, plus the AQR fork's keys; for a
+    structure that was never released, the layout derived from aqrcmt's model (:func:`derived_manifest`)."""
     backbone = model.camera.backbone if model.camera.enabled else None
     signature = (model.lidar.enabled, model.camera.enabled, backbone)
     if signature not in RELEASED:
-        raise ValueError(
-            f"no official CMT checkpoint exists for a model with lidar.enabled={model.lidar.enabled}, "
-            f"camera.enabled={model.camera.enabled}, camera.backbone={model.camera.backbone!r}; released "
-            f"structures: {sorted(RELEASED.values())}")
+        return [derived_manifest(model)]
     manifests = [load_manifest(RELEASED[signature])]
     if model.aqr.enabled:
         manifests.append(load_manifest(AQR_FORK_MANIFEST))

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from aqrcmt.checkpoint.io import CheckpointError
+from aqrcmt.config import ConfigError
 from aqrcmt.study import ARM_NAMES, StudyPlan, run_study
 
 
@@ -32,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --out {out}: cannot write there ({existing} is not a writable folder)", file=sys.stderr)
         return 2
     plan = StudyPlan.quick(out, tuple(args.arms)) if args.quick else StudyPlan(out=out, arms=tuple(args.arms))
-    report = run_study(plan)
+    try:
+        report = run_study(plan)
+    except (CheckpointError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"report: {report}")
     print(f"plot:   {out / 'map_vs_step.png'}")
     return 0
