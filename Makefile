@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PIP) install -q -c constraints-cpu.txt -e '.[test]'
 	touch $@
 
-.PHONY: install demo test test-all bench
+.PHONY: install demo test test-all bench gpu-check
 install: $(VENV)/.installed
 
 ## The main job: synthetic nuScenes -> short CPU training of the tiny config -> official evaluation.
@@ -27,3 +27,8 @@ test-all: install
 
 bench: install
 	$(PY) -m pytest bench -q --benchmark-only -m '' -o python_files='bench_*.py test_*.py'
+
+## The prepared device check (<= 8 min on one GPU; protocol in docs/benchmarks.md). Run it with a Python that has
+## CUDA torch and this package installed (`pip install -e .`), not the CPU .venv.
+gpu-check:
+	python bench/gpu_check.py --out bench/results
