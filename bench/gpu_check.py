@@ -394,15 +394,15 @@ def part_correctness(part: Part, plan: Plan) -> None:
                      "reference splits it)"]
     if plan.triton_skip_reason:
         part.notes.append(plan.triton_skip_reason)
-    for dtype in DTYPES.values():            # fp32 first: a budget cut drops the low-precision repeats
+    for dname, dtype in DTYPES.items():      # fp32 first: a budget cut drops the low-precision repeats
         for kind in ("bev", "camera"):
             for option in SPLAT_OPTIONS:
                 if option == "direct" and dtype != torch.float32:
                     continue              # equal low-precision weights in one pixel: gradients split differently
-                part.item(f"splat {kind} {option} {dtype}",
+                part.item(f"splat {kind} {option} {dname}",
                           lambda: compare_splat(sizes, kind, option, dtype, plan.device))
             for option in MODULATE_OPTIONS:
-                part.item(f"modulate {kind} {option} {dtype}",
+                part.item(f"modulate {kind} {option} {dname}",
                           lambda: compare_modulate(sizes, kind, option, dtype, plan.device))
     passed = sum(1 for row in part.rows if row.get("passed"))
     part.check("cases passing", passed, f"all {len(part.rows)} run", passed == len(part.rows))
@@ -693,46 +693,55 @@ def part_training(part: Part, plan: Plan) -> None:
         f"warm-up {plan.warmup} (compilation included for compiled), median/min of {plan.iters} steps on one "
         f"batch; compiled = compile_dense(backend={plan.compile_backend!r})",
         "aqr share = (median with AQR - median without) / median without, same mode",
-        f"recompiles: compiled AQR model, {plan.recompile_steps} steps on batches with varying GT counts (inside "
-        f"one DN bucket, head.dn_max_gt={configs['aqr_off'].model.head.dn_max_gt}) and varying point/voxel "
-        "counts; new graphs = torch._dynamo counters['stats']['unique_graphs'] after the last step minus after "
-        "step 2 (steps 1-2 are the warm-up)"]
+        f"recompiles: the compiled AQR model right after its timed steps (warm), then {plan.recompile_steps} "
+        f"steps on batches with varying GT counts (inside one DN bucket, head.dn_max_gt="
+        f"{configs['aqr_off'].model.head.dn_max_gt}) and varying point/voxel counts; new graphs = torch._dynamo "
+        "counters['stats']['unique_graphs'] after the last of them minus before the first",
+        "order: eager off, eager AQR, compiled AQR, recompiles, compiled off (a budget cut drops the last first)"]
     batch = scene_batch(configs["aqr_off"], batch_size, plan.scene, seed=0).to(device)
     medians: dict[tuple[str, str], float] = {}
+    steps: dict[tuple[str, str], Callable[[Batch], None]] = {}
+
+    def timed(mode: str, variant: str) -> dict:
+        step, precision = make_trainer(configs[variant], optim_cfg, device, mode == "compiled", plan.compile_backend)
+        reset_peak_memory(device)
+        t = measure(lambda: step(batch), device, plan.warmup, plan.iters, part.deadline)
+        medians[(mode, variant)], steps[(mode, variant)] = t.median_ms, step
+        return {"item": variant, "mode": mode, "precision": precision, "batch": batch_size, "median_ms": t.median_ms,
+                "min_ms": t.min_ms, "peak_mib": peak_memory_mib(device), "warmup": t.warmup, "iters": t.iters}
+
+    for mode, variant in (("eager", "aqr_off"), ("eager", "aqr_recommended"), ("compiled", "aqr_recommended")):
+        part.item(f"train step {variant} {mode}", lambda: timed(mode, variant))
+    warm = steps.pop(("compiled", "aqr_recommended"), None)
+    steps.clear()                                 # free the eager models
+    if warm is not None:
+        part.item("recompiles", lambda: recompile_row(part, plan, configs["aqr_recommended"], warm))
+    del warm
+    part.item("train step aqr_off compiled", lambda: timed("compiled", "aqr_off"))
     for mode in ("eager", "compiled"):
-        for variant, cfg in configs.items():
-            def timed(variant=variant, cfg=cfg, mode=mode) -> dict:
-                step, precision = make_trainer(cfg, optim_cfg, device, mode == "compiled", plan.compile_backend)
-                reset_peak_memory(device)
-                t = measure(lambda: step(batch), device, plan.warmup, plan.iters, part.deadline)
-                medians[(mode, variant)] = t.median_ms
-                return {"item": variant, "mode": mode, "precision": precision, "batch": batch_size,
-                        "median_ms": t.median_ms, "min_ms": t.min_ms, "peak_mib": peak_memory_mib(device),
-                        "warmup": t.warmup, "iters": t.iters}
-            part.item(f"train step {variant} {mode}", timed)
         if (mode, "aqr_off") in medians and (mode, "aqr_recommended") in medians:
             share = medians[(mode, "aqr_recommended")] / medians[(mode, "aqr_off")] - 1
             part.check(f"AQR share of the step, {mode}", share, f"<= {AQR_SHARE_TARGET:.0%}",
                        share <= AQR_SHARE_TARGET)
-    part.item("recompiles", lambda: recompile_row(part, plan, configs["aqr_recommended"], optim_cfg))
 
 
-def recompile_row(part: Part, plan: Plan, cfg: Config, optim_cfg) -> dict:
-    torch._dynamo.reset()
-    step, _ = make_trainer(cfg, optim_cfg, plan.device, True, plan.compile_backend)
+def recompile_row(part: Part, plan: Plan, cfg: Config, step: Callable[[Batch], None]) -> dict:
+    """Train the warm compiled model on varied batches; new dynamo graphs during them should be 0."""
     batches = varied_batches(cfg, plan, plan.recompile_steps)
-    graphs = []
-    for i, batch in enumerate(batches):
+    before = dynamo_graphs()
+    done = 0
+    for batch in batches:
         step(batch)
-        graphs.append(dynamo_graphs())
-        if i >= 2 and time.monotonic() > part.deadline:
+        done += 1
+        if time.monotonic() > part.deadline:
             break
-    after_warmup = graphs[-1] - graphs[1] if len(graphs) > 1 else None
-    part.check("recompiles after warm-up", after_warmup, "0", after_warmup == 0)
-    return {"item": "recompiles", "steps": len(graphs), "graphs_after_step1": graphs[0],
-            "graphs_after_last": graphs[-1], "new_graphs_after_warmup": after_warmup,
-            "gt_counts": sorted({int(b.gt_boxes[0].shape[0]) for b in batches[:len(graphs)]}),
-            "points": sorted({int(b.points[0].shape[0]) for b in batches[:len(graphs)]})[:: max(1, len(graphs) // 4)]}
+    new_graphs = dynamo_graphs() - before
+    part.check("recompiles after warm-up", new_graphs, "0", new_graphs == 0)
+    used = batches[:done]
+    return {"item": "recompiles", "steps": done, "graphs_before": before, "new_graphs": new_graphs,
+            "gt_counts": f"{min(int(b.gt_boxes[0].shape[0]) for b in used)}-"
+                         f"{max(int(b.gt_boxes[0].shape[0]) for b in used)}",
+            "points": f"{min(int(b.points[0].shape[0]) for b in used)}-{max(int(b.points[0].shape[0]) for b in used)}"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
