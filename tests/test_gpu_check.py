@@ -73,7 +73,7 @@ def test_smoke_run_measures_what_the_protocol_names(smoke_report) -> None:
     assert {row["dtype"] for row in parts["correctness"]["rows"]} == {"float32", "bfloat16", "float16"}
     assert any("no CUDA: compiled Triton not run" in note for note in parts["kernels"]["notes"])
     impls = {row.get("impl") for row in parts["kernels"]["rows"]}
-    assert {"eager reference", "compiled reference"} <= impls
+    assert {"eager pytorch", "compiled pytorch"} <= impls
     timed = [row for row in parts["inference"]["rows"] if row["mode"] != "input"]
     assert {(row["mode"], row["precision"]) for row in timed} == {
         ("eager", "fp16"), ("eager", "bf16"), ("compiled", "fp16"), ("compiled", "bf16")}
