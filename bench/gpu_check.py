@@ -645,7 +645,7 @@ def make_trainer(cfg: Config, optim_cfg, device: torch.device, compiled: bool, b
 
     def step(batch: Batch) -> None:
         with autocast(device, precision):
-            loss = sum(model.loss(batch).values())
+            loss = sum(model.loss(batch).losses.values())
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
