@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from synthetic_batch import synthetic_batch  # noqa: E402  (synthetic inputs shared with the detector tests)
 
 from aqrcmt import kernels  # noqa: E402
-from aqrcmt.config import Config, load_config  # noqa: E402
-from aqrcmt.data.batch import Batch  # noqa: E402
+from aqrcmt.config import Config  # noqa: E402
+from aqrcmt.presets import load_config  # noqa: E402
+from aqrcmt.structures import Batch  # noqa: E402
 from aqrcmt.models import build_model  # noqa: E402
 from aqrcmt.training.optim import freeze_and_build_optimizer  # noqa: E402
 
@@ -709,7 +710,7 @@ def part_training(part: Part, plan: Plan) -> None:
     steps.clear()                                 # free the eager models
     if warm is not None:
         part.item("recompiles", lambda: recompile_row(part, plan, configs["aqr_recommended"], warm))
-    del warm
+    warm = None                                   # free the compiled model before the next one
     part.item("train step aqr_off compiled", lambda: timed("compiled", "aqr_off"))
     for mode in ("eager", "compiled"):
         if (mode, "aqr_off") in medians and (mode, "aqr_recommended") in medians:
