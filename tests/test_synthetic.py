@@ -80,6 +80,10 @@ def test_scenes_vary(tmp_path: Path) -> None:
     root = make_synthetic_nuscenes(tmp_path, version="v1.0-trainval", scenes=12, samples_per_scene=2, seed=3,
                                    image_size=(64, 36))
     nusc = NuScenes("v1.0-trainval", str(root), verbose=False)
+    splits = create_splits_scenes()
+    names = [s["name"] for s in nusc.scene]
+    train, val = set(names) & set(splits["train"]), set(names) & set(splits["val"])
+    assert len(train) == 8 and len(val) == 4 and not train & val          # disjoint scenes (and so samples)
     first = {s["scene_token"]: s for s in nusc.sample if not s["prev"]}
     counts = []
     for scene_token, sample in first.items():
