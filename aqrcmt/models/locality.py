@@ -6,7 +6,7 @@ camera memory, so it cannot tell where its object is and the predictions collaps
 (docs/training.md, "Why the tiny CMT learned slowly"). Adding a fixed log-Gaussian of the distance between a
 query's reference point and each memory token to the attention logits starts every query local, as
 spatially-modulated co-attention does for DETR (Gao et al., "Fast Convergence of DETR with Spatially Modulated
-Co-Attention", ICCV 2021). It has no parameters: checkpoints stay interchangeable.
+Co-Attention", ICCV 2021). It has no parameters (checkpoints stay interchangeable) and passes no gradient.
 
     BEV token (row i, column j):      -d^2 / (2 sigma_bev^2), d = metres between the reference (x, y) and the cell
     camera token (view v, row r, c):  -e^2 / (2 sigma_camera^2), e = feature pixels between the reference's
@@ -34,6 +34,7 @@ def cross_attention_locality_bias(reference: Tensor, *, pc_range: tuple[float, .
     centres (None without the LiDAR branch); lidar2img (B, V, 4, 4), img_shape (H_img, W_img) and
     camera_feature_size (h, w) describe the camera memory (None without cameras). Sigmas: metres / feature pixels.
     """
+    reference = reference.detach()                     # a fixed prior: no gradient into the reference points
     parts = []
     if bev_coords is not None:
         span = reference.new_tensor(pc_range[3:5]) - reference.new_tensor(pc_range[:2])
