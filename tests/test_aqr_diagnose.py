@@ -41,8 +41,9 @@ def test_cli_prints_the_table_and_writes_pngs(tmp_path, capsys):
     assert "fork clamped: sum, s2, thr .01, clamp 1.5" in text and "normalized s2 convex" in text
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == ["maps_config.png", "maps_fork_clamp.png", "maps_fork_max_normalized.png", "maps_report_clamp_fix.png"]
-    with pytest.raises(SystemExit, match="--checkpoint and --data"):
-        main(["diagnose", "--config", "tiny_aqr", "--checkpoint", "x.safetensors"])
+    capsys.readouterr()
+    assert main(["diagnose", "--config", "tiny_aqr", "--checkpoint", "x.safetensors"]) == 2
+    assert "error: --checkpoint and --data go together" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from aqrcmt.presets import load_config
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
+from aqrcmt.presets import load_config
+from aqrcmt.tools.errors import add_debug_flag, run_command
 
 DEMO_SCENES, DEMO_SAMPLES_PER_SCENE, DEMO_SEED = 3, 10, 0
 # The demo is scored on the scenes it trains on: augmentation would only slow that down. 150 epochs = 1500 steps
@@ -31,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/synthetic_nuscenes", help="where the synthetic nuScenes is written")
     p.add_argument("--config", default="tiny_aqr")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    add_debug_flag(p)
     args = p.parse_args(argv)
+    return run_command(lambda: demo(args), debug=args.debug)
 
+
+def demo(args: argparse.Namespace) -> int:
+    """Steps 1-4 of the module docstring for the parsed `args`."""
     start = time.perf_counter()
     root = Path(args.data)
     if not (root / "v1.0-mini" / "sample.json").is_file():

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import torch
 
+from aqrcmt.checkpoint.io import CheckpointError, load_safetensors
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
 from aqrcmt.models import build_model
 from aqrcmt.models.aqr.diagnose import Scene, measure, random_scene, reference_settings, sweep_settings
 from aqrcmt.models.aqr.monitor import save_weight_maps
 from aqrcmt.presets import load_config
-from aqrcmt.training.loop import load_pretrained
+from aqrcmt.tools.errors import CommandError
+from aqrcmt.training.loop import AQR_PREFIX
 
 
 def model_scene(cfg: Config, checkpoint: str, data_root: str, device: torch.device) -> Scene:
@@ -30,7 +32,7 @@ def model_scene(cfg: Config, checkpoint: str, data_root: str, device: torch.devi
     cfg.model.aqr.enabled = True
     cfg.data.root = data_root
     model = build_model(cfg.model)
-    fresh = load_pretrained(model, checkpoint, allow_missing=[], allow_unexpected=[])
+    fresh = _load_weights(model, checkpoint, cfg.name)
     if fresh:
         print(f"note: {len(fresh)} AQR tensors are not in {checkpoint}: the generator is freshly initialised")
     model.to(device).eval()
@@ -48,6 +50,23 @@ def model_scene(cfg: Config, checkpoint: str, data_root: str, device: torch.devi
         model(next(iter(loader)).to(device))
     handle.remove()
     return captured["scene"]
+
+
+def _load_weights(model: torch.nn.Module, checkpoint: str, config_name: str) -> list[str]:
+    """Load `checkpoint` into `model`; returns the AQR keys it lacks (they keep their init). Any other missing,
+    unexpected or differently shaped tensor raises CheckpointError."""
+    tensors, _ = load_safetensors(checkpoint)
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    fresh = [k for k in missing if k.startswith(AQR_PREFIX)]
+    unfit = [k for k in missing if k not in fresh] + [k for k in tensors if k not in own] + \
+        [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}"
+         for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if unfit:
+        raise CheckpointError(f"{checkpoint} does not fit config {config_name!r}: {len(unfit)} missing, "
+                              f"unexpected or differently shaped tensors, e.g. {unfit[:5]}")
+    model.load_state_dict(tensors, strict=False)
+    return fresh
 
 
 def debug_table(rows: list[tuple[str, dict[str, float]]]) -> str:
@@ -86,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     device = torch.device(args.device)
     if bool(args.checkpoint) != bool(args.data):
-        raise SystemExit("diagnose: --checkpoint and --data go together (real queries need both)")
+        raise CommandError("--checkpoint and --data go together (real queries need both)")
     if args.checkpoint:
         scene = model_scene(cfg, args.checkpoint, args.data, device)
     else:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from aqrcmt.checkpoint.io import CheckpointError, is_safetensors, load_safetensors
+from aqrcmt.checkpoint.io import is_safetensors, load_safetensors
 from aqrcmt.config import apply_overrides, config_from_dict
 from aqrcmt.data import build_dataloader
 from aqrcmt.eval.nuscenes_eval import EvaluationError, evaluate_results_file, format_metrics
@@ -40,13 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.results:
-            return _evaluate_results(args)
-        return _evaluate_checkpoint(args)
-    except EvaluationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return _evaluate_results(args) if args.results else _evaluate_checkpoint(args)
 
 
 def _evaluate_results(args: argparse.Namespace) -> int:
@@ -78,12 +71,17 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else weights_path.parent / f"eval_{split}"
 
     model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    wrong_shape = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}"
+                   for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
         raise EvaluationError(
             f"{weights_path} does not fit config {cfg.name!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); an official .pth must first go through "
-            f"`aqrcmt convert`")
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}), {len(wrong_shape)} of another shape (e.g. "
+            f"{wrong_shape[:3]}); an official .pth must first go through `aqrcmt convert`")
+    model.load_state_dict(tensors)
     model.to(args.device)
     loader = build_dataloader(cfg, split, train=False)
     drops = None if args.robustness else [CLEAN]
@@ -108,7 +106,4 @@ def _weights_file(path: Path) -> Path:
 def _read_weights(path: Path) -> tuple[dict, dict[str, str]]:
     if not is_safetensors(path):
         raise EvaluationError(f"{path} is not a safetensors file; convert an official .pth with `aqrcmt convert`")
-    try:
-        return load_safetensors(path)
-    except CheckpointError as error:
-        raise EvaluationError(str(error)) from None
+    return load_safetensors(path)
