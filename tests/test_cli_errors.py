@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from aqrcmt.checkpoint.io import CheckpointError
+from aqrcmt.checkpoint.io import CheckpointError, save_safetensors_atomic
 from aqrcmt.cli import main as cli_main
 from aqrcmt.tools.errors import EXIT_ERROR, describe_os_error
 
@@ -31,6 +32,8 @@ def _case(tmp: Path, name: str) -> tuple[str, list[str], str]:
     (tmp / "used" / "keep.txt").write_text("keep")
     (tmp / "bad.json").write_text('{"meta": {}, "results": {"tok": [{"size": [1, 1, -1]}]}}')
     (tmp / "list.json").write_text("[1, 2]")
+    unfit = tmp / "unfit.safetensors"
+    save_safetensors_atomic({"w": torch.zeros(2)}, unfit, {})
     cases = {
         "synthetic over a used root": ("aqrcmt", ["make-synthetic-nuscenes", "--out", str(tmp / "used")],
                                        f"{tmp / 'used'} exists and is not empty"),
@@ -55,6 +58,10 @@ def _case(tmp: Path, name: str) -> tuple[str, list[str], str]:
         "diagnose unknown preset": ("aqrcmt", ["diagnose", "--config", "no_such_preset"], "'no_such_preset'"),
         "diagnose lone checkpoint": ("aqrcmt", ["diagnose", "--config", "tiny_aqr", "--checkpoint", "x"],
                                      "--checkpoint and --data go together"),
+        "diagnose bad query count": ("aqrcmt", ["diagnose", "--config", "tiny_aqr", "--num-queries", "0"],
+                                     "--num-queries and --batch must be >= 1"),
+        "diagnose unfit checkpoint": ("aqrcmt", ["diagnose", "--config", "tiny_aqr", "--checkpoint", str(unfit),
+                                                 "--data", str(tmp)], f"{unfit} does not fit config 'tiny_aqr'"),
         "train unknown preset": ("train", ["--config", "no_such_preset"], "'no_such_preset'"),
         "train bad override": ("train", ["--config", "tiny", "--set", "optim.lr=fast"], "optim.lr"),
         "train config not an object": ("train", ["--config", str(tmp / "list.json")], "expected a JSON object"),
@@ -66,6 +73,7 @@ def _case(tmp: Path, name: str) -> tuple[str, list[str], str]:
 CASES = ["synthetic over a used root", "synthetic bad scenes", "gt database missing root", "create-infos missing root",
          "evaluate bad results", "evaluate missing checkpoint", "evaluate bad config", "convert garbage",
          "inspect garbage", "inspect depth", "diagnose unknown preset", "diagnose lone checkpoint",
+         "diagnose bad query count", "diagnose unfit checkpoint",
          "train unknown preset", "train bad override", "train config not an object",
          "train eval-only without weights"]
 
@@ -80,6 +88,7 @@ def test_bad_input_gives_one_error_line_and_exit_2(tmp_path: Path, capsys, name:
     error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and "Traceback" not in err, err
     assert expected in err, err
+    assert "--allow-missing" not in err or entry == "train"   # no command suggests an option it lacks
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -117,7 +126,6 @@ def test_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
 
 
 def test_evaluate_a_checkpoint_of_other_shapes_says_does_not_fit(tmp_path: Path, capsys) -> None:
-    from aqrcmt.checkpoint.io import save_safetensors_atomic
     from aqrcmt.models import build_model
     from aqrcmt.presets import get_preset
 

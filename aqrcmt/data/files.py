@@ -117,7 +117,7 @@ def staged_directory(destination: str | Path, replace: bool) -> Iterator[Path]:
     An empty or missing destination is simply taken over. A non-empty one is refused (FileExistsError, before
     anything is written) unless `replace`: then it is swapped out after the new folder is complete and deleted.
     """
-    destination = Path(destination)
+    destination = Path(os.path.abspath(destination))   # "out/.." or "." name their real parent and name
     occupied = destination.exists() and (not destination.is_dir() or any(destination.iterdir()))
     if occupied and not replace:
         raise FileExistsError(f"{destination} exists and is not empty; refusing to write over it")

@@ -106,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if bool(args.checkpoint) != bool(args.data):
         raise CommandError("--checkpoint and --data go together (real queries need both)")
+    if args.num_queries < 1 or args.batch < 1 or args.weight_std < 0:
+        raise CommandError(f"--num-queries and --batch must be >= 1 and --weight-std >= 0, got {args.num_queries}, "
+                           f"{args.batch}, {args.weight_std}")
     if args.checkpoint:
         scene = model_scene(cfg, args.checkpoint, args.data, device)
     else:
