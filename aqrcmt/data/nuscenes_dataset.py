@@ -57,7 +57,7 @@ NAME_MAPPING: dict[str, str] = {
     "vehicle.trailer": "trailer",
     "vehicle.truck": "truck",
 }
-# Fields of an info that the dataset reads (gravity: a missing one fails at index load, not mid-epoch).
+# Fields of an info that the dataset reads: validate_infos refuses an index lacking one (not a KeyError mid-epoch).
 INFO_FIELDS = ("token", "lidar_path", "sweeps", "cams", "timestamp", "lidar2ego_translation", "lidar2ego_rotation",
                "ego2global_translation", "ego2global_rotation")
 SWEEP_FIELDS = ("data_path", "sensor2lidar_rotation", "sensor2lidar_translation", "timestamp")
@@ -242,8 +242,7 @@ def validate_infos(infos: list, source: str) -> None:
             if camera not in info["cams"]:
                 raise DatasetError(f"{where} lacks the field 'cams.{camera}'")
             _require(info["cams"][camera], CAMERA_FIELDS, where, f"cams.{camera}.")
-        present = [name for name in GT_FIELDS if name in info]
-        if present:
+        if any(name in info for name in GT_FIELDS):
             _require(info, GT_FIELDS, where, "")
             lengths = {name: len(np.atleast_1d(info[name])) for name in GT_FIELDS}
             if len(set(lengths.values())) > 1:
