@@ -1,12 +1,15 @@
 """The `aqrcmt` command: one sub-command per task, each a module of :mod:`aqrcmt.tools`.
 
-Each module listed in COMMANDS exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Each module listed in COMMANDS exposes ``add_arguments(parser)`` and ``run(args) -> int``; expected errors of
+every sub-command end as one ``error: ...`` line and exit status 2 (:mod:`aqrcmt.tools.errors`).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from aqrcmt.tools.errors import add_debug_flag, run_command
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-synthetic-nuscenes": ("aqrcmt.tools.make_synthetic_nuscenes",
@@ -26,15 +29,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="aqrcmt", description=__doc__.splitlines()[0])
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Only the chosen sub-command's module is imported (torch/devkit imports are slow).
     chosen = next((a for a in argv if a in COMMANDS), None)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
+        add_debug_flag(p, default=argparse.SUPPRESS)   # `aqrcmt evaluate --debug` as `aqrcmt --debug evaluate`
         if name == chosen:
             importlib.import_module(module_name).add_arguments(p)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    return run_command(lambda: importlib.import_module(COMMANDS[args.command][0]).run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from aqrcmt.errors import AqrcmtError
+
 CLASS_NAMES: tuple[str, ...] = (
     "car", "truck", "construction_vehicle", "bus", "trailer",
     "barrier", "motorcycle", "bicycle", "pedestrian", "traffic_cone",
@@ -30,7 +32,7 @@ CAMERA_NAMES: tuple[str, ...] = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(AqrcmtError, ValueError):
     """A config key is unknown, or its value has the wrong type or is out of range."""
 
 

@@ -55,8 +55,9 @@ def test_cli_prints_the_table_and_writes_pngs(tmp_path, capsys):
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == ["maps_config.png", "maps_fork_clamp.png", "maps_fork_max_normalized.png",
                      "maps_fork_piled_at_origin.png", "maps_report_clamp_fix.png"]
-    with pytest.raises(SystemExit, match="--checkpoint and --data"):
-        main(["diagnose", "--config", "tiny_aqr", "--checkpoint", "x.safetensors"])
+    capsys.readouterr()
+    assert main(["diagnose", "--config", "tiny_aqr", "--checkpoint", "x.safetensors"]) == 2
+    assert "error: --checkpoint and --data go together" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -215,7 +215,7 @@ def test_bad_source_writes_nothing(lidar_source, r50_source, tmp_path, capsys, c
         dst.write_bytes(b"previous contents")
     before = list_dir(tmp_path)
     capsys.readouterr()
-    assert convert(src, dst, "--config", config, "--overwrite") == 1
+    assert convert(src, dst, "--config", config, "--overwrite") == 2
     assert expected in capsys.readouterr().err
     assert list_dir(tmp_path) == before  # no destination, no temporary file left behind
     if existing:
@@ -229,7 +229,7 @@ def test_missing_unexpected_and_wrong_shape_keys_are_listed(lidar_source, tmp_pa
     del state["pts_neck.deblocks.0.1.running_var"], state["pts_backbone.blocks.1.4.bias"]
     state["pts_bbox_head.extra_scale"] = torch.ones(1)
     src, dst = write_mmcv_checkpoint(tmp_path / "edited.pth", state), tmp_path / "out.safetensors"
-    assert convert(src, dst, "--config", LIDAR) == 1
+    assert convert(src, dst, "--config", LIDAR) == 2
     err = capsys.readouterr().err
     for line in ("2 missing key(s)", "  pts_neck.deblocks.0.1.running_var", "  pts_backbone.blocks.1.4.bias",
                  "1 unexpected key(s)", "  pts_bbox_head.extra_scale"):
@@ -245,7 +245,7 @@ def test_missing_unexpected_and_wrong_shape_keys_are_listed(lidar_source, tmp_pa
     state["pts_backbone.blocks.1.4.bias"] = torch.ones(255)
     state["pts_neck.deblocks.0.1.running_var"] = torch.ones(256, dtype=torch.float64)
     write_mmcv_checkpoint(src, state)
-    assert convert(src, dst, "--config", LIDAR, "--overwrite", "--allow-unexpected", "*.extra_scale") == 1
+    assert convert(src, dst, "--config", LIDAR, "--overwrite", "--allow-unexpected", "*.extra_scale") == 2
     err = capsys.readouterr().err
     assert "pts_backbone.blocks.1.4.bias: [255], expected [256]" in err
     assert "pts_neck.deblocks.0.1.running_var: torch.float64, expected torch.float32" in err
@@ -270,7 +270,7 @@ def test_unsafe_metadata_needs_the_explicit_flag(lidar_source, tmp_path, capsys)
     _, official = lidar_source
     src = write_mmcv_checkpoint(tmp_path / "old.pth", official, meta={"epoch": np.int64(20), "seed": np.float64(0)})
     dst = tmp_path / "out.safetensors"
-    assert convert(src, dst, "--config", LIDAR) == 1
+    assert convert(src, dst, "--config", LIDAR) == 2
     assert "--unsafe-load" in capsys.readouterr().err and not dst.exists()
     assert convert(src, dst, "--config", LIDAR, "--unsafe-load") == 0
     assert json.loads(load_safetensors(dst)[1]["source_meta"])["epoch"] == 20
@@ -278,9 +278,9 @@ def test_unsafe_metadata_needs_the_explicit_flag(lidar_source, tmp_path, capsys)
 
 def test_a_checkpoint_of_another_structure_is_refused(lidar_source, tmp_path, capsys):
     """tiny was never released: its layout is derived from aqrcmt's model, and the LiDAR release does not fit it."""
-    assert convert(lidar_source[0], tmp_path / "x.safetensors", "--config", "tiny") == 1
+    assert convert(lidar_source[0], tmp_path / "x.safetensors", "--config", "tiny") == 2
     assert "derived_from_aqrcmt" in capsys.readouterr().err
-    assert convert(lidar_source[0], tmp_path / "x.safetensors", "--config", "no_such_preset") == 1
+    assert convert(lidar_source[0], tmp_path / "x.safetensors", "--config", "no_such_preset") == 2
     assert "unknown config 'no_such_preset'" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 

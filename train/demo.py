@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
 from aqrcmt.presets import load_config
+from aqrcmt.tools.errors import add_debug_flag, run_command
 
 BENCHMARK = dict(version="v1.0-trainval", scenes=30, samples_per_scene=8, seed=0)
 DEMO_STEPS = 720                        # 9 epochs, about 12.5 min on 2 CPU cores (docs/training.md)
@@ -30,8 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/synthetic_benchmark", help="where the synthetic benchmark is written")
     p.add_argument("--config", default="tiny_aqr_recommended")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    add_debug_flag(p)
     args = p.parse_args(argv)
+    return run_command(lambda: demo(args), debug=args.debug)
 
+
+def demo(args: argparse.Namespace) -> int:
+    """Steps 1-4 of the module docstring for the parsed `args`."""
     start = time.perf_counter()
     root = Path(args.data)
     if not (root / BENCHMARK["version"] / "sample.json").is_file():

@@ -14,8 +14,8 @@ import argparse
 import logging
 import sys
 
-from aqrcmt.config import ConfigError
 from aqrcmt.presets import list_presets, load_config
+from aqrcmt.tools.errors import CommandError, add_debug_flag, run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,25 +35,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     compile_group.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--eval-only", action="store_true", help="evaluate the (loaded/resumed) model and exit")
     p.add_argument("--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS)
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run_command(lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or evaluate) as `args` say; expected errors propagate to :func:`main`'s one-line report."""
     if args.eval_only and not (args.resume or args.load_from):
-        print("error: --eval-only needs weights: --resume [DIR] or --load-from FILE", file=sys.stderr)
-        return 2
+        raise CommandError("--eval-only needs weights: --resume [DIR] or --load-from FILE")
     overrides = list(args.set)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     if args.compile is not None:
         overrides.append(f"train.compile={args.compile}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     from aqrcmt.training.loop import TrainOptions, train  # heavy imports after argument checking
 
     result = train(cfg, TrainOptions(resume=args.resume, load_from=args.load_from, allow_missing=args.allow_missing,

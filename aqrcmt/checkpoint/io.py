@@ -19,10 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from aqrcmt.errors import AqrcmtError
+
 PathLike = str | os.PathLike
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AqrcmtError, ValueError):
     """A checkpoint file is unreadable, corrupt, or does not match the expected model."""
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 _EXPORTS: dict[str, str] = {
     "collate": "aqrcmt.data.collate",
-    "BadSampleError": "aqrcmt.data.nuscenes_dataset",
+    "BadSampleError": "aqrcmt.data.files",
+    "DatasetError": "aqrcmt.data.files",
     "EpochDataLoader": "aqrcmt.data.nuscenes_dataset",
     "NuScenesDataset": "aqrcmt.data.nuscenes_dataset",
     "build_dataloader": "aqrcmt.data.nuscenes_dataset",

@@ -17,21 +17,36 @@ import numpy as np
 from aqrcmt.checkpoint.io import pickle_atomic
 from aqrcmt.config import CLASS_NAMES
 from aqrcmt.data.box_geometry import image_boxes, points_in_boxes
+from aqrcmt.data.files import BadSampleError, staged_directory
 from aqrcmt.data.gt_paste import DATABASE_FORMAT
-from aqrcmt.data.nuscenes_dataset import BadSampleError, NuScenesDataset
+from aqrcmt.data.nuscenes_dataset import NuScenesDataset
 from aqrcmt.data.transforms import Sample
 
 MIN_CROP_SIDE = 10  # px: smaller projected boxes are not stored as crops
+_DATABASE_ENTRIES = ("objects", "dbinfos.pkl")
 
 
 def build_gt_database(dataset: NuScenesDataset, out_dir: str | Path) -> Path:
     """Write `out_dir`/objects/*.bin (+ *.png crops when the dataset loads images) and `out_dir`/dbinfos.pkl
-    from every sample of `dataset` (no transforms).
+    from every sample of `dataset` (no transforms); returns the path of dbinfos.pkl.
 
+    The database is built in a folder beside `out_dir` that replaces it at the end: a failure leaves no
+    half-written database and an existing one intact. An existing `out_dir` that is not a GT database (it holds
+    anything besides objects/ and dbinfos.pkl) is refused (FileExistsError).
     dataset: its on_bad_sample setting decides whether a bad sample stops the build or is skipped with a warning.
     """
     out_dir = Path(out_dir)
-    (out_dir / "objects").mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _DATABASE_ENTRIES) if out_dir.is_dir() else []
+    if foreign:
+        raise FileExistsError(f"{out_dir} holds files that are not part of a GT database ({foreign[:5]}); "
+                              f"refusing to replace it")
+    with staged_directory(out_dir, replace=True) as staging:
+        _write_database(dataset, staging)
+    return out_dir / "dbinfos.pkl"
+
+
+def _write_database(dataset: NuScenesDataset, out_dir: Path) -> None:
+    (out_dir / "objects").mkdir()
     objects: dict[str, list[dict]] = {name: [] for name in CLASS_NAMES}
     for index in range(len(dataset)):
         try:
@@ -55,9 +70,7 @@ def build_gt_database(dataset: NuScenesDataset, out_dir: str | Path) -> Path:
                 cv2.imwrite(str(out_dir / image_path), crops[j])
             objects[name].append({"path": f"{stem}.bin", "image_path": image_path, "box": box.tolist(),
                                   "num_points": len(points), "sample_token": sample.token})
-    path = out_dir / "dbinfos.pkl"
-    pickle_atomic({"format": DATABASE_FORMAT, "objects": objects}, path)
-    return path
+    pickle_atomic({"format": DATABASE_FORMAT, "objects": objects}, out_dir / "dbinfos.pkl")
 
 
 def _largest_crops(sample: Sample) -> list[Optional[np.ndarray]]:

@@ -13,7 +13,6 @@ behind pasted crops are kept (as its modify_points=False).
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from aqrcmt.config import CLASS_NAMES
 from aqrcmt.data.box_geometry import boxes_overlap_bev, image_boxes, points_in_boxes
+from aqrcmt.data.files import DatasetError, read_pickle
 from aqrcmt.data.transforms import Sample
 
 DATABASE_FORMAT = 1
@@ -46,10 +46,9 @@ class GTPaster:
         path = Path(database)
         if not path.is_file():
             raise FileNotFoundError(f"GT database {path} does not exist (build it with `aqrcmt build-gt-database`)")
-        with path.open("rb") as f:
-            data = pickle.load(f)
+        data = read_pickle(path, "GT database")
         if not isinstance(data, dict) or data.get("format") != DATABASE_FORMAT:
-            raise ValueError(f"GT database {path}: not a dbinfos.pkl of format {DATABASE_FORMAT} "
+            raise DatasetError(f"GT database {path}: not a dbinfos.pkl of format {DATABASE_FORMAT} "
                              "(written by `aqrcmt build-gt-database`)")
         self.root = path.parent
         self.sample_groups = dict(SAMPLE_GROUPS if sample_groups is None else sample_groups)

@@ -16,26 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import cv2
 import numpy as np
 import torch
 from pyquaternion import Quaternion
 from torch.utils.data import DataLoader, Dataset
 
 from aqrcmt.checkpoint.io import pickle_atomic
-from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES, Config, DataConfig
+from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES, Config, ConfigError, DataConfig
 from aqrcmt.data.collate import collate
+from aqrcmt.data.files import BadSampleError, DatasetError, read_image, read_pickle
 from aqrcmt.data.gt_paste import GTPaster
 from aqrcmt.data.sampler import ShardedSampler
 from aqrcmt.data.transforms import Pipeline, Sample
 
 VERSIONS: tuple[str, ...] = ("v1.0-trainval", "v1.0-test", "v1.0-mini")
-INDEX_FORMAT = 1            # bump when the info fields written by build_infos change
+INDEX_FORMAT = 2            # bump when the info fields written by build_infos change
 POINT_DIM = 5               # float32 values per point in a .pcd.bin: x, y, z, intensity, ring
 CONVERTER_MAX_SWEEPS = 10   # sweeps per info written by `create-infos`, as the mmdet3d converter
 
@@ -56,10 +55,12 @@ NAME_MAPPING: dict[str, str] = {
     "vehicle.trailer": "trailer",
     "vehicle.truck": "truck",
 }
-
-
-class BadSampleError(RuntimeError):
-    """A sample's files or contents are unusable (missing/truncated file, no points, NaN, no boxes)."""
+# Fields of an info that the dataset reads: validate_infos refuses an index lacking one (not a KeyError mid-epoch).
+INFO_FIELDS = ("token", "lidar_path", "sweeps", "cams", "timestamp", "lidar2ego_translation", "lidar2ego_rotation",
+               "ego2global_translation", "ego2global_rotation")
+SWEEP_FIELDS = ("data_path", "sensor2lidar_rotation", "sensor2lidar_translation", "timestamp")
+CAMERA_FIELDS = ("data_path", "cam_intrinsic", "sensor2lidar_rotation", "sensor2lidar_translation")
+GT_FIELDS = ("gt_boxes", "gt_names", "gt_velocity", "num_lidar_pts")   # all or none (test-split infos have none)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def check_root(root: str | Path, version: str) -> None:
     """Raise a clear error when `root` or its `version` table folder is missing."""
     root = Path(root)
     if version not in VERSIONS:
-        raise ValueError(f"nuScenes version {version!r} is not one of {VERSIONS}")
+        raise DatasetError(f"nuScenes version {version!r} is not one of {VERSIONS}")
     if not root.is_dir():
         raise FileNotFoundError(f"nuScenes root {root} does not exist (config field data.root)")
     if not (root / version).is_dir():
@@ -91,10 +92,10 @@ def scenes_of_split(version: str, split: str) -> list[str]:
 
     splits = create_splits_scenes()
     if split not in splits:
-        raise ValueError(f"unknown nuScenes split {split!r}; official splits: {sorted(splits)}")
+        raise DatasetError(f"unknown nuScenes split {split!r}; official splits: {sorted(splits)}")
     needed = "mini" if split.startswith("mini") else "test" if split == "test" else "trainval"
     if not version.endswith(needed):
-        raise ValueError(f"split {split!r} needs a {needed} version, got {version!r}")
+        raise DatasetError(f"split {split!r} needs a {needed} version, got {version!r}")
     return splits[split]
 
 
@@ -127,6 +128,7 @@ def _sensor_info(nusc, sample_data_token: str, global2lidar: np.ndarray, kind: s
     }
     if kind != "lidar":
         entry["cam_intrinsic"] = np.array(calib["camera_intrinsic"])
+        entry["width"], entry["height"] = record["width"], record["height"]   # px, what the intrinsics are for
     return entry
 
 
@@ -207,18 +209,48 @@ def write_info_pkl(root: str | Path, version: str, split: str, path: str | Path,
 
 
 def load_info_pkl(path: str | Path) -> list[dict]:
-    """Infos of an mmdet3d/CMT ``nuscenes_infos_*.pkl`` (or one written by write_info_pkl), sorted by timestamp."""
+    """Infos of an mmdet3d/CMT ``nuscenes_infos_*.pkl`` (or one written by write_info_pkl), sorted by timestamp.
+
+    Every info is checked by :func:`validate_infos`; an unreadable file or a missing field raises DatasetError.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"info pkl {path} does not exist")
-    with path.open("rb") as f:
-        data = pickle.load(f)
-    if not isinstance(data, dict) or "infos" not in data:
-        raise ValueError(f"info pkl {path}: expected a dict with an 'infos' list (mmdet3d format)")
-    for key in ("lidar_path", "token", "sweeps", "cams", "timestamp"):
-        if data["infos"] and key not in data["infos"][0]:
-            raise ValueError(f"info pkl {path}: infos lack the field {key!r}")
+    data = read_pickle(path, "info pkl")
+    if not isinstance(data, dict) or not isinstance(data.get("infos"), list):
+        raise DatasetError(f"info pkl {path}: expected a dict with an 'infos' list (mmdet3d format)")
+    validate_infos(data["infos"], f"info pkl {path}")
     return sorted(data["infos"], key=lambda i: i["timestamp"])
+
+
+def validate_infos(infos: list, source: str) -> None:
+    """Raise DatasetError naming `source`, the info's index and sample token and the field when an info lacks a
+    field the dataset reads (INFO_FIELDS, each sweep's SWEEP_FIELDS, each camera's CAMERA_FIELDS) or its GT
+    arrays (GT_FIELDS) are incomplete or of different lengths."""
+    for index, info in enumerate(infos):
+        if not isinstance(info, dict):
+            raise DatasetError(f"{source}: info {index} is a {type(info).__name__}, not a dict")
+        where = f"{source}: info {index} (sample {info.get('token', '?')})"
+        _require(info, INFO_FIELDS, where, "")
+        if not isinstance(info["sweeps"], list) or not isinstance(info["cams"], dict):
+            raise DatasetError(f"{where}: 'sweeps' must be a list and 'cams' a dict")
+        for i, sweep in enumerate(info["sweeps"]):
+            _require(sweep, SWEEP_FIELDS, where, f"sweeps[{i}].")
+        for camera in CAMERA_NAMES:
+            if camera not in info["cams"]:
+                raise DatasetError(f"{where} lacks the field 'cams.{camera}'")
+            _require(info["cams"][camera], CAMERA_FIELDS, where, f"cams.{camera}.")
+        if any(name in info for name in GT_FIELDS):
+            _require(info, GT_FIELDS, where, "")
+            lengths = {name: len(np.atleast_1d(info[name])) for name in GT_FIELDS}
+            if len(set(lengths.values())) > 1:
+                raise DatasetError(f"{where}: the GT fields have different lengths {lengths}")
+
+
+def _require(record: Any, fields: Sequence[str], where: str, prefix: str) -> None:
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: '{prefix.rstrip('.')}' is a {type(record).__name__}, not a dict")
+    for name in fields:
+        if name not in record:
+            raise DatasetError(f"{where} lacks the field '{prefix}{name}'")
 
 
 def index_cache_path(cache_dir: Path, root: Path, version: str, split: str, sweeps: int) -> Path:
@@ -241,8 +273,12 @@ def load_or_build_infos(root: str | Path, version: str, split: str, sweeps: int,
     check_root(root, version)
     cache = index_cache_path(Path(cache_dir) if cache_dir else root / ".aqrcmt_cache", root, version, split, sweeps)
     if cache.is_file():
-        with cache.open("rb") as f:
-            return pickle.load(f), cache
+        try:
+            infos = read_pickle(cache, "nuScenes index cache")
+            validate_infos(infos if isinstance(infos, list) else [None], f"nuScenes index cache {cache}")
+            return infos, cache
+        except DatasetError as e:
+            warnings.warn(f"rebuilding the nuScenes index: {e}")
     infos = build_infos(open_nuscenes(root, version), scene_names, max(sweeps - 1, 0),
                         with_annotations=split != "test")
     try:
@@ -281,7 +317,7 @@ class NuScenesDataset(Dataset):
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         if not infos:
-            raise ValueError(f"no samples in the index of nuScenes root {root}")
+            raise DatasetError(f"no samples in the index of nuScenes root {root}")
         self.infos = infos
         self.root = Path(root)
         self.pipeline = pipeline
@@ -387,25 +423,41 @@ class NuScenesDataset(Dataset):
         return np.concatenate(frames)
 
     def load_cameras(self, info: dict, sample: Sample) -> None:
+        """The six images (decoded strictly, each checked against the width/height its info records) and their
+        intrinsics and lidar2cam, into `sample`."""
         images, intrinsics, lidar2cam = [], np.tile(np.eye(4), (6, 1, 1)), np.zeros((6, 4, 4))
+        paths = []
         for i, name in enumerate(CAMERA_NAMES):
             if name not in info["cams"]:
                 raise BadSampleError(f"sample {info['token']}: the index has no camera {name}")
             cam = info["cams"][name]
             path = resolve_path(cam["data_path"], self.root)
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.is_file() else None
-            if image is None:
-                raise BadSampleError(f"sample {info['token']}: image {path} is missing or not a readable image")
-            if images and image.shape != images[0].shape:
-                raise BadSampleError(f"sample {info['token']}: image {path} is {image.shape}, the first camera's "
-                                     f"is {images[0].shape}; the six views must share one size")
+            image = read_image(path, f"sample {info['token']}: {name} image")
+            recorded = (cam.get("width"), cam.get("height"))
+            if None not in recorded and (image.shape[1], image.shape[0]) != recorded:
+                raise BadSampleError(f"sample {info['token']}: {name} image {path} is {image.shape[1]}x"
+                                     f"{image.shape[0]} px, the index records {recorded[0]}x{recorded[1]} (the "
+                                     f"size its intrinsics are for)")
             images.append(image)
+            paths.append(path)
             intrinsics[i, :3, :3] = cam["cam_intrinsic"]
             rotation = np.asarray(cam["sensor2lidar_rotation"])   # lidar2cam = [[R^T, -R^T t], [0, 1]]
             lidar2cam[i, :3, :3] = rotation.T
             lidar2cam[i, :3, 3] = -rotation.T @ np.asarray(cam["sensor2lidar_translation"])
             lidar2cam[i, 3, 3] = 1.0
+        _check_same_size(images, paths, info["token"])
         sample.images, sample.intrinsics, sample.lidar2cam = np.stack(images), intrinsics, lidar2cam
+
+
+def _check_same_size(images: list[np.ndarray], paths: list[Path], token: str) -> None:
+    """BadSampleError naming the cameras whose image size differs from the size most of the six share."""
+    sizes = [image.shape[:2] for image in images]
+    common = max(set(sizes), key=sizes.count)
+    odd = [f"{name} image {path} is {size[1]}x{size[0]} px" for name, path, size in zip(CAMERA_NAMES, paths, sizes)
+           if size != common]
+    if odd:
+        raise BadSampleError(f"sample {token}: {'; '.join(odd)}, the other cameras' are {common[1]}x{common[0]} px; "
+                             f"the six views must share one size")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,7 +481,7 @@ def build_dataset(cfg: Config, split: str, train: bool) -> NuScenesDataset:
     paste = None
     if train and data.augment.enabled and data.augment.gt_paste:
         if not data.augment.gt_paste_database:
-            raise ValueError("data.augment.gt_paste needs data.augment.gt_paste_database (a dbinfos.pkl written "
+            raise ConfigError("data.augment.gt_paste needs data.augment.gt_paste_database (a dbinfos.pkl written "
                              "by `aqrcmt build-gt-database`)")
         paste = GTPaster(data.augment.gt_paste_database)
     pipeline = Pipeline(data.augment, cfg.model.lidar.voxel.point_cloud_range, cfg.model.camera.image_size,

@@ -13,6 +13,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from aqrcmt.data.files import DatasetError
+
 
 def _samples_by_class(class_sets: Sequence[set[int]]) -> list[list[int]]:
     """For each class present in some sample (ascending class index), the indices of its samples."""
@@ -21,7 +23,7 @@ def _samples_by_class(class_sets: Sequence[set[int]]) -> list[list[int]]:
         for c in classes:
             by_class.setdefault(c, []).append(index)
     if not by_class:
-        raise ValueError("CBGS needs samples with GT boxes; no sample of this split has any")
+        raise DatasetError("CBGS needs samples with GT boxes; no sample of this split has any")
     return [by_class[c] for c in sorted(by_class)]
 
 

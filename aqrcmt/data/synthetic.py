@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw
 from pyquaternion import Quaternion
 
 from aqrcmt.config import CAMERA_NAMES
+from aqrcmt.data.files import staged_directory
 
 VERSIONS: dict[str, tuple[str, str]] = {        # version -> (train split, val split) whose scene names we borrow
     "v1.0-mini": ("mini_train", "mini_val"),
@@ -463,8 +464,12 @@ def _scene_names(version: str, scenes: int) -> list[tuple[str, str]]:
 
 def make_synthetic_nuscenes(out: str | Path, version: str = "v1.0-mini", scenes: int = 3,
                             samples_per_scene: int = 6, seed: int = 0,
-                            image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> Path:
+                            image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, overwrite: bool = False) -> Path:
     """Write a synthetic nuScenes to `out` and return its root.
+
+    The root is written in a folder beside `out` and renamed to `out` at the end, so a failure leaves nothing
+    half-written. An existing non-empty `out` is refused (FileExistsError) unless `overwrite`: then it is replaced
+    once the new root is complete.
 
     version: "v1.0-mini" (scenes from mini_train / mini_val) or "v1.0-trainval" (train / val).
     scenes: total number of scenes; a third of them (at least one) go to the validation split (v1.0-mini
@@ -483,7 +488,15 @@ def make_synthetic_nuscenes(out: str | Path, version: str = "v1.0-mini", scenes:
         raise ValueError(f"image_size must be at least 16x16 pixels, got {image_size}")
     scene_names = _scene_names(version, scenes)
 
-    writer = _Writer(Path(out), seed, (width, height))
+    with staged_directory(out, replace=overwrite) as staging:
+        _write_dataset(staging, version, scene_names, samples_per_scene, seed, (width, height))
+    return Path(out)
+
+
+def _write_dataset(root: Path, version: str, scene_names: list[tuple[str, str]], samples_per_scene: int, seed: int,
+                   image_size: tuple[int, int]) -> None:
+    """The tables and sensor files of the synthetic nuScenes, under `root`."""
+    writer = _Writer(root, seed, image_size)
     rng = np.random.default_rng(seed)
     locations = ("singapore-onenorth", "boston-seaport")
     logs_by_location: dict[str, list[str]] = {loc: [] for loc in locations}
@@ -497,7 +510,6 @@ def make_synthetic_nuscenes(out: str | Path, version: str = "v1.0-mini", scenes:
         if log_tokens:
             writer.write_map(location, log_tokens)
     writer.write_tables(version)
-    return writer.root
 
 
 class _Writer:

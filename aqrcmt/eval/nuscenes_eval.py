@@ -22,6 +22,7 @@ import torch
 from pyquaternion import Quaternion
 
 from aqrcmt.config import CLASS_NAMES
+from aqrcmt.errors import AqrcmtError
 from aqrcmt.structures import Detections, SampleMeta
 
 MAX_BOXES_PER_SAMPLE = 500
@@ -42,7 +43,7 @@ _PREDEFINED_SPLIT_SUFFIX = {"train": "trainval", "val": "trainval", "train_detec
                             "train_track": "trainval", "mini_train": "mini", "mini_val": "mini", "test": "test"}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(AqrcmtError, ValueError):
     """The inputs of an evaluation are inconsistent (root, version, split, or the predictions)."""
 
 
@@ -167,11 +168,7 @@ def evaluate_results_file(result_path: str | Path, root: str | Path, version: st
     """Run DetectionEval on a results JSON; write ``metrics_summary.json``, ``metrics_details.json`` and
     ``metrics.json`` (the flat dict returned here) to `output_dir`."""
     result_path, output_dir = Path(result_path), Path(output_dir)
-    if not result_path.is_file():
-        raise EvaluationError(f"results file {result_path} does not exist")
-    submission = json.loads(result_path.read_text())
-    if not isinstance(submission, dict) or "results" not in submission or "meta" not in submission:
-        raise EvaluationError(f"results file {result_path} needs the keys 'meta' and 'results'")
+    submission = read_results_file(result_path)
     nusc = load_nuscenes(str(root), version)
     expected = set(split_sample_tokens(nusc, eval_set))
     if not expected:
@@ -199,6 +196,78 @@ def evaluate_results_file(result_path: str | Path, root: str | Path, version: st
     metrics["num_samples"] = len(expected)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def read_results_file(path: str | Path) -> dict[str, Any]:
+    """The submission ``{"meta": ..., "results": ...}`` of a results JSON, checked by :func:`validate_results`.
+
+    Raises EvaluationError naming the file when it is missing or not JSON, and the sample and field when a box is
+    malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"results file {path} does not exist")
+    try:
+        submission = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as error:   # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise EvaluationError(f"results file {path} is not valid JSON ({error})") from None
+    validate_results(submission, f"results file {path}")
+    return submission
+
+
+_BOX_FIELDS: dict[str, tuple[int, str]] = {   # field -> (length, rule) of each box's number lists
+    "translation": (3, "finite numbers (m, global frame)"),
+    "size": (3, "finite numbers > 0 (w, l, h in m)"),
+    "rotation": (4, "finite numbers, a quaternion (w, x, y, z) of non-zero norm"),
+    "velocity": (2, "finite numbers (m/s, global frame)"),
+}
+
+
+def validate_results(submission: Any, source: str) -> None:
+    """Check a submission before the devkit sees it (its checks are bare asserts): a ``meta`` dict, a
+    ``results`` dict of sample token -> at most MAX_BOXES_PER_SAMPLE boxes, each with the official fields, finite
+    numbers, sizes > 0, a known class and attribute. Raises EvaluationError naming `source`, the sample token,
+    the box and the field."""
+    from nuscenes.eval.detection.constants import ATTRIBUTE_NAMES
+
+    if not isinstance(submission, dict) or not isinstance(submission.get("meta"), dict) \
+            or not isinstance(submission.get("results"), dict):
+        raise EvaluationError(f"{source} needs a 'meta' object and a 'results' object (sample token -> boxes)")
+    for token, boxes in submission["results"].items():
+        if not isinstance(boxes, list):
+            raise EvaluationError(f"{source}: sample {token}: the boxes must be a list, got {type(boxes).__name__}")
+        if len(boxes) > MAX_BOXES_PER_SAMPLE:
+            raise EvaluationError(f"{source}: sample {token} has {len(boxes)} boxes, at most "
+                                  f"{MAX_BOXES_PER_SAMPLE} are allowed")
+        for index, box in enumerate(boxes):
+            where = f"{source}: sample {token} box {index}"
+            if not isinstance(box, dict):
+                raise EvaluationError(f"{where} is a {type(box).__name__}, not an object")
+            missing = [k for k in ("sample_token", *_BOX_FIELDS, "detection_name", "detection_score",
+                                   "attribute_name") if k not in box]
+            if missing:
+                raise EvaluationError(f"{where} lacks the field(s) {missing}")
+            if box["sample_token"] != token:
+                raise EvaluationError(f"{where}: field 'sample_token' is {box['sample_token']!r}, not its key")
+            for name, (length, rule) in _BOX_FIELDS.items():
+                value = box[name]
+                ok = isinstance(value, list) and len(value) == length and all(_is_finite_number(v) for v in value)
+                ok = ok and (name != "size" or min(value) > 0) and (name != "rotation" or any(value))
+                if not ok:
+                    raise EvaluationError(f"{where}: field {name!r} must be {length} {rule}, got {value!r}")
+            if box["detection_name"] not in CLASS_NAMES:
+                raise EvaluationError(f"{where}: field 'detection_name' {box['detection_name']!r} is not one of "
+                                      f"{list(CLASS_NAMES)}")
+            if not _is_finite_number(box["detection_score"]):
+                raise EvaluationError(f"{where}: field 'detection_score' must be a finite number, got "
+                                      f"{box['detection_score']!r}")
+            if box["attribute_name"] != "" and box["attribute_name"] not in ATTRIBUTE_NAMES:
+                raise EvaluationError(f"{where}: field 'attribute_name' {box['attribute_name']!r} is not '' nor one "
+                                      f"of {list(ATTRIBUTE_NAMES)}")
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def evaluate_detections(detections: Sequence[Detections], metas: Sequence[SampleMeta], root: str | Path,

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
+from aqrcmt.data.files import read_pickle
 from aqrcmt.data.gt_database import build_gt_database
 from aqrcmt.data.nuscenes_dataset import build_dataset
 from aqrcmt.presets import load_config
@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None, help="nuScenes root (default: the config's data.root)")
     parser.add_argument("--version", default=None, help="nuScenes version (default: the config's data.version)")
     parser.add_argument("--split", default=None, help="split to read (default: the config's data.train_split)")
-    parser.add_argument("--out", default=None, help="output folder (default: <root>/aqrcmt_gt_database)")
+    parser.add_argument("--out", default=None, help="output folder (default: <root>/aqrcmt_gt_database); an existing "
+                        "database there is replaced once the new one is complete")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
 
 
@@ -28,8 +29,7 @@ def run(args: argparse.Namespace) -> int:
     split = args.split or cfg.data.train_split
     out = Path(args.out or Path(cfg.data.root) / "aqrcmt_gt_database")
     path = build_gt_database(build_dataset(cfg, split, train=False), out)
-    with path.open("rb") as f:
-        counts = {k: len(v) for k, v in pickle.load(f)["objects"].items()}
+    counts = {k: len(v) for k, v in read_pickle(path, "GT database")["objects"].items()}
     print(f"wrote {path}: {sum(counts.values())} objects {counts}")
     print(f"use it with: data.augment.gt_paste=true data.augment.gt_paste_database={path}")
     return 0

@@ -9,12 +9,10 @@ The conversion and its checks are :func:`aqrcmt.checkpoint.convert.convert`; ``p
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from aqrcmt.checkpoint.convert import convert, summary
-from aqrcmt.checkpoint.io import CheckpointError
-from aqrcmt.config import ConfigError
+from aqrcmt.tools.errors import add_debug_flag, run_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,13 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = convert(args.src, args.dst, args.config, reverse=args.reverse, unsafe_load=args.unsafe_load,
-                         allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
-                         overwrite=args.overwrite)
-    except (CheckpointError, ConfigError) as e:
-        print(f"aqrcmt convert: error: {e}", file=sys.stderr)
-        return 1
+    result = convert(args.src, args.dst, args.config, reverse=args.reverse, unsafe_load=args.unsafe_load,
+                     allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
+                     overwrite=args.overwrite)
     print(summary(result))
     print(f"wrote {args.dst}")
     return 0
@@ -48,4 +42,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aqrcmt.convert", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return run_command(lambda: run(args), debug=args.debug)

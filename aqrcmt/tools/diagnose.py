@@ -22,6 +22,7 @@ from aqrcmt.data import build_dataloader
 from aqrcmt.models.aqr.diagnose import Scene, measure, random_scene, reference_settings, sweep_settings
 from aqrcmt.models.aqr.monitor import save_weight_maps
 from aqrcmt.presets import load_config
+from aqrcmt.tools.errors import CommandError
 
 
 def model_scene(cfg: Config, checkpoint: str, data_root: str, device: torch.device) -> Scene:
@@ -84,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     device = torch.device(args.device)
     if bool(args.checkpoint) != bool(args.data):
-        raise SystemExit("diagnose: --checkpoint and --data go together (real queries need both)")
+        raise CommandError("--checkpoint and --data go together (real queries need both)")
+    if args.num_queries < 1 or args.batch < 1 or args.weight_std < 0:
+        raise CommandError(f"--num-queries and --batch must be >= 1 and --weight-std >= 0, got {args.num_queries}, "
+                           f"{args.batch}, {args.weight_std}")
     if args.checkpoint:
         scene = model_scene(cfg, args.checkpoint, args.data, device)
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from aqrcmt.checkpoint.io import CheckpointError
@@ -40,13 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.results:
-            return _evaluate_results(args)
-        return _evaluate_checkpoint(args)
-    except EvaluationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return _evaluate_results(args) if args.results else _evaluate_checkpoint(args)
 
 
 def _evaluate_results(args: argparse.Namespace) -> int:

@@ -6,12 +6,12 @@ Reads aqrcmt safetensors files and official / mmcv ``.pth`` checkpoints alike (t
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from aqrcmt.checkpoint.convert import read_checkpoint
 from aqrcmt.checkpoint.inspect import format_listing, format_metadata
-from aqrcmt.checkpoint.io import CheckpointError, is_safetensors
+from aqrcmt.checkpoint.io import is_safetensors
+from aqrcmt.tools.errors import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,13 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.depth < 1:
-        print(f"aqrcmt inspect: error: --depth must be >= 1, got {args.depth}", file=sys.stderr)
-        return 2
-    try:
-        checkpoint = read_checkpoint(args.file, args.unsafe_load)
-    except CheckpointError as e:
-        print(f"aqrcmt inspect: error: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(f"--depth must be >= 1, got {args.depth}")
+    checkpoint = read_checkpoint(args.file, args.unsafe_load)
     kind = "safetensors" if is_safetensors(args.file) else "torch pickle"
     print(f"{args.file} ({kind})")
     metadata = format_metadata(checkpoint)

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from aqrcmt.data.synthetic import DEFAULT_IMAGE_SIZE, VERSIONS, make_synthetic_nuscenes
+from aqrcmt.tools.errors import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="root directory to write (created if missing)")
+    parser.add_argument("--out", required=True,
+                        help="root directory to write (created if missing; an existing non-empty one is refused)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder (the new root is written beside it, then swapped in)")
     parser.add_argument("--version", default="v1.0-mini", choices=sorted(VERSIONS))
     parser.add_argument("--scenes", type=int, default=3,
                         help="total scenes; a third (>= 1) go to val (at most 10 for v1.0-mini)")
@@ -22,10 +25,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         root = make_synthetic_nuscenes(args.out, version=args.version, scenes=args.scenes,
                                        samples_per_scene=args.samples_per_scene, seed=args.seed,
-                                       image_size=tuple(args.image_size))
-    except (ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+                                       image_size=tuple(args.image_size), overwrite=args.overwrite)
+    except ValueError as error:   # the generator's checks of --version, --scenes, ... (raised before writing)
+        raise CommandError(str(error)) from error
     print(f"wrote a synthetic nuScenes ({args.version}, {args.scenes} scenes x {args.samples_per_scene} samples) "
           f"to {root}")
     return 0
