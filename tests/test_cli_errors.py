@@ -61,7 +61,7 @@ def _case(tmp: Path, name: str) -> tuple[str, list[str], str]:
         "diagnose bad query count": ("aqrcmt", ["diagnose", "--config", "tiny_aqr", "--num-queries", "0"],
                                      "--num-queries and --batch must be >= 1"),
         "diagnose unfit checkpoint": ("aqrcmt", ["diagnose", "--config", "tiny_aqr", "--checkpoint", str(unfit),
-                                                 "--data", str(tmp)], f"{unfit} does not fit config 'tiny_aqr'"),
+                                                 "--data", str(tmp)], f"{unfit}: does not fit the model"),
         "train unknown preset": ("train", ["--config", "no_such_preset"], "'no_such_preset'"),
         "train bad override": ("train", ["--config", "tiny", "--set", "optim.lr=fast"], "optim.lr"),
         "train config not an object": ("train", ["--config", str(tmp / "list.json")], "expected a JSON object"),
@@ -136,5 +136,5 @@ def test_evaluate_a_checkpoint_of_other_shapes_says_does_not_fit(tmp_path: Path,
     capsys.readouterr()
     assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "model.safetensors"), "--config", "tiny"]) == 2
     err = capsys.readouterr().err
-    assert "does not fit config 'tiny'" in err and f"1 of another shape (e.g. ['{name}: (1," in err
+    assert "does not fit the model" in err and f"1 wrong shapes ['{name}: file (1," in err
     assert "Traceback" not in err

@@ -48,8 +48,7 @@ class LoadReport:
         """The "does not fit" message naming the file and the offending keys (first 10 of each kind)."""
         return (f"{self.path}: does not fit the model: {len(self.missing)} missing {self.missing[:10]}, "
                 f"{len(self.unexpected)} unexpected {self.unexpected[:10]}, {len(self.wrong_shape)} wrong shapes "
-                f"{self.wrong_shape[:10]} (use --allow-missing / --allow-unexpected PATTERN to accept; an official "
-                f".pth must first go through `aqrcmt convert`)")
+                f"{self.wrong_shape[:10]} (an official .pth must first go through `aqrcmt convert`)")
 
 
 def matches_any(key: str, patterns: Sequence[str]) -> bool:

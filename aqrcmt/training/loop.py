@@ -146,7 +146,8 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
             report = load_weights(detector, options.load_from, allow_missing=options.allow_missing,
                                   allow_unexpected=options.allow_unexpected)
         except CheckpointError as error:
-            raise CheckpointError(f"--load-from {error}") from None
+            raise CheckpointError(f"--load-from {error}; --allow-missing / --allow-unexpected PATTERN accept "
+                                  f"keys") from None
         if report.kept_init:
             accelerator.print(f"--load-from: {len(report.kept_init)} tensors (e.g. {report.kept_init[0]}) are not "
                               f"in {options.load_from}; they keep their initialisation")
