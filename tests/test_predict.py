@@ -29,13 +29,7 @@ K4 = np.eye(4)
 K4[:3, :3] = K
 LIDAR2IMG = K4 @ LIDAR2CAM             # a camera at the LiDAR origin looking along +x
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _box(x: float, y: float = 0.0, size: float = 2.0, yaw: float = 0.3) -> np.ndarray:
@@ -68,14 +62,15 @@ def test_a_box_behind_the_camera_draws_nothing_and_edges_stay_inside_the_image()
     blank = np.zeros((*HW, 3), np.uint8)
     assert len(project_box_edges(_box(-10.0), LIDAR2IMG, HW)[0]) == 0
     assert (draw_boxes(blank, _box(-10.0), LIDAR2IMG, [(255, 0, 0)]) == 0).all()
-    for box in (_box(0.0, size=4.0), _box(10.0, y=7.0)):          # through the camera plane; across the border
+    for box in (_box(1.5, size=4.0), _box(10.0, y=7.0)):          # through the camera plane; across the border
         segments = project_box_edges(box, LIDAR2IMG, HW)[0]
         assert len(segments) > 0
         assert (segments[:, 0::2] >= 0).all() and (segments[:, 0::2] <= HW[1] - 1).all()
         assert (segments[:, 1::2] >= 0).all() and (segments[:, 1::2] <= HW[0] - 1).all()
-    # the straddling box only keeps what is in front of the camera: its front half, every x > 0
-    segments = project_box_edges(_box(0.0, size=4.0, yaw=0.0), LIDAR2IMG, HW)[0]
-    assert len(segments) < 12
+    # a box from x = -0.5 to 3.5 keeps its front face (in view) and the four side edges up to the near plane;
+    # the back face lies behind the camera
+    segments = project_box_edges(_box(1.5, size=4.0, yaw=0.0), LIDAR2IMG, HW)[0]
+    assert len(segments) == 8
 
 
 # --------------------------------------------------------------------------------------------------
