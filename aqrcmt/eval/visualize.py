@@ -215,6 +215,7 @@ def render_aqr(view: AQRView, title: str = "") -> np.ndarray:
     def panel(spec, data: np.ndarray, name: str, queries: np.ndarray, origin: str, scale: Optional[float] = None):
         ax = figure.add_subplot(spec)
         image = ax.imshow(data, origin=origin, cmap="viridis", vmin=None if scale is None else 0, vmax=scale)
+        ax.autoscale(False)                                                      # keep the map's extent
         if len(queries):
             ax.scatter(queries[:, 1], queries[:, 0], s=4, c="red", linewidths=0)    # (y, x) pixels
         ax.set_title(name, fontsize=8)
