@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("aqrcmt.tools.convert_checkpoint",
                 "convert an official CMT .pth checkpoint to safetensors (and back)"),
     "inspect": ("aqrcmt.tools.inspect_checkpoint", "list a checkpoint's keys, shapes and dtypes by module"),
+    "predict": ("aqrcmt.tools.predict", "detections (results JSON) and BEV/camera/AQR pictures of a checkpoint"),
     "diagnose": ("aqrcmt.tools.diagnose", "AQR rendering/modulation health table, sweeps and map images"),
     "study": ("aqrcmt.tools.study", "the AQR fine-tuning study: a pretrained CMT fine-tuned with each AQR setting"),
 }

@@ -30,6 +30,12 @@ CLASS_NAMES: tuple[str, ...] = (
 CAMERA_NAMES: tuple[str, ...] = (
     "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT",
 )
+# (row, column) of each camera in pictures of the rig: the front cameras above the back ones, the left cameras in
+# the left column.
+CAMERA_LAYOUT: dict[str, tuple[int, int]] = {
+    "CAM_FRONT_LEFT": (0, 0), "CAM_FRONT": (0, 1), "CAM_FRONT_RIGHT": (0, 2),
+    "CAM_BACK_LEFT": (1, 0), "CAM_BACK": (1, 1), "CAM_BACK_RIGHT": (1, 2),
+}
 
 
 class ConfigError(AqrcmtError, ValueError):

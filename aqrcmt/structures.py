@@ -13,7 +13,7 @@ Conventions (one for the whole package):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -85,3 +85,36 @@ class Detections:
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
+
+    def transformed(self, transform: torch.Tensor) -> "Detections":
+        """The detections moved by a rigid 4x4 `transform` (e.g. lidar2global): centres moved, yaw turned by the
+        transform's heading about z, velocities rotated (their z part dropped). Boxes stay upright."""
+        matrix = torch.as_tensor(transform, dtype=torch.float64)
+        if matrix.shape != (4, 4):
+            raise ValueError(f"transform must be 4x4, got shape {tuple(matrix.shape)}")
+        boxes = self.boxes.detach().cpu().double().clone()
+        rotation, translation = matrix[:3, :3], matrix[:3, 3]
+        boxes[:, :3] = boxes[:, :3] @ rotation.T + translation
+        boxes[:, 6] += torch.atan2(rotation[1, 0], rotation[0, 0])
+        velocity = torch.cat([boxes[:, 7:9], boxes.new_zeros(len(boxes), 1)], dim=1) @ rotation.T
+        boxes[:, 7:9] = velocity[:, :2]
+        return Detections(boxes.to(self.boxes.dtype), self.scores.detach().cpu(), self.labels.detach().cpu())
+
+
+@dataclass
+class CameraCalibration:
+    """The six cameras of one sample (:data:`aqrcmt.config.CAMERA_NAMES` order) and, optionally, its pose.
+
+    intrinsics:   (6, 3, 3) pinhole matrices K of the images as given (pixels).
+    lidar2cam:    (6, 4, 4) LiDAR frame -> camera frame (x right, y down, z forward; metres).
+    lidar2global: (4, 4) LiDAR frame -> a world frame, or None (detections then stay in the LiDAR frame only).
+    """
+    intrinsics: torch.Tensor
+    lidar2cam: torch.Tensor
+    lidar2global: Optional[torch.Tensor] = None
+
+
+class SamplePrediction(NamedTuple):
+    """What :meth:`aqrcmt.models.detector.CmtDetector.predict_sample` returns."""
+    lidar: Detections                    # in the sample's LiDAR frame
+    global_frame: Optional[Detections]   # moved by calibration.lidar2global, None without a pose

@@ -28,11 +28,12 @@ import torch
 
 from aqrcmt.checkpoint.convert import convert
 from aqrcmt.checkpoint.io import atomic_write_bytes
-from aqrcmt.checkpoint.weights import AQR_PREFIX, load_detector_from_checkpoint, load_weights
+from aqrcmt.checkpoint.weights import AQR_PREFIX, load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
 from aqrcmt.models import build_model
+from aqrcmt.models.detector import load_detector_from_checkpoint
 from aqrcmt.presets import AQR_FORK_LR_MULTS, load_config
 from aqrcmt.training.loop import TrainOptions, train
 

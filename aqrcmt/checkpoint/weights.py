@@ -1,5 +1,5 @@
-"""Loading aqrcmt weights into a model: the one key matcher of ``--load-from``, ``evaluate --checkpoint`` and
-``diagnose``.
+"""Loading aqrcmt weights into a model: the one key matcher of ``--load-from``, ``evaluate --checkpoint``,
+``diagnose``, ``predict`` and :meth:`aqrcmt.models.detector.CmtDetector.from_checkpoint`.
 
 A weights file is a ``.safetensors`` file of aqrcmt names (``aqrcmt convert`` makes one from an official
 ``.pth``) or a training checkpoint directory holding ``model.safetensors``. Keys are matched after removing
@@ -23,7 +23,6 @@ from aqrcmt.checkpoint.io import (CheckpointError, PathLike, is_safetensors, loa
 
 if TYPE_CHECKING:
     from aqrcmt.config import Config
-    from aqrcmt.models.detector import CmtDetector
 
 # AQR tensors a plain CMT checkpoint lacks: they keep their initialisation.
 AQR_PREFIX = "pts_bbox_head.aqr."
@@ -134,14 +133,3 @@ def stored_config(path: PathLike) -> "Config":
     if "config" not in metadata:
         raise CheckpointError(f"{file} stores no config; pass --config")
     return config_from_dict(json.loads(metadata["config"]))
-
-
-def load_detector_from_checkpoint(path: PathLike, device: torch.device | str = "cpu", cfg: "Config | None" = None,
-                                  *, missing_ok_prefixes: Sequence[str] = ()) -> tuple["CmtDetector", LoadReport]:
-    """The detector of `cfg` (default: the checkpoint's stored config) with the weights at `path` loaded, on
-    `device`, in eval mode. Every model key must be in the file unless it starts with `missing_ok_prefixes`."""
-    from aqrcmt.models import build_model
-
-    detector = build_model((cfg if cfg is not None else stored_config(path)).model)
-    report = load_weights(detector, path, missing_ok_prefixes=missing_ok_prefixes)
-    return detector.to(device).eval(), report

@@ -9,16 +9,18 @@ import torch
 from aqrcmt.structures import Batch, Detections, SampleMeta
 
 BatchTransform = Callable[[Batch], Batch]
+BatchVisitor = Callable[[Batch, list[Detections]], None]
 
 
 def predict_dataset(detector: torch.nn.Module, loader: Iterable[Batch], device: torch.device | str = "cpu", *,
                     transform: Optional[BatchTransform] = None,
                     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                    ) -> list[tuple[SampleMeta, Detections]]:
+                    on_batch: Optional[BatchVisitor] = None) -> list[tuple[SampleMeta, Detections]]:
     """``(meta, detections)`` per sample of `loader`, in loader order; boxes and scores as float32 on the CPU.
 
     transform: applied to each collated batch before it moves to `device` (e.g. a sensor drop);
-    autocast: a factory of the mixed-precision context the forward runs in (e.g. ``accelerator.autocast``).
+    autocast: a factory of the mixed-precision context the forward runs in (e.g. ``accelerator.autocast``);
+    on_batch: called after each forward with the (transformed, CPU) batch and its CPU detections (pictures).
     The detector runs in eval mode under ``torch.no_grad`` (not inference_mode: the training loop evaluates
     mid-run and trains on) and is put back in its previous mode.
     """
@@ -32,8 +34,10 @@ def predict_dataset(detector: torch.nn.Module, loader: Iterable[Batch], device: 
                     batch = transform(batch)
                 with autocast():
                     detections = detector.predict(batch.to(device))
-                out += [(meta, Detections(d.boxes.float().cpu(), d.scores.float().cpu(), d.labels.cpu()))
-                        for meta, d in zip(batch.metas, detections)]
+                found = [Detections(d.boxes.float().cpu(), d.scores.float().cpu(), d.labels.cpu()) for d in detections]
+                if on_batch is not None:
+                    on_batch(batch, found)
+                out += list(zip(batch.metas, found))
     finally:
         detector.train(was_training)
     return out

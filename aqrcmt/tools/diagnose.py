@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from aqrcmt.checkpoint.weights import AQR_PREFIX, load_detector_from_checkpoint
+from aqrcmt.checkpoint.weights import AQR_PREFIX
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
 from aqrcmt.models.aqr.diagnose import Scene, measure, random_scene, reference_settings, sweep_settings
 from aqrcmt.models.aqr.monitor import save_weight_maps
+from aqrcmt.models.detector import load_detector_from_checkpoint
 from aqrcmt.presets import load_config
 from aqrcmt.tools.errors import CommandError
 

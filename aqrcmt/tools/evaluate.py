@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from aqrcmt.checkpoint.io import CheckpointError
-from aqrcmt.checkpoint.weights import load_detector_from_checkpoint, stored_config, weights_file
+from aqrcmt.checkpoint.weights import stored_config, weights_file
 from aqrcmt.config import apply_overrides
 from aqrcmt.data import build_dataloader
 from aqrcmt.eval.nuscenes_eval import EvaluationError, evaluate_results_file, format_metrics
@@ -55,6 +55,8 @@ def _evaluate_results(args: argparse.Namespace) -> int:
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> int:
+    from aqrcmt.models.detector import load_detector_from_checkpoint   # the model code only for --checkpoint
+
     try:
         weights_path = weights_file(args.checkpoint)
         cfg = load_config(args.config, args.override) if args.config else \

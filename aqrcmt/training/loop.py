@@ -234,6 +234,27 @@ def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir
     return gather_object([metrics])[0] if accelerator.num_processes > 1 else metrics
 
 
+def log_validation_pictures(run: Run, score_threshold: float = 0.3) -> None:
+    """The BEV, camera and AQR pictures of the first validation sample to TensorBoard (main process, TensorBoard
+    tracker only), tagged ``val_sample/<picture>`` at the current step."""
+    from aqrcmt.data.collate import collate
+    from aqrcmt.data.nuscenes_dataset import build_dataset
+    from aqrcmt.eval.visualize import predict_with_pictures
+
+    if not run.accelerator.is_main_process or run.cfg.train.tracker != "tensorboard":
+        return
+    writer = run.accelerator.get_tracker("tensorboard", unwrap=True)
+
+    def add_pictures(_meta, _detections, pictures: dict) -> None:
+        for name, picture in pictures.items():
+            writer.add_image(f"val_sample/{name}", picture, run.progress.step, dataformats="HWC")
+
+    with ckpt.preserved_rng():
+        batch = collate([build_dataset(run.cfg, run.cfg.data.val_split, train=False)[0]])
+        predict_with_pictures(run.detector, [batch], run.accelerator.device, on_sample=add_pictures,
+                              score_threshold=score_threshold)
+
+
 def evaluate_and_save(run: Run) -> None:
     """Evaluate, then checkpoint (its progress holds this evaluation) with metrics.json beside it; the best
     checkpoint by NDS is copied to run_dir/best. The devkit's files go to run_dir/eval/step_N."""
@@ -251,6 +272,7 @@ def evaluate_and_save(run: Run) -> None:
             ckpt.update_best(run.run_dir, path)
     accelerator.wait_for_everyone()
     accelerator.log({"val/mAP": metrics["mAP"], "val/NDS": metrics["NDS"]}, step=progress.step)
+    log_validation_pictures(run)
     accelerator.print(f"eval at step {progress.step} (epoch {progress.epoch}): "
                       f"mAP {metrics['mAP']:.4f}  NDS {metrics['NDS']:.4f}")
     run.metrics = metrics

@@ -108,5 +108,6 @@ class AQRModulation(nn.Module):
         signals = {**weight_signals("lidar", lidar_w), **weight_signals("camera", camera_w),
                    **map_signals("bev", bev_map), **map_signals("camera", camera_maps),
                    **modulation_signals("bev", x, bev_stats), **modulation_signals("camera", x_img, cam_stats)}
-        self.monitor.record(signals, bev_map, camera_maps)
+        self.monitor.record(signals, bev_map, camera_maps, features=(x, x_img),
+                            queries=(bev.coords, cameras.coords, cameras.valid))
         return bev_out, cam_out

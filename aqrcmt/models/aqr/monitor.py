@@ -15,12 +15,13 @@ query-weight mean < 0.2.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from aqrcmt.config import CAMERA_NAMES, AQRMonitorConfig
+from aqrcmt.config import CAMERA_LAYOUT, CAMERA_NAMES, AQRMonitorConfig
 from aqrcmt.kernels import ModulationStats
 
 log = logging.getLogger(__name__)
@@ -78,27 +79,61 @@ def find_alarms(stats: dict[str, float], cfg: AQRMonitorConfig) -> list[str]:
     return alarms
 
 
+@dataclass
+class AQRView:
+    """What the AQR step saw and rendered for one sample (sample 0 of a monitored forward), for pictures.
+
+    bev_map: (H, W) and camera_maps: (V, h, w) the rendered weight maps; bev_features: (H, W) and
+    camera_features: (V, h, w) the mean |x| over channels of the features they modulate (None when not recorded);
+    bev_queries: (Q, 2) (y, x) BEV pixels of the rendered queries; camera_queries: (Q, V, 2) (y, x) feature-map
+    pixels, camera_valid: (Q, V) True where query q lies in view v.
+    """
+    bev_map: torch.Tensor
+    camera_maps: torch.Tensor
+    bev_features: Optional[torch.Tensor] = None
+    camera_features: Optional[torch.Tensor] = None
+    bev_queries: Optional[torch.Tensor] = None
+    camera_queries: Optional[torch.Tensor] = None
+    camera_valid: Optional[torch.Tensor] = None
+
+
 class HealthMonitor:
-    """Keeps the last measurement: `last_stats` (floats), `last_alarms` (messages) and `last_maps` (sample 0)."""
+    """Keeps the last measurement: `last_stats` (floats), `last_alarms` (messages) and `last_view` (sample 0)."""
 
     def __init__(self, cfg: AQRMonitorConfig):
         self.cfg = cfg
         self.last_stats: dict[str, float] = {}
         self.last_alarms: list[str] = []
-        self.last_maps: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.last_view: Optional[AQRView] = None
 
-    def record(self, signals: dict[str, torch.Tensor], bev_map: torch.Tensor,
-               camera_maps: torch.Tensor) -> dict[str, float]:
-        """Read the signals back (one sync), check alarm levels and log them; keep sample 0's maps for images.
+    @property
+    def last_maps(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(BEV map (H, W), camera maps (V, h, w)) of the last monitored forward's sample 0, or None."""
+        return None if self.last_view is None else (self.last_view.bev_map, self.last_view.camera_maps)
 
-        bev_map: (B, H, W); camera_maps: (B, V, h, w).
+    def record(self, signals: dict[str, torch.Tensor], bev_map: torch.Tensor, camera_maps: torch.Tensor, *,
+               features: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+               queries: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> dict[str, float]:
+        """Read the signals back (one sync), check alarm levels and log them; keep sample 0's view for images.
+
+        bev_map: (B, H, W); camera_maps: (B, V, h, w); features: the modulated inputs (x (B, C, H, W),
+        x_img (B * V, C, h, w)); queries: (BEV coords (B, Q, 1, 2), camera coords (B, Q, V, 2), camera valid
+        (B, Q, V)) of the rendered queries.
         """
         values = torch.stack([v.reshape(()).double() for v in signals.values()]).tolist()
         self.last_stats = dict(zip(signals, values))
         self.last_alarms = find_alarms(self.last_stats, self.cfg)
         for message in self.last_alarms:
             log.warning(message)
-        self.last_maps = (bev_map[0].detach(), camera_maps[0].detach())
+        view = AQRView(bev_map[0].detach(), camera_maps[0].detach())
+        if features is not None:
+            x, x_img = features
+            view.bev_features = x[0].detach().float().abs().mean(0)
+            view.camera_features = x_img[: camera_maps.shape[1]].detach().float().abs().mean(1)
+        if queries is not None:
+            bev, cameras, valid = (q[0].detach() for q in queries)
+            view.bev_queries, view.camera_queries, view.camera_valid = bev[:, 0], cameras, valid
+        self.last_view = view
         return self.last_stats
 
     def save_images(self, path: str | Path, title: str = "") -> Path:
@@ -107,10 +142,6 @@ class HealthMonitor:
             raise RuntimeError("no weight maps recorded yet: run a monitored forward first (loss(batch, monitor=True))")
         path = Path(path)
         return save_weight_maps(path if path.suffix else path.with_suffix(".png"), *self.last_maps, title=title)
-
-
-_CAMERA_GRID = {"CAM_FRONT_LEFT": (0, 0), "CAM_FRONT": (0, 1), "CAM_FRONT_RIGHT": (0, 2),
-                "CAM_BACK_LEFT": (1, 0), "CAM_BACK": (1, 1), "CAM_BACK_RIGHT": (1, 2)}
 
 
 def save_weight_maps(path: str | Path, bev_map: torch.Tensor, camera_maps: torch.Tensor, title: str = "") -> Path:
@@ -134,7 +165,7 @@ def save_weight_maps(path: str | Path, bev_map: torch.Tensor, camera_maps: torch
     ax.set_ylabel("y bin")
     for v in range(cams.shape[0]):
         name = CAMERA_NAMES[v] if cams.shape[0] == len(CAMERA_NAMES) else f"view {v}"
-        row, col = _CAMERA_GRID.get(name, divmod(v, 3))
+        row, col = CAMERA_LAYOUT.get(name, divmod(v, 3))
         cam_ax = fig.add_subplot(grid[row, 2 + col])
         cam_ax.imshow(cams[v], cmap="viridis", vmin=0, vmax=vmax)
         cam_ax.set_title(f"{name} (mean {cams[v].mean():.3g})", fontsize=8)

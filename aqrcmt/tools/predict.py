@@ -1,0 +1,133 @@
+"""``aqrcmt predict``: detections and pictures of a checkpoint on some samples of a split.
+
+    aqrcmt predict --checkpoint runs/tiny/best --root data/nuscenes --split mini_val --samples 4 --out preds
+    aqrcmt predict --checkpoint w.safetensors --info-pkl nuscenes_infos_val.pkl --root data/nuscenes \\
+        --token 3e8750f331d7499e9b5123e9eb70f2e2 --out preds
+
+writes ``OUT/results.json`` (the official submission format, every box; the evaluation's writer) and per sample
+``OUT/<token>/bev.png``, ``cameras.png`` (with a camera branch) and ``aqr.png`` (with AQR) showing the predictions
+scoring at least ``--score-threshold``. Everything is written into a temporary folder next to OUT that is
+renamed to OUT at the end, so a failed run leaves no half-written OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Subset
+
+from aqrcmt.checkpoint.io import CheckpointError
+from aqrcmt.checkpoint.weights import stored_config, weights_file
+from aqrcmt.config import Config, ConfigError, apply_overrides
+from aqrcmt.data.collate import collate
+from aqrcmt.data.nuscenes_dataset import BadSampleError, NuScenesDataset, build_dataset
+from aqrcmt.eval.nuscenes_eval import EvaluationError, detections_to_results, write_results
+from aqrcmt.eval.visualize import predict_with_pictures, save_png
+from aqrcmt.models.detector import CmtDetector, load_detector_from_checkpoint
+from aqrcmt.presets import load_config
+from aqrcmt.structures import Detections, SampleMeta
+
+
+class PredictError(ValueError):
+    """The command's inputs are inconsistent (a token, the output folder, the data source)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="aqrcmt weights: a .safetensors file or a checkpoint dir")
+    parser.add_argument("--config", help="preset name or config .json (default: the checkpoint's stored config)")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--root", help="nuScenes root (default: the config's data.root)")
+    parser.add_argument("--version", help="nuScenes version, e.g. v1.0-trainval (default: the config's)")
+    parser.add_argument("--split", help="official split to read (default: the config's data.val_split)")
+    parser.add_argument("--info-pkl", help="read the samples from this mmdet3d-format nuscenes_infos_*.pkl")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--samples", type=int, help="the first N samples of the split (default: all)")
+    which.add_argument("--token", nargs="+", default=[], help="these sample tokens")
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--score-threshold", type=float, default=0.3, help="lowest score drawn in the pictures")
+    parser.add_argument("--device", default="cpu", help="torch device (e.g. cuda)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = _check_out(Path(args.out))
+        cfg, detector = _load(args)
+        dataset = _dataset(cfg, args)
+        indices = _select(dataset, args.token, args.samples)
+        written = _predict(detector, cfg, dataset, indices, out, args.device, args.score_threshold)
+    except (PredictError, CheckpointError, ConfigError, BadSampleError, EvaluationError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{written} samples predicted: {out / 'results.json'} and pictures in {out}/<token>/")
+    return 0
+
+
+def _check_out(out: Path) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PredictError(f"--out {out} exists and is not an empty folder; choose another or remove it")
+    return out
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, CmtDetector]:
+    """The config (the checkpoint's stored one unless --config) with --root/--version/--split applied, and the
+    detector with the checkpoint's weights (CheckpointError naming the file when they do not fit)."""
+    path = weights_file(args.checkpoint)
+    cfg = load_config(args.config, args.override) if args.config else \
+        apply_overrides(stored_config(path), args.override)
+    for field, value in (("root", args.root), ("version", args.version), ("val_split", args.split)):
+        if value:
+            setattr(cfg.data, field, value)
+    if args.info_pkl or args.split:
+        cfg.data.info_pkl_val = args.info_pkl        # a stored config's pkl belongs to its own split
+    cfg.data.on_bad_sample = "error"
+    detector, _ = load_detector_from_checkpoint(path, args.device, cfg)
+    return cfg, detector
+
+
+def _dataset(cfg: Config, args: argparse.Namespace) -> NuScenesDataset:
+    try:
+        return build_dataset(cfg, cfg.data.val_split, train=False)
+    except (ValueError, FileNotFoundError) as error:    # root, version, split, info pkl
+        raise PredictError(str(error)) from None
+
+
+def _select(dataset: NuScenesDataset, tokens: list[str], samples: int | None) -> list[int]:
+    """Dataset indices of `tokens` (in the order given), else of the first `samples` (default: all)."""
+    if tokens:
+        index = {info["token"]: i for i, info in enumerate(dataset.infos)}
+        unknown = [t for t in tokens if t not in index]
+        if unknown:
+            raise PredictError(f"sample token(s) {unknown} are not in the split ({len(index)} samples of "
+                               f"{dataset.root})")
+        return [index[t] for t in dict.fromkeys(tokens)]
+    if samples is not None and samples <= 0:
+        raise PredictError(f"--samples must be > 0, got {samples}")
+    return list(range(len(dataset)))[:samples]
+
+
+def _predict(detector: CmtDetector, cfg: Config, dataset: NuScenesDataset, indices: list[int], out: Path,
+             device: str, score_threshold: float) -> int:
+    """Predict and draw into a temporary folder beside `out`, then rename it to `out`; returns the sample count."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        def save(meta: SampleMeta, _: Detections, pictures: dict) -> None:
+            for name, picture in pictures.items():
+                save_png(picture, staging / meta.sample_token / f"{name}.png")
+
+        loader = DataLoader(Subset(dataset, indices), batch_size=1, collate_fn=collate, num_workers=0)
+        predictions = predict_with_pictures(detector, loader, device, on_sample=save,
+                                            score_threshold=score_threshold)
+        results = detections_to_results([d for _, d in predictions], [m for m, _ in predictions])
+        write_results(results, staging / "results.json", use_camera=cfg.model.camera.enabled,
+                      use_lidar=cfg.model.lidar.enabled)
+        if out.exists():
+            out.rmdir()              # empty (checked before): the rename needs the name free
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return len(predictions)
