@@ -25,12 +25,7 @@ SMALL = ["data.sweeps=1", "model.camera.image_size=(64,160)", "model.head.num_qu
          "train.eval_every_epochs=0", "train.keep_last=0", "data.batch_size=2", "train.max_steps=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread_per_process():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _overrides(root: Path, out: Path, *extra: str) -> list[str]:

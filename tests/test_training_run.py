@@ -30,13 +30,7 @@ FROZEN_BN = {"pts_middle_encoder": 0.0, "pts_backbone": 0.0, "pts_neck": 0.0, "i
              "pts_bbox_head.shared_conv": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread_per_process():
-    """Two intra-op threads on a shared 2-core machine slow these runs down many times; one is enough."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(root: Path, out: Path, *overrides: str, preset: str = "tiny") -> Config:

@@ -22,7 +22,6 @@ which builds tensors and plain containers only and never runs code from the file
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from aqrcmt.checkpoint.io import (CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors_atomic,
-                                  torch_save_atomic)
+                                  sha256_of, torch_save_atomic)
 
 LATEST = "latest"
 CHECKSUMS = "checksums.json"
@@ -140,16 +139,8 @@ def rng_file_name(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_checksums(ckpt_dir: Path, num_processes: int) -> None:
-    files = {p.name: _sha256(p) for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    files = {p.name: sha256_of(p) for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name != CHECKSUMS}
     manifest = {"format": CHECKPOINT_FORMAT, "num_processes": num_processes, "sha256": files}
     atomic_write_bytes(ckpt_dir / CHECKSUMS, json.dumps(manifest, indent=2).encode())
 
@@ -174,7 +165,7 @@ def verify_checkpoint(ckpt_dir: Path) -> dict:
         path = ckpt_dir / name
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in {CHECKSUMS} but missing; the checkpoint is incomplete")
-        if _sha256(path) != expected:
+        if sha256_of(path) != expected:
             raise CheckpointError(f"{path}: sha256 differs from {manifest_file}; the file is corrupted or was "
                                   f"modified after it was written. Resume from another checkpoint "
                                   f"(--resume {ckpt_dir.parent}/step_...)")
