@@ -17,9 +17,9 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic_nuscenes(tmp_path_factory.mktemp("synthetic_nuscenes"), version=SYNTHETIC_VERSION)
 
 
-@pytest.fixture()
+@pytest.fixture
 def one_torch_thread():
-    """Two intra-op threads on a shared 2-core machine slow model runs down many times; one is enough."""
+    """Two intra-op threads on a shared 2-core machine slow the training runs down many times; one is enough."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+import random
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -106,7 +108,7 @@ def test_checkpoints_latest_and_pruning(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert names == ["step_00000002", "step_00000003"]
     latest = ckpt.resolve_resume(tmp_path, "latest")
-    tensors, state, _ = ckpt.read_checkpoint(latest, rank=0)
+    tensors, state = ckpt.read_checkpoint(latest)
     assert torch.equal(tensors["w"], torch.full((4,), 3.0)) and state["progress"]["step"] == 3
 
 
@@ -120,7 +122,7 @@ def test_failed_write_keeps_previous_latest(tmp_path, monkeypatch):
         _write(tmp_path, 2, 2.0)
     latest = ckpt.resolve_resume(tmp_path, "latest")
     assert latest.name == "step_00000001"
-    assert torch.equal(ckpt.read_checkpoint(latest, 0)[0]["w"], torch.ones(4))
+    assert torch.equal(ckpt.read_checkpoint(latest)[0]["w"], torch.ones(4))
 
 
 def test_resume_errors_name_the_problem(tmp_path):
@@ -154,7 +156,7 @@ def test_sigkill_while_writing_never_breaks_latest(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         latest = ckpt.resolve_resume(tmp_path, "latest")
-        tensors, state, _ = ckpt.read_checkpoint(latest, 0)
+        tensors, state = ckpt.read_checkpoint(latest)
         step = state["progress"]["step"]
         assert torch.equal(tensors["w"], torch.full((4_000_000,), float(step)))
 
@@ -167,11 +169,13 @@ def test_every_process_rng_state_is_inside_the_checkpoint_and_evaluation_keeps_t
     path = ckpt.write_checkpoint(tmp_path, model_state={"w": torch.zeros(1)}, training_state={}, config_json="{}",
                                  progress=ckpt.TrainingProgress(step=1), keep_last=0, rng_states=states)
     for rank in (0, 1):
-        ckpt.set_rng_state(ckpt.read_checkpoint(path, rank)[2])
-        expected = torch.rand(2)
+        ckpt.set_rng_state(ckpt.read_rng_state(path, rank))
+        expected = (torch.rand(2), np.random.rand(2), random.random())
         ckpt.set_rng_state(states[rank])
-        assert torch.equal(torch.rand(2), expected)
-    assert ckpt.read_checkpoint(path, 2)[2] is None
+        assert torch.equal(torch.rand(2), expected[0])
+        assert (np.random.rand(2) == expected[1]).all() and random.random() == expected[2]
+    with pytest.raises(ckpt.CheckpointError, match=r"rng_rank2.pt is missing: .* of 2 process\(es\)"):
+        ckpt.read_rng_state(path, 2)
     before = torch.get_rng_state()
     with ckpt.preserved_rng():
         torch.rand(5)

@@ -72,7 +72,7 @@ def test_training_lowers_the_loss_freezes_modules_applies_multipliers_and_monito
     assert not torch.equal(first[head], last[head])
 
     # multipliers: the task heads' group runs at half the base rate at every step of the schedule
-    state = torch.load(result.last_checkpoint / "training_state.pt", weights_only=False)
+    state = torch.load(result.last_checkpoint / "training_state.pt", weights_only=True)
     lrs = {g["lr_mult"]: g["lr"] for g in state["optimizer"]["param_groups"]}
     assert set(lrs) == {1.0, 0.5} and lrs[0.5] == pytest.approx(0.5 * lrs[1.0])
 

@@ -27,7 +27,8 @@ TARGET_MAP = 0.40
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--out", default="runs/demo",
+                   help="run directory (an earlier demo run there is renamed to <out>.replaced-<time>)")
     p.add_argument("--data", default="data/synthetic_benchmark", help="where the synthetic benchmark is written")
     p.add_argument("--config", default="tiny_aqr_recommended")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
@@ -54,7 +55,7 @@ def demo(args: argparse.Namespace) -> int:
     from aqrcmt.training.loop import TrainOptions, train
 
     print(f"[2/3] training config '{cfg.name}' for {cfg.train.max_steps} steps on the train scenes")
-    result = train(cfg, TrainOptions())
+    result = train(cfg, TrainOptions(overwrite=True))   # a rerun of the demo replaces (moves aside) the last one
     print("[3/3] official nuScenes evaluation on the held-out val scenes:")
     print(format_metrics(result.metrics))
     verdict = "reached" if result.metrics["mAP"] >= TARGET_MAP else "NOT reached"

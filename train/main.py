@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     p.add_argument("--output-dir", help="run directory (= --set train.output_dir=...)")
     p.add_argument("--resume", nargs="?", const="latest", help="continue a run: 'latest' (default) or a checkpoint dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start anew in an output dir that holds a run; the old directory is renamed to "
+                        "<output-dir>.replaced-<time> (never deleted) once the new run's checks passed")
     p.add_argument("--load-from", help="initialise from converted pretrained weights (.safetensors)")
     p.add_argument("--allow-missing", nargs="*", default=[], metavar="PATTERN",
                    help="--load-from: accept missing keys matching these fnmatch patterns")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(cfg, TrainOptions(resume=args.resume, load_from=args.load_from, allow_missing=args.allow_missing,
                                      allow_unexpected=args.allow_unexpected, eval_only=args.eval_only,
-                                     stop_after_steps=args.stop_after_steps))
+                                     overwrite=args.overwrite, stop_after_steps=args.stop_after_steps))
     print(f"run directory: {result.run_dir}")
     if result.last_checkpoint:
         print(f"last checkpoint: {result.last_checkpoint / 'model.safetensors'}")

@@ -12,7 +12,6 @@ written only when no key is unexpected, missing or of the wrong shape (``--allow
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -26,7 +25,7 @@ import torch
 
 from aqrcmt.checkpoint import keymap
 from aqrcmt.checkpoint.io import CheckpointError, is_safetensors, load_safetensors, save_safetensors_atomic, \
-    torch_save_atomic
+    sha256_of, torch_save_atomic
 from aqrcmt.checkpoint.manifest import Manifest, ManifestEntry, load_manifest, manifests_for, \
     released_manifest_names
 from aqrcmt.checkpoint.weights import matches_any, strip_wrapper_prefixes
@@ -297,14 +296,6 @@ def summary(result: Conversion) -> str:
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def official_state_dict(tensors: dict[str, torch.Tensor], manifests: Sequence[Manifest]) -> OrderedDict:
     """An official-order state dict carrying the ``_metadata`` versions mmdet3d needs.
 

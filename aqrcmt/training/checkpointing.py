@@ -5,14 +5,19 @@ Layout of a run directory::
     run_dir/config.json                      resolved config of the run
     run_dir/checkpoints/step_00000120/       one checkpoint
         model.safetensors                    weights (metadata: config JSON, step, epoch)
-        training_state.pt                    optimizer, schedule, scaler, counters
-        rng_rank{K}.pt                       RNG states of process K (torch, numpy, python)
-        metrics.json                         written when this checkpoint was evaluated
+        training_state.pt                    optimizer, schedule, scaler, counters (tensors and plain values)
+        rng_rank{K}.pt                       RNG states of process K (torch, numpy, python; tensors and ints)
+        checksums.json                       sha256 of each file above, written last
+        metrics.json                         written after this checkpoint was evaluated
     run_dir/checkpoints/latest               name of the newest complete checkpoint
     run_dir/best/                            copy of the checkpoint with the best NDS
 
 A checkpoint is assembled in a temporary directory and renamed into place; only then is ``latest``
 rewritten (atomically). A crash at any point leaves ``latest`` naming a complete checkpoint.
+
+Reading is checked: every file listed in ``checksums.json`` must have its recorded sha256 (a corrupted or
+modified file is refused, naming it), and the ``.pt`` files are loaded with ``torch.load(weights_only=True)``,
+which builds tensors and plain containers only and never runs code from the file.
 """
 from __future__ import annotations
 
@@ -30,9 +35,11 @@ import numpy as np
 import torch
 
 from aqrcmt.checkpoint.io import (CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors_atomic,
-                                  torch_save_atomic)
+                                  sha256_of, torch_save_atomic)
 
 LATEST = "latest"
+CHECKSUMS = "checksums.json"
+CHECKPOINT_FORMAT = 2          # 1: no checksums.json, pickled RNG/training state (refused on resume)
 
 
 @dataclass
@@ -49,17 +56,29 @@ class TrainingProgress:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states: torch (CPU, and CUDA when available), numpy, python."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states (torch CPU, and CUDA when available; numpy; python) as tensors and plain values,
+    so that they load with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states of :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(int(v) for v in python_state["state"].tolist()),
+                     python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -95,7 +114,8 @@ def write_checkpoint(run_dir: Path, *, model_state: dict[str, torch.Tensor], tra
     save_safetensors_atomic(model_state, tmp / "model.safetensors", metadata)
     torch_save_atomic({**training_state, "progress": dataclasses.asdict(progress)}, tmp / "training_state.pt")
     for rank, state in enumerate(rng_states):
-        torch_save_atomic(state, tmp / f"rng_rank{rank}.pt")
+        torch_save_atomic(state, tmp / rng_file_name(rank))
+    _write_checksums(tmp, num_processes=len(rng_states))   # last: its presence marks a complete checkpoint
     if final.exists():  # the same step written again: move the old copy aside first, delete it after the swap
         os.replace(final, ckpt_root / f".{final.name}.old-{os.getpid()}")
     os.replace(tmp, final)
@@ -115,6 +135,43 @@ def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def rng_file_name(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def _write_checksums(ckpt_dir: Path, num_processes: int) -> None:
+    files = {p.name: sha256_of(p) for p in sorted(ckpt_dir.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    manifest = {"format": CHECKPOINT_FORMAT, "num_processes": num_processes, "sha256": files}
+    atomic_write_bytes(ckpt_dir / CHECKSUMS, json.dumps(manifest, indent=2).encode())
+
+
+def verify_checkpoint(ckpt_dir: Path) -> dict:
+    """Check every file of `ckpt_dir` against its ``checksums.json``; returns the manifest.
+
+    Raises CheckpointError naming the missing or corrupted file, or the missing manifest (a checkpoint of
+    an older aqrcmt version, or not a checkpoint).
+    """
+    manifest_file = ckpt_dir / CHECKSUMS
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no {CHECKSUMS}; not a checkpoint of this aqrcmt version (format "
+                              f"{CHECKPOINT_FORMAT}) or not a complete one, so it cannot be resumed with checks; "
+                              f"its weights still load with --load-from {ckpt_dir / 'model.safetensors'}")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        recorded = dict(manifest["sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_file}: not a readable checksum manifest ({e})") from None
+    for name, expected in recorded.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {CHECKSUMS} but missing; the checkpoint is incomplete")
+        if sha256_of(path) != expected:
+            raise CheckpointError(f"{path}: sha256 differs from {manifest_file}; the file is corrupted or was "
+                                  f"modified after it was written. Resume from another checkpoint "
+                                  f"(--resume {ckpt_dir.parent}/step_...)")
+    return manifest
+
+
 def resolve_resume(run_dir: Path, resume: str) -> Path:
     """``resume`` is "latest" (the run directory's newest complete checkpoint) or a checkpoint directory."""
     if resume != "latest":
@@ -131,13 +188,37 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
     return path
 
 
-def read_checkpoint(ckpt_dir: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], Optional[dict]]:
-    """(model state, training state, this process's RNG state or None)."""
+def _load_plain(path: Path) -> Any:
+    """A ``.pt`` file of tensors and plain containers (no code runs: ``weights_only=True``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler's refusal or a damaged archive: one message naming the file
+        raise CheckpointError(f"{path}: not a loadable training state ({type(e).__name__}: {e})") from None
+
+
+def read_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state, training state) of a checkpoint verified by :func:`verify_checkpoint`."""
+    verify_checkpoint(ckpt_dir)
     tensors, _ = load_safetensors(ckpt_dir / "model.safetensors")
-    training_state = torch.load(ckpt_dir / "training_state.pt", map_location="cpu", weights_only=False)
-    rng_file = ckpt_dir / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
-    return tensors, training_state, rng
+    return tensors, _load_plain(ckpt_dir / "training_state.pt")
+
+
+def read_rng_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
+    """The RNG state that process `rank` saved in a (verified) checkpoint; CheckpointError when it has none
+    (the checkpoint was written by fewer processes)."""
+    path = ckpt_dir / rng_file_name(rank)
+    if not path.is_file():
+        written = json.loads((ckpt_dir / CHECKSUMS).read_text()).get("num_processes", "?")
+        raise CheckpointError(f"{path} is missing: the checkpoint holds the RNG states of {written} process(es), "
+                              f"so process {rank} cannot continue its random streams exactly; resume with "
+                              f"{written} process(es)")
+    return _load_plain(path)
+
+
+def stored_metrics(ckpt_dir: Path) -> Optional[dict]:
+    """The metrics.json written after `ckpt_dir` was evaluated, or None."""
+    path = ckpt_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_metrics(ckpt_dir: Path, metrics: dict) -> None:

@@ -8,12 +8,15 @@ every process's RNG states; with ``data.num_workers = 0`` a resumed run repeats 
 
 The phases, in the order :func:`train` runs them:
 
-1. :func:`setup`: accelerator, run directory, model (``--load-from``, frozen modules), optimizer, data,
-   schedule, resumed state, ``accelerator.prepare`` -> a :class:`Run`;
+1. :func:`setup`: run-directory checks (:mod:`aqrcmt.training.run_dir`), the resumed checkpoint's checksums
+   and config, accelerator, model (``--load-from``, frozen modules), optimizer, data (and
+   :func:`check_val_split`), schedule, resumed state; only then config.json; ``accelerator.prepare`` -> a
+   :class:`Run`;
 2. per epoch :func:`train_epoch`: forward/backward per batch, :func:`optimizer_step` (clip, non-finite guard)
    per accumulation group, :func:`log_step`, mid-epoch checkpoints;
-3. at the end of an epoch :func:`save_checkpoint`, or :func:`evaluate_and_save` every
-   ``train.eval_every_epochs`` and at the end (metrics, best/ by NDS, metrics_history.json).
+3. at the end of an epoch :func:`save_checkpoint`, then every ``train.eval_every_epochs`` and at the end
+   :func:`evaluate_checkpoint` (metrics.json beside the checkpoint, best/ by NDS, metrics_history.json): the
+   epoch is on disk before the evaluation runs.
 """
 from __future__ import annotations
 
@@ -35,12 +38,14 @@ from aqrcmt.checkpoint.io import CheckpointError
 from aqrcmt.checkpoint.weights import load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
-from aqrcmt.data.nuscenes_dataset import EpochDataLoader
+from aqrcmt.data.nuscenes_dataset import EpochDataLoader, build_dataset
+from aqrcmt.errors import AqrcmtError
 from aqrcmt.eval.predict import predict_dataset
 from aqrcmt.models import build_model
 from aqrcmt.models.detector import CmtDetector, LossOutput
 from aqrcmt.structures import Batch
 from aqrcmt.training import checkpointing as ckpt
+from aqrcmt.training import run_dir as run_dirs
 from aqrcmt.training.optim import freeze_and_build_optimizer, frozen_module_prefixes
 from aqrcmt.training.schedule import Schedule
 
@@ -53,6 +58,7 @@ class TrainOptions:
     allow_missing: list[str] = field(default_factory=list)      # fnmatch patterns
     allow_unexpected: list[str] = field(default_factory=list)
     eval_only: bool = False
+    overwrite: bool = False                    # replace a run in output_dir (renamed aside, not deleted)
     stop_after_steps: int = 0                  # simulate an interruption (tests): stop, keep checkpoints
 
 
@@ -75,8 +81,13 @@ class LossModel(nn.Module):
         return self.detector.loss(batch, monitor=monitor)
 
 
-class NonFiniteTrainingError(RuntimeError):
-    """Raised after ``train.max_nonfinite_steps`` non-finite steps in a row."""
+class NonFiniteTrainingError(AqrcmtError, RuntimeError):
+    """Raised after ``train.max_nonfinite_steps`` non-finite steps in a row (the message names the last healthy
+    step and checkpoint)."""
+
+
+class ValidationSplitError(AqrcmtError, ValueError):
+    """``data.val_split`` cannot be evaluated (found before the first training step)."""
 
 
 @dataclass
@@ -95,6 +106,7 @@ class Run:
     total_steps: int
     progress: ckpt.TrainingProgress
     resumed_rng: Optional[dict[str, Any]]      # this process's RNG state to continue from (resume), used once
+    resumed_from: Optional[Path] = None        # the checkpoint this run was resumed from
     last_checkpoint: Optional[Path] = None
     metrics: Optional[dict] = None             # of the last evaluation
 
@@ -123,22 +135,60 @@ def _should_compile(cfg: Config, device: torch.device) -> bool:
     return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
 
 
+def check_val_split(cfg: Config) -> None:
+    """Fail before training when ``data.val_split`` cannot be evaluated: it must exist, hold samples and its first
+    sample must load (the RNG streams are left as they were)."""
+    split = cfg.data.val_split
+    try:
+        with ckpt.preserved_rng():
+            dataset = build_dataset(cfg, split, train=False)
+            if len(dataset) == 0:
+                raise ValueError("it has no samples")
+            dataset[0]
+    except (ValueError, LookupError, OSError, RuntimeError) as error:
+        raise ValidationSplitError(f"data.val_split {split!r} cannot be evaluated: {error} (checked before "
+                                   f"training, so that no trained epoch is lost to it)") from error
+
+
+def _resume_checkpoint(run_dir: Path, cfg: Config, options: TrainOptions) -> Optional[Path]:
+    """The checkpoint to resume from, with its checksums and (unless eval_only) stored config checked."""
+    if not options.resume:
+        return None
+    ckpt_dir = ckpt.resolve_resume(run_dir, options.resume)
+    ckpt.verify_checkpoint(ckpt_dir)
+    if not options.eval_only:
+        run_dirs.check_resume_config(ckpt_dir, cfg)
+    return ckpt_dir
+
+
+def _with_evaluation(progress: ckpt.TrainingProgress, metrics: dict) -> None:
+    """Count an evaluation in the progress: history entry and best NDS."""
+    progress.history.append({k: metrics[k] for k in ("step", "epoch", "mAP", "NDS")})
+    progress.best_nds = max(progress.best_nds, metrics["NDS"])
+
+
+def _resumed_progress(ckpt_dir: Path, state: dict) -> ckpt.TrainingProgress:
+    """The checkpoint's progress, with the evaluation of that checkpoint (its metrics.json, written after the
+    checkpoint) counted."""
+    progress = ckpt.TrainingProgress(**state["progress"])
+    metrics = ckpt.stored_metrics(ckpt_dir)
+    if metrics is not None and all(entry["step"] != metrics["step"] for entry in progress.history):
+        _with_evaluation(progress, metrics)
+    return progress
+
+
 def setup(cfg: Config, options: TrainOptions) -> Run:
     """Everything a run needs, with the resumed state loaded (see the module doc, phase 1)."""
-    # ---- accelerator and run directory ----
+    # ---- run directory and resumed checkpoint: checked before anything is written ----
     run_dir = Path(cfg.train.output_dir)
+    run_dirs.check_run_dir(run_dir, resume=options.resume, overwrite=options.overwrite, eval_only=options.eval_only)
+    resume_dir = _resume_checkpoint(run_dir, cfg, options)
     # cpu=True without CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=cfg.train.tracker,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed, device_specific=False)
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
                       f"'{accelerator.mixed_precision}', run directory {run_dir}")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.to_json())
-    if cfg.train.tracker:  # TensorBoard writes to <run_dir>/tensorboard
-        accelerator.init_trackers(cfg.train.tracker, config={"config": cfg.to_json()})
-
     # ---- model: pretrained weights, frozen modules (their BatchNorm stays in eval mode) ----
     detector = build_model(cfg.model)
     if options.load_from:
@@ -166,19 +216,29 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     schedule = Schedule(optimizer, cfg.optim, total_steps)
+    check_val_split(cfg)
 
     # ---- resumed state (eval_only: the weights only) ----
     progress, resumed_rng, resumed_scaler = ckpt.TrainingProgress(), None, None
-    if options.resume:
-        ckpt_dir = ckpt.resolve_resume(run_dir, options.resume)
-        model_state, state, resumed_rng = ckpt.read_checkpoint(ckpt_dir, accelerator.process_index)
+    if resume_dir is not None:
+        model_state, state = ckpt.read_checkpoint(resume_dir)
         detector.load_state_dict(model_state, strict=True)
         if not options.eval_only:
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
-            progress = ckpt.TrainingProgress(**state["progress"])
+            progress = _resumed_progress(resume_dir, state)
             resumed_scaler = state.get("scaler")
-        accelerator.print(f"resumed from {ckpt_dir} (step {state['progress']['step']})")
+            resumed_rng = ckpt.read_rng_state(resume_dir, accelerator.process_index)
+        accelerator.print(f"resumed from {resume_dir} (step {state['progress']['step']})")
+
+    # ---- every check passed: config.json, trackers ----
+    if accelerator.is_main_process:
+        moved = run_dirs.claim_run_dir(run_dir, cfg, overwrite=options.overwrite, eval_only=options.eval_only)
+        if moved is not None:
+            accelerator.print(f"--overwrite: the previous run in {run_dir} was moved to {moved}")
+    accelerator.wait_for_everyone()
+    if cfg.train.tracker:  # TensorBoard writes to <run_dir>/tensorboard
+        accelerator.init_trackers(cfg.train.tracker, config={"config": cfg.to_json()})
 
     # ---- compile and prepare (DDP, mixed precision) ----
     if _should_compile(cfg, accelerator.device):
@@ -188,7 +248,7 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
     if resumed_scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(resumed_scaler)
     return Run(cfg, options, run_dir, accelerator, accelerator.unwrap_model(model).detector, model, optimizer,
-               schedule, loader, steps_per_epoch, total_steps, progress, resumed_rng)
+               schedule, loader, steps_per_epoch, total_steps, progress, resumed_rng, resumed_from=resume_dir)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -255,16 +315,14 @@ def log_validation_pictures(run: Run, score_threshold: float = 0.3) -> None:
                               score_threshold=score_threshold)
 
 
-def evaluate_and_save(run: Run) -> None:
-    """Evaluate, then checkpoint (its progress holds this evaluation) with metrics.json beside it; the best
-    checkpoint by NDS is copied to run_dir/best. The devkit's files go to run_dir/eval/step_N."""
+def evaluate_checkpoint(run: Run, path: Path) -> None:
+    """Evaluate the current model, saved as checkpoint `path`: metrics.json beside it (a resume counts it from
+    there), metrics_history.json, best/ by NDS. The devkit's files go to run_dir/eval/step_N."""
     accelerator, progress = run.accelerator, run.progress
     metrics = evaluate(accelerator, run.detector, run.cfg, run.run_dir / "eval" / ckpt.checkpoint_name(progress.step))
     metrics = {**metrics, "step": progress.step, "epoch": progress.epoch}
-    progress.history.append({k: metrics[k] for k in ("step", "epoch", "mAP", "NDS")})
     is_best = metrics["NDS"] > progress.best_nds
-    progress.best_nds = max(progress.best_nds, metrics["NDS"])
-    path = save_checkpoint(run)
+    _with_evaluation(progress, metrics)
     if accelerator.is_main_process:
         ckpt.write_metrics(path, {**metrics, "checkpoint": path.name})
         (run.run_dir / "metrics_history.json").write_text(json.dumps(progress.history, indent=2))
@@ -276,6 +334,21 @@ def evaluate_and_save(run: Run) -> None:
     accelerator.print(f"eval at step {progress.step} (epoch {progress.epoch}): "
                       f"mAP {metrics['mAP']:.4f}  NDS {metrics['NDS']:.4f}")
     run.metrics = metrics
+
+
+def evaluation_due(run: Run) -> bool:
+    """Whether the state just reached (an epoch end, or the end of training) is evaluated."""
+    every = run.cfg.train.eval_every_epochs
+    return run.done or bool(every and run.progress.batches_in_epoch == 0 and run.progress.epoch % every == 0)
+
+
+def finish_interrupted_evaluation(run: Run) -> None:
+    """After a resume from a checkpoint that was due for evaluation but has no metrics.json (the evaluation
+    failed or was interrupted after the checkpoint was saved), evaluate it now."""
+    resumed = run.resumed_from
+    if resumed is not None and run.progress.step > 0 and ckpt.stored_metrics(resumed) is None and evaluation_due(run):
+        run.accelerator.print(f"{resumed} was saved but not evaluated; evaluating it first")
+        evaluate_checkpoint(run, resumed)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -317,7 +390,8 @@ def count_nonfinite_step(run: Run) -> None:
     if progress.nonfinite_in_a_row >= run.cfg.train.max_nonfinite_steps:
         raise NonFiniteTrainingError(
             f"{progress.nonfinite_in_a_row} non-finite steps in a row; training stopped. Last healthy "
-            f"step: {progress.last_healthy_step}; last checkpoint: {run.last_checkpoint or 'none written yet'}")
+            f"step: {progress.last_healthy_step}; last checkpoint: {run.last_checkpoint or 'none written yet'}"
+            + (f"; this run resumed from {run.resumed_from}" if run.resumed_from else ""))
 
 
 @dataclass
@@ -428,15 +502,14 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
     bar = tqdm(total=run.total_steps, initial=run.progress.step, disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
     window = ThroughputWindow()
+    finish_interrupted_evaluation(run)
     with contextlib.closing(bar):
         while not run.done:
             if not train_epoch(run, bar, window):
                 accelerator.end_training()       # stop_after_steps: as if interrupted, checkpoints kept
                 return TrainResult(run.run_dir, run.progress, run.last_checkpoint, None)
-            every = cfg.train.eval_every_epochs
-            if run.done or (every and run.progress.batches_in_epoch == 0 and run.progress.epoch % every == 0):
-                evaluate_and_save(run)
-            else:
-                save_checkpoint(run)
+            path = save_checkpoint(run)          # the epoch is on disk before anything can fail in evaluation
+            if evaluation_due(run):
+                evaluate_checkpoint(run, path)
     accelerator.end_training()
     return run.result()

@@ -1,0 +1,107 @@
+"""Run-directory safety: a run directory that holds a run is never replaced or changed by accident.
+
+- A directory *holds a run* when it has ``config.json`` or ``checkpoints/``. Training there needs ``--resume``
+  (continue it) or ``--overwrite`` (start anew: the old directory is renamed to
+  ``<output_dir>.replaced-<UTC time>``, never deleted, and only after the new run's config, data and weights
+  were checked). ``--eval-only`` may read a used directory; it writes its results under ``eval/`` only.
+- ``--resume`` compares the checkpoint's stored config with the current one (config + overrides) before
+  anything is written: a difference outside :data:`CHANGEABLE_ON_RESUME` is refused, naming every field.
+- ``config.json`` is written by :func:`claim_run_dir`, which the loop calls only after every check passed, so
+  a refused or failed start leaves the directory as it was.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from aqrcmt.checkpoint.io import atomic_write_bytes, load_safetensors_metadata
+from aqrcmt.config import Config, ConfigError, config_from_dict
+from aqrcmt.errors import AqrcmtError
+
+# Fields a resumed run may change (fnmatch patterns over dotted keys): the run's length, where it lives and what
+# it logs, how often it checkpoints/evaluates and on which data it evaluates, how it loads data, and the
+# monitor's measurement and alarm levels. Everything else (model, optimizer, schedule, training data,
+# augmentation, batch size, seed, precision) shapes the trained state and must stay as the run began.
+CHANGEABLE_ON_RESUME: tuple[str, ...] = (
+    "train.epochs", "train.max_steps", "train.output_dir", "train.tracker", "train.log_every_steps",
+    "train.checkpoint_every_steps", "train.keep_last", "train.eval_*", "train.compile", "train.max_nonfinite_steps",
+    "data.root", "data.index_cache_dir", "data.val_split", "data.info_pkl_val", "data.num_workers", "data.pin_memory",
+    "model.aqr.monitor.*",
+)
+
+
+class RunDirectoryError(AqrcmtError, ValueError):
+    """A start that would replace or change an existing run, or a resume whose config does not match."""
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists()
+
+
+def check_run_dir(run_dir: Path, *, resume: Optional[str], overwrite: bool, eval_only: bool) -> None:
+    """Refuse to train in a directory that holds a run unless resuming it or told to overwrite it (reads only)."""
+    if resume and overwrite:
+        raise RunDirectoryError("--resume and --overwrite contradict each other: continue the run or replace it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"train.output_dir {run_dir} is a file, not a directory")
+    if holds_run(run_dir) and not (resume or overwrite or eval_only):
+        raise RunDirectoryError(f"train.output_dir {run_dir} already holds a run (config.json or checkpoints/); "
+                                f"continue it with --resume, replace it with --overwrite (the old directory is "
+                                f"kept as {run_dir}.replaced-<time>), or choose another --output-dir")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()} \
+            if tree else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def config_differences(stored: Config, current: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs (``optim.lr_mults.img_neck`` for a table entry)."""
+    before = _flatten(json.loads(stored.to_json()))
+    after = _flatten(json.loads(current.to_json()))
+    return sorted(k for k in before.keys() | after.keys() if before.get(k, "<absent>") != after.get(k, "<absent>"))
+
+
+def check_resume_config(ckpt_dir: Path, cfg: Config) -> list[str]:
+    """Compare the config stored in `ckpt_dir`'s weights with `cfg`; returns the changed fields that are
+    allowed (:data:`CHANGEABLE_ON_RESUME`), raises RunDirectoryError naming the others."""
+    weights = ckpt_dir / "model.safetensors"
+    text = load_safetensors_metadata(weights).get("config")
+    if text is None:
+        raise RunDirectoryError(f"{weights}: no stored config; it was not written by the training loop")
+    try:
+        stored = config_from_dict(json.loads(text))
+    except (ValueError, ConfigError) as e:
+        raise RunDirectoryError(f"{weights}: its stored config does not load with this aqrcmt version ({e})") from None
+    changed = config_differences(stored, cfg)
+    refused = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in CHANGEABLE_ON_RESUME)]
+    if refused:
+        before, after = _flatten(stored.to_dict()), _flatten(cfg.to_dict())
+        details = "; ".join(f"{k}: {before.get(k, '<absent>')!r} -> {after.get(k, '<absent>')!r}" for k in refused)
+        raise RunDirectoryError(f"--resume {ckpt_dir}: the config differs from the run's in field(s) that may not "
+                                f"change on resume: {details}. Fields that may change: "
+                                f"{', '.join(CHANGEABLE_ON_RESUME)}")
+    return changed
+
+
+def claim_run_dir(run_dir: Path, cfg: Config, *, overwrite: bool, eval_only: bool) -> Optional[Path]:
+    """Make `run_dir` this run's directory and write its config.json (main process, after every check passed).
+
+    overwrite: a directory that holds a run is first renamed to ``<run_dir>.replaced-<UTC time>`` (returned).
+    eval_only: config.json is written only into a directory that holds no run.
+    """
+    moved = None
+    if overwrite and holds_run(run_dir):
+        moved = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+        os.replace(run_dir, moved)
+    if eval_only and holds_run(run_dir):
+        return moved
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "config.json", cfg.to_json().encode())
+    return moved
