@@ -29,12 +29,13 @@ from aqrcmt.checkpoint.io import pickle_atomic
 from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES, Config, ConfigError, DataConfig
 from aqrcmt.data.collate import collate
 from aqrcmt.data.files import BadSampleError, DatasetError, read_image, read_pickle
+from aqrcmt.data.corruptions import SensorCorruption
 from aqrcmt.data.gt_paste import GTPaster
 from aqrcmt.data.sampler import ShardedSampler
 from aqrcmt.data.transforms import Pipeline, Sample
 
 VERSIONS: tuple[str, ...] = ("v1.0-trainval", "v1.0-test", "v1.0-mini")
-INDEX_FORMAT = 2            # bump when the info fields written by build_infos change
+INDEX_FORMAT = 3            # bump when the info fields written by build_infos change
 POINT_DIM = 5               # float32 values per point in a .pcd.bin: x, y, z, intensity, ring
 CONVERTER_MAX_SWEEPS = 10   # sweeps per info written by `create-infos`, as the mmdet3d converter
 
@@ -150,6 +151,7 @@ def build_infos(nusc, scene_names: Sequence[str], max_sweeps: int, with_annotati
         info: dict[str, Any] = {
             "lidar_path": str(nusc.get_sample_data_path(lidar_token)),
             "token": sample["token"],
+            "prev": sample["prev"],
             "scene_name": scene_of[sample["scene_token"]],
             "sweeps": [],
             "cams": {cam: _sensor_info(nusc, sample["data"][cam], global2lidar, cam) for cam in CAMERA_NAMES},
@@ -308,12 +310,14 @@ class NuScenesDataset(Dataset):
     train: training checks (a sample needs boxes); on_bad_sample: "error" raises BadSampleError naming the
     file and sample, "skip" warns, counts the sample in `num_skipped` (per worker process) and serves the
     next usable index instead (so an evaluation run would then miss the skipped sample's token);
-    gt_paste_until_epoch: > 0 switches the pipeline's GT paste off from that epoch on (see :meth:`set_epoch`).
+    gt_paste_until_epoch: > 0 switches the pipeline's GT paste off from that epoch on (see :meth:`set_epoch`);
+    corruption: a sensor corruption applied to every loaded sample before the pipeline (see
+    :meth:`set_corruption` and :mod:`aqrcmt.data.corruptions`).
     """
 
     def __init__(self, infos: list[dict], root: str | Path, pipeline: Pipeline, *, sweeps: int = 10,
                  load_images: bool = True, train: bool = False, on_bad_sample: str = "error",
-                 gt_paste_until_epoch: int = 0) -> None:
+                 gt_paste_until_epoch: int = 0, corruption: Optional[SensorCorruption] = None) -> None:
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         if not infos:
@@ -329,6 +333,8 @@ class NuScenesDataset(Dataset):
         self.gt_paste_until_epoch = gt_paste_until_epoch
         self._paste = pipeline.paste
         self.epoch = 0
+        self.corruption = corruption
+        self._index_of_token = {info["token"]: i for i, info in enumerate(infos)}
 
     def set_epoch(self, epoch: int) -> None:
         """Samples served from now on belong to `epoch` (0-based): GT paste is off from
@@ -339,6 +345,10 @@ class NuScenesDataset(Dataset):
         self.epoch = epoch
         fade = self.gt_paste_until_epoch > 0 and epoch >= self.gt_paste_until_epoch
         self.pipeline.paste = None if fade else self._paste
+
+    def set_corruption(self, corruption: Optional[SensorCorruption]) -> None:
+        """Serve samples with `corruption` applied from now on (None: clean). Call before iterating, as set_epoch."""
+        self.corruption = corruption
 
     def __len__(self) -> int:
         return len(self.infos)
@@ -352,7 +362,7 @@ class NuScenesDataset(Dataset):
         for attempt in range(len(self)):
             current = (index + attempt) % len(self)
             try:
-                sample = self.load_sample(current)
+                sample = self.load_sample(current, self.corruption)
             except BadSampleError as e:
                 if self.on_bad_sample == "error":
                     raise
@@ -366,8 +376,12 @@ class NuScenesDataset(Dataset):
         raise BadSampleError(f"no usable sample in the whole dataset (nuScenes root {self.root})")
 
     # ------------------------------------------------------------------------------------------------
-    def load_sample(self, index: int) -> Sample:
-        """The index-th sample before any transform (points of all sweeps, images, GT), or BadSampleError."""
+    def load_sample(self, index: int, corruption: Optional[SensorCorruption] = None) -> Sample:
+        """The index-th sample before any transform (points of all sweeps, images, GT), or BadSampleError.
+
+        corruption: applied to the loaded sample; a temporal misalignment loads its sensor from the key frame
+        ``corruption.delay(sensor)`` frames earlier in the scene (GT, poses and calibration stay this sample's).
+        """
         info = self.infos[index]
         token = info["token"]
         lidar2ego = _pose(info["lidar2ego_translation"], info["lidar2ego_rotation"])
@@ -376,11 +390,17 @@ class NuScenesDataset(Dataset):
         if self.train and len(boxes) == 0:
             raise BadSampleError(f"sample {token}: no GT box with LiDAR points of the {len(CLASS_NAMES)} classes "
                                  f"(lidar file {info['lidar_path']})")
-        sample = Sample(token=token, points=self.load_points(info), gt_boxes=boxes, gt_labels=labels,
+        lidar_info, camera_info = info, info
+        if corruption is not None:
+            lidar_info = self.infos[self.earlier_index(index, corruption.delay("lidar"))]
+            camera_info = self.infos[self.earlier_index(index, corruption.delay("camera"))]
+        sample = Sample(token=token, points=self.load_points(lidar_info), gt_boxes=boxes, gt_labels=labels,
                         lidar2global=ego2global @ lidar2ego, timestamp=info["timestamp"] / 1e6,
                         scene_name=info.get("scene_name", ""))
         if self.load_images:
-            self.load_cameras(info, sample)
+            sample.images, sample.intrinsics, sample.lidar2cam = self.load_cameras(info, camera_info)
+        if corruption is not None:
+            sample = corruption(sample, _DatasetFrames(self, lidar_info))
         return sample
 
     def _gt(self, info: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -395,6 +415,7 @@ class NuScenesDataset(Dataset):
         return boxes[keep], labels
 
     def _read_points(self, path: Path, token: str) -> np.ndarray:
+        """(N, 5) float32 of a .pcd.bin as stored: x, y, z, intensity, ring."""
         if not path.is_file():
             raise BadSampleError(f"sample {token}: LiDAR file {path} does not exist")
         size = path.stat().st_size
@@ -408,32 +429,64 @@ class NuScenesDataset(Dataset):
             raise BadSampleError(f"sample {token}: LiDAR file {path} holds NaN or infinite values")
         return points
 
+    def _raw_frames(self, info: dict) -> list[tuple[np.ndarray, Optional[dict]]]:
+        """The key frame's and up to `sweeps - 1` sweeps' raw points, each with its sweep entry (None: key frame)."""
+        frames = [(self._read_points(resolve_path(info["lidar_path"], self.root), info["token"]), None)]
+        for sweep in info["sweeps"][: self.sweeps - 1]:
+            frames.append((self._read_points(resolve_path(sweep["data_path"], self.root), info["token"]), sweep))
+        return frames
+
     def load_points(self, info: dict) -> np.ndarray:
         """Key frame (time lag 0) + up to `sweeps - 1` previous sweeps moved into the key frame's LiDAR frame."""
-        key = self._read_points(resolve_path(info["lidar_path"], self.root), info["token"])
-        key[:, 4] = 0.0
-        frames = [key]
-        for sweep in info["sweeps"][: self.sweeps - 1]:
-            points = self._read_points(resolve_path(sweep["data_path"], self.root), info["token"])
-            rotation = np.asarray(sweep["sensor2lidar_rotation"])
-            points[:, :3] = points[:, :3] @ rotation.T.astype(np.float32) + \
-                np.asarray(sweep["sensor2lidar_translation"], dtype=np.float32)
-            points[:, 4] = (info["timestamp"] - sweep["timestamp"]) / 1e6
+        frames = []
+        for points, sweep in self._raw_frames(info):
+            if sweep is None:
+                points[:, 4] = 0.0
+            else:
+                rotation = np.asarray(sweep["sensor2lidar_rotation"])
+                points[:, :3] = points[:, :3] @ rotation.T.astype(np.float32) + \
+                    np.asarray(sweep["sensor2lidar_translation"], dtype=np.float32)
+                points[:, 4] = (info["timestamp"] - sweep["timestamp"]) / 1e6
             frames.append(points)
         return np.concatenate(frames)
 
-    def load_cameras(self, info: dict, sample: Sample) -> None:
-        """The six images (decoded strictly, each checked against the width/height its info records) and their
-        intrinsics and lidar2cam, into `sample`."""
+    def load_rings(self, info: dict) -> np.ndarray:
+        """(N,) int64 ring (beam) index of every point :meth:`load_points` returns, in the same order (column 4 of
+        the raw files, which load_points replaces by the time lag)."""
+        return np.concatenate([points[:, 4] for points, _ in self._raw_frames(info)]).astype(np.int64)
+
+    def earlier_index(self, index: int, key_frames: int) -> int:
+        """The index of the sample `key_frames` key frames before sample `index` in its scene (following the
+        infos' 'prev' tokens), or of the scene's first sample if it starts later."""
+        for _ in range(key_frames):
+            info = self.infos[index]
+            if "prev" not in info:
+                raise BadSampleError(f"sample {info['token']}: the index has no 'prev' token (an mmdet3d info pkl?); "
+                                     "earlier frames need an index written by aqrcmt (create-infos or the devkit "
+                                     "index cache)")
+            if not info["prev"]:
+                break
+            if info["prev"] not in self._index_of_token:
+                raise BadSampleError(f"sample {info['token']}: its previous sample {info['prev']} is not in this "
+                                     "split's index")
+            index = self._index_of_token[info["prev"]]
+        return index
+
+    def load_cameras(self, info: dict,
+                     image_info: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The six views (6, H, W, 3) uint8 BGR (decoded strictly, each checked against the width/height its info
+        records), intrinsics K4 (6, 4, 4) and lidar2cam (6, 4, 4) of an info; the images from `image_info` instead
+        when given (a delayed camera: an earlier frame's images)."""
+        image_info = info if image_info is None else image_info
         images, intrinsics, lidar2cam = [], np.tile(np.eye(4), (6, 1, 1)), np.zeros((6, 4, 4))
         paths = []
         for i, name in enumerate(CAMERA_NAMES):
             if name not in info["cams"]:
                 raise BadSampleError(f"sample {info['token']}: the index has no camera {name}")
             cam = info["cams"][name]
-            path = resolve_path(cam["data_path"], self.root)
+            path = resolve_path(image_info["cams"][name]["data_path"], self.root)
             image = read_image(path, f"sample {info['token']}: {name} image")
-            recorded = (cam.get("width"), cam.get("height"))
+            recorded = (image_info["cams"][name].get("width"), image_info["cams"][name].get("height"))
             if None not in recorded and (image.shape[1], image.shape[0]) != recorded:
                 raise BadSampleError(f"sample {info['token']}: {name} image {path} is {image.shape[1]}x"
                                      f"{image.shape[0]} px, the index records {recorded[0]}x{recorded[1]} (the "
@@ -446,7 +499,19 @@ class NuScenesDataset(Dataset):
             lidar2cam[i, :3, 3] = -rotation.T @ np.asarray(cam["sensor2lidar_translation"])
             lidar2cam[i, 3, 3] = 1.0
         _check_same_size(images, paths, info["token"])
-        sample.images, sample.intrinsics, sample.lidar2cam = np.stack(images), intrinsics, lidar2cam
+        return np.stack(images), intrinsics, lidar2cam
+
+
+class _DatasetFrames:
+    """The :class:`aqrcmt.data.corruptions.FrameSource` of the LiDAR frames of `info` (read on demand)."""
+
+    def __init__(self, dataset: NuScenesDataset, info: dict) -> None:
+        self.dataset, self.info = dataset, info
+
+    def rings(self) -> np.ndarray:
+        return self.dataset.load_rings(self.info)
+
+
 
 
 def _check_same_size(images: list[np.ndarray], paths: list[Path], token: str) -> None:

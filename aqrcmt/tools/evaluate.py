@@ -2,10 +2,15 @@
 
     aqrcmt evaluate --results results_nusc.json --root data/nuscenes --version v1.0-trainval --eval-set val
     aqrcmt evaluate --checkpoint runs/tiny/best [--config tiny] [--split mini_val] [--robustness]
+    aqrcmt evaluate --checkpoint CKPT --corruptions all|NAME... [--severities 1 2 3] [--compare CKPT2] [--out DIR]
 
 A checkpoint is a ``.safetensors`` file of aqrcmt weights (``aqrcmt convert`` makes one from an official
 ``.pth``) or a training checkpoint directory holding ``model.safetensors``. Its config comes from ``--config``
 or, when omitted, from the config the training run stored in the weights' metadata.
+
+``--corruptions`` evaluates clean and under each sensor corruption at each severity (docs/robustness.md) and
+writes DIR/robustness.json, DIR/robustness.md (mAP, NDS, RA = NDS / NDS clean, mRA) and DIR/robustness.png;
+``--compare`` evaluates a second checkpoint the same way, side by side.
 """
 from __future__ import annotations
 
@@ -18,7 +23,10 @@ from aqrcmt.checkpoint.weights import stored_config, weights_file
 from aqrcmt.config import apply_overrides
 from aqrcmt.data import build_dataloader
 from aqrcmt.eval.nuscenes_eval import EvaluationError, evaluate_results_file, format_metrics
-from aqrcmt.eval.robustness import CLEAN, evaluate_robustness, format_robustness
+from aqrcmt.data.corruptions import CORRUPTIONS, SEVERITIES, parse_corruptions
+from aqrcmt.eval.robustness import (
+    CLEAN, evaluate_corruptions, evaluate_robustness, format_corruptions, format_robustness, plot_corruptions,
+)
 from aqrcmt.presets import load_config
 
 
@@ -33,8 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-set", "--split", dest="eval_set",
                         help="split to evaluate (default: the config's data.val_split)")
     parser.add_argument("--out", default=None, help="output folder (default: next to the results/checkpoint)")
-    parser.add_argument("--robustness", action="store_true",
-                        help="with --checkpoint: also evaluate with the LiDAR, all cameras and each camera dropped")
+    benchmark = parser.add_mutually_exclusive_group()
+    benchmark.add_argument("--robustness", action="store_true",
+                           help="with --checkpoint: also evaluate with the LiDAR, all cameras and each camera dropped")
+    benchmark.add_argument("--corruptions", nargs="+", metavar="NAME",
+                           help=f"with --checkpoint: sensor corruptions, 'all' or some of: {', '.join(CORRUPTIONS)}")
+    parser.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES),
+                        help="corruption severities (default: 1 2 3)")
+    parser.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruptions' random draws")
+    parser.add_argument("--compare", metavar="CKPT2", help="with --corruptions: a second checkpoint, side by side")
     parser.add_argument("--device", default="cpu", help="torch device for --checkpoint (e.g. cuda)")
 
 
@@ -54,11 +69,12 @@ def _evaluate_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_checkpoint(args: argparse.Namespace) -> int:
+def _load_checkpoint(checkpoint: str, args: argparse.Namespace):
+    """(model, cfg, weights path) of `checkpoint` with --config / --override / --root / --version applied."""
     from aqrcmt.models.detector import load_detector_from_checkpoint   # the model code only for --checkpoint
 
     try:
-        weights_path = weights_file(args.checkpoint)
+        weights_path = weights_file(checkpoint)
         cfg = load_config(args.config, args.override) if args.config else \
             apply_overrides(stored_config(weights_path), args.override)
         if args.root:
@@ -68,6 +84,15 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
         model, _ = load_detector_from_checkpoint(weights_path, args.device, cfg)
     except CheckpointError as error:
         raise EvaluationError(str(error)) from None
+    return model, cfg, weights_path
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> int:
+    if args.corruptions:
+        return _evaluate_corruptions(args)
+    if args.compare:
+        raise EvaluationError("--compare needs --corruptions")
+    model, cfg, weights_path = _load_checkpoint(args.checkpoint, args)
     split = args.eval_set or cfg.data.val_split
     out = Path(args.out) if args.out else weights_path.parent / f"eval_{split}"
 
@@ -81,3 +106,36 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
         (out / "robustness.json").write_text(json.dumps(table, indent=2))
     print(f"metrics written to {out}")
     return 0
+
+
+def _evaluate_corruptions(args: argparse.Namespace) -> int:
+    try:
+        corruptions = parse_corruptions(args.corruptions, args.severities, args.corruption_seed)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
+    checkpoints = [args.checkpoint] + ([args.compare] if args.compare else [])
+    labels = _labels(checkpoints)
+    tables, out = {}, None
+    for label, checkpoint in zip(labels, checkpoints):
+        model, cfg, weights_path = _load_checkpoint(checkpoint, args)
+        split = args.eval_set or cfg.data.val_split
+        out = out or (Path(args.out) if args.out else weights_path.parent / f"robustness_{split}")
+        loader = build_dataloader(cfg, split, train=False)
+        tables[label] = evaluate_corruptions(model, loader, cfg.data.root, cfg.data.version, split, out / label,
+                                             corruptions, device=args.device)
+        tables[label]["checkpoint"] = str(checkpoint)
+    report = {"split": split, "seed": args.corruption_seed, "severities": args.severities, "models": tables}
+    (out / "robustness.json").write_text(json.dumps(report, indent=2))
+    markdown = format_corruptions(tables)
+    (out / "robustness.md").write_text(f"# Robustness ({split}, corruption seed {args.corruption_seed})\n\n"
+                                       f"{markdown}\n")
+    plot_corruptions(tables, out / "robustness.png")
+    print(markdown)
+    print(f"robustness written to {out}")
+    return 0
+
+
+def _labels(checkpoints: list[str]) -> list[str]:
+    """Short distinct names of the checkpoints: the file or folder name (model.safetensors: its folder's)."""
+    names = [Path(c).parent.name if Path(c).name == "model.safetensors" else Path(c).name for c in checkpoints]
+    return names if len(set(names)) == len(names) else [f"{n}#{i + 1}" for i, n in enumerate(names)]
