@@ -54,11 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from aqrcmt.training.loop import TrainOptions, train  # heavy imports after argument checking
+    from aqrcmt.training.alarms import TrainingStopped  # heavy imports after argument checking
+    from aqrcmt.training.loop import TrainOptions, train
 
-    result = train(cfg, TrainOptions(resume=args.resume, load_from=args.load_from, allow_missing=args.allow_missing,
-                                     allow_unexpected=args.allow_unexpected, eval_only=args.eval_only,
-                                     stop_after_steps=args.stop_after_steps))
+    try:
+        result = train(cfg, TrainOptions(resume=args.resume, load_from=args.load_from,
+                                         allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
+                                         eval_only=args.eval_only, stop_after_steps=args.stop_after_steps))
+    except TrainingStopped as stop:
+        if stop.main_process:
+            print(f"error: {stop}", file=sys.stderr)
+        return 3
     print(f"run directory: {result.run_dir}")
     if result.last_checkpoint:
         print(f"last checkpoint: {result.last_checkpoint / 'model.safetensors'}")

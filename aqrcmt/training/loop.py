@@ -13,7 +13,11 @@ The phases, in the order :func:`train` runs them:
 2. per epoch :func:`train_epoch`: forward/backward per batch, :func:`optimizer_step` (clip, non-finite guard)
    per accumulation group, :func:`log_step`, mid-epoch checkpoints;
 3. at the end of an epoch :func:`save_checkpoint`, or :func:`evaluate_and_save` every
-   ``train.eval_every_epochs`` and at the end (metrics, best/ by NDS, metrics_history.json).
+   ``train.eval_every_epochs``, after the epochs of ``train.eval_at_epochs`` and at the end (metrics, best/ by
+   NDS, metrics_history.json).
+
+Health checks (:mod:`aqrcmt.training.alarms`) run on monitored steps (AQR signals), logged steps (loss) and after
+each evaluation; :func:`act_on_alarms` delivers them and applies ``model.aqr.monitor.on_alarm``.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from typing import Any, Literal, Optional
 
 import torch
 from accelerate import Accelerator, skip_first_batches
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,6 +45,8 @@ from aqrcmt.models import build_model
 from aqrcmt.models.detector import CmtDetector, LossOutput
 from aqrcmt.structures import Batch
 from aqrcmt.training import checkpointing as ckpt
+from aqrcmt.training.alarms import (Alarm, AlarmDelivery, LossTrend, TrainingStopped, check_aqr_signals,
+                                    check_evaluations)
 from aqrcmt.training.optim import freeze_and_build_optimizer, frozen_module_prefixes
 from aqrcmt.training.schedule import Schedule
 
@@ -97,6 +103,8 @@ class Run:
     resumed_rng: Optional[dict[str, Any]]      # this process's RNG state to continue from (resume), used once
     last_checkpoint: Optional[Path] = None
     metrics: Optional[dict] = None             # of the last evaluation
+    loss_trend: Optional[LossTrend] = None     # health checks (start_health_checks)
+    alarm_delivery: Optional[AlarmDelivery] = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -304,10 +312,13 @@ class ThroughputWindow:
     samples: int = 0
 
 
-def log_step(run: Run, output: LossOutput, grad_norm: torch.Tensor, window: ThroughputWindow, bar: tqdm) -> None:
+def log_step(run: Run, output: LossOutput, grad_norm: torch.Tensor, window: ThroughputWindow,
+             bar: tqdm) -> Optional[dict[str, float]]:
     """Losses by term, lr, grad norm, speed every ``train.log_every_steps``; the AQR health signals (and every
-    ``monitor.image_interval`` steps their maps) when this step was monitored."""
+    ``monitor.image_interval`` steps their maps) when this step was monitored. Returns the logged scalars (the
+    same on every process), None on steps that log none."""
     accelerator, cfg, step = run.accelerator, run.cfg, run.progress.step
+    scalars = None
     if step % cfg.train.log_every_steps == 0 or step == run.total_steps:
         elapsed = time.perf_counter() - window.start
         scalars = {f"loss/{k}": accelerator.reduce(v.detach().float(), "mean").item()
@@ -324,6 +335,62 @@ def log_step(run: Run, output: LossOutput, grad_norm: torch.Tensor, window: Thro
         accelerator.log({f"aqr/{k}": v for k, v in output.monitor.items()}, step=step)
         if accelerator.is_main_process and (step - 1) % cfg.model.aqr.monitor.image_interval == 0:
             run.detector.save_monitor_images(run.run_dir / "aqr_maps" / f"step_{step:08d}.png")
+    return scalars
+
+
+# ------------------------------------------------------------------------------------------------------
+# Health checks: alarms and what they do
+# ------------------------------------------------------------------------------------------------------
+def start_health_checks(run: Run) -> None:
+    """The loss history and the alarm delivery (active on the main process: printed line, alarms.jsonl in the
+    run directory, TensorBoard counts and text)."""
+    accelerator = run.accelerator
+    run.loss_trend = LossTrend(run.cfg.model.aqr.monitor)
+
+    def log_text(tag: str, text: str, step: int) -> None:
+        if run.cfg.train.tracker == "tensorboard":
+            accelerator.get_tracker("tensorboard", unwrap=True).add_text(tag, text, global_step=step)
+
+    run.alarm_delivery = AlarmDelivery(run.run_dir / "alarms.jsonl", active=accelerator.is_main_process,
+                                       print_line=tqdm.write,
+                                       log_scalars=lambda values, step: accelerator.log(values, step=step),
+                                       log_text=log_text)
+
+
+def step_alarms(run: Run, output: LossOutput, logged: Optional[dict[str, float]]) -> list[Alarm]:
+    """The checks of this step: AQR signals when it was monitored, the loss when it was logged."""
+    cfg, step = run.cfg.model.aqr.monitor, run.progress.step
+    alarms = check_aqr_signals(output.monitor, cfg, step) if output.monitor is not None else []
+    if logged is not None:
+        alarms += run.loss_trend.check(step, logged["loss/total"])
+    return alarms
+
+
+def act_on_alarms(run: Run, alarms: list[Alarm]) -> None:
+    """Deliver `alarms` and act on those of level "alarm" per ``model.aqr.monitor.on_alarm`` ("checkpoint": save
+    and go on; "stop": save, then raise TrainingStopped naming the alarm, its step and the checkpoint).
+
+    Collective (every process calls it at the same steps): the main process's alarms decide (the AQR signals
+    differ between processes), so every process saves and stops together.
+    """
+    accelerator, mode = run.accelerator, run.cfg.model.aqr.monitor.on_alarm
+    run.alarm_delivery.deliver(alarms)
+    if mode == "warn":
+        return
+    first = next((a.line() for a in alarms if a.level == "alarm"), None)
+    if accelerator.num_processes > 1:
+        first = broadcast_object_list([first if accelerator.is_main_process else None])[0]
+    if first is None:
+        return
+    saved = run.last_checkpoint
+    if saved is None or saved.name != ckpt.checkpoint_name(run.progress.step):
+        saved = save_checkpoint(run)
+    if mode == "stop":
+        accelerator.end_training()   # trackers flushed: the alarm's TensorBoard entries are on disk
+        raise TrainingStopped(f"training stopped by the health monitor (model.aqr.monitor.on_alarm=stop): {first}. "
+                              f"Checkpoint: {saved}; continue with --resume {saved}",
+                              main_process=accelerator.is_main_process)
+    accelerator.print(f"checkpoint {saved} saved for the alarm (model.aqr.monitor.on_alarm=checkpoint)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -373,7 +440,9 @@ def train_epoch(run: Run, bar: tqdm, window: ThroughputWindow) -> bool:
         progress.last_healthy_step = progress.step
         run.schedule.step()
         bar.update(1)
-        log_step(run, output, grad_norm, window, bar)
+        logged = log_step(run, output, grad_norm, window, bar)
+        if output.monitor is not None or logged is not None:
+            act_on_alarms(run, step_alarms(run, output, logged))
 
         # ---- mid-epoch checkpoints (the epoch's last step is saved by train(), with the epoch counted) ----
         epoch_ends = progress.batches_in_epoch >= run.batches_per_epoch
@@ -394,6 +463,7 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
     """Train (or, with ``options.eval_only``, evaluate) `cfg` in ``cfg.train.output_dir``; see the module doc."""
     run = setup(cfg, options)
     accelerator = run.accelerator
+    start_health_checks(run)
 
     if options.eval_only:
         run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
@@ -410,9 +480,9 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
             if not train_epoch(run, bar, window):
                 accelerator.end_training()       # stop_after_steps: as if interrupted, checkpoints kept
                 return TrainResult(run.run_dir, run.progress, run.last_checkpoint, None)
-            every = cfg.train.eval_every_epochs
-            if run.done or (every and run.progress.batches_in_epoch == 0 and run.progress.epoch % every == 0):
+            if run.done or (run.progress.batches_in_epoch == 0 and cfg.train.evaluates_after(run.progress.epoch)):
                 evaluate_and_save(run)
+                act_on_alarms(run, check_evaluations(run.progress.history, cfg.model.aqr.monitor))
             else:
                 save_checkpoint(run)
     accelerator.end_training()
