@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from accelerate import Accelerator, skip_first_batches
+from accelerate import Accelerator, PartialState, skip_first_batches
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from aqrcmt.checkpoint.io import CheckpointError
-from aqrcmt.checkpoint.weights import load_weights
+from aqrcmt.checkpoint.weights import apply_required_settings, load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
 from aqrcmt.data.nuscenes_dataset import EpochDataLoader
@@ -129,6 +129,19 @@ def _mixed_precision(cfg: Config) -> str:
 
 def _should_compile(cfg: Config, device: torch.device) -> bool:
     return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+
+
+def adopt_required_settings(cfg: Config, options: TrainOptions) -> None:
+    """Set in `cfg` what the ``--load-from`` weights record that they need (a converted AQR-fork checkpoint:
+    its tanh generator without type embeddings), before the model is built and config.json written."""
+    if not options.load_from:
+        return
+    try:
+        notes = apply_required_settings(cfg, options.load_from)
+    except CheckpointError as error:
+        raise CheckpointError(f"--load-from {error}") from None
+    for note in notes:
+        PartialState().print(f"--load-from {options.load_from} needs {note}")
 
 
 def setup(cfg: Config, options: TrainOptions) -> Run:
@@ -461,6 +474,7 @@ def train_epoch(run: Run, bar: tqdm, window: ThroughputWindow) -> bool:
 
 def train(cfg: Config, options: TrainOptions) -> TrainResult:
     """Train (or, with ``options.eval_only``, evaluate) `cfg` in ``cfg.train.output_dir``; see the module doc."""
+    adopt_required_settings(cfg, options)
     run = setup(cfg, options)
     accelerator = run.accelerator
     start_health_checks(run)
