@@ -53,10 +53,10 @@ def test_the_reports_clamp_settings_raise_the_map_mean_alarm_and_the_recommended
     scene = random_scene(cfg, num_queries=900, batch=1, weight_mean=0.45, weight_std=0.1, seed=0,
                          device=torch.device("cpu"))
     monitor = AQRMonitorConfig()
-    _, _, report_render, report_modulate, _ = next(r for r in reference_settings(cfg) if r[1] == "report_clamp_fix")
+    _, _, report_render, report_modulate = next(r for r in reference_settings(cfg) if r[1] == "report_clamp_fix")
     sick = check_aqr_signals(measure(scene, report_render, report_modulate)[0], monitor, step=1)
     assert {"bev_map_mean", "camera_map_mean", "cam_front_map_mean"} <= {a.signal for a in sick if a.level == "alarm"}
-    recommended = load_config("cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs").model.aqr
+    recommended = load_config("tiny_aqr_recommended").model.aqr
     assert recommended.render == AQRRenderConfig(kernel_norm="normalized", sigma_bev=2.0, sigma_camera=2.0,
                                                  threshold=0.0, clamp_max=None, fill=1.0)
     assert recommended.modulate == AQRModulateConfig(residual_form="convex", residual_weight=0.5)
