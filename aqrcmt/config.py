@@ -230,20 +230,44 @@ class AQRModulateConfig:
 
 @dataclass
 class AQRMonitorConfig:
-    """Health monitor: signals every `interval` steps, warnings at the alarm levels of the fork's training report
-    (docs/aqr.md), map images every `image_interval` steps."""
+    """Training health: AQR signals every `interval` steps (map images every `image_interval`), the checks of the
+    fork's training report as alarms and notices (docs/aqr.md, "Alarms"), and what an alarm does.
+
+    The loss and validation checks (``loss_*``, ``val_*``) run whether AQR is enabled or not. A level of None
+    (or a window of 0) switches its check off. on_alarm: "warn" reports only; "checkpoint" also saves a
+    checkpoint and trains on; "stop" saves one and stops the run (non-zero exit). Notices never act.
+    """
     interval: int = 50
-    map_mean_min: float = 0.2
-    map_max_max: float = 2.0
-    relative_change_max: float = 0.5
-    modulated_mean_min: float = 0.01
-    query_weight_min: float = 0.2
     image_interval: int = 500
+    on_alarm: Literal["warn", "checkpoint", "stop"] = "warn"
+    # AQR signals (alarms)
+    map_mean_min: Optional[float] = 0.2
+    map_max_max: Optional[float] = 2.0
+    relative_change_max: Optional[float] = 0.5
+    modulated_rms_min: Optional[float] = 0.01          # features vanish: RMS, not mean (camera features are signed)
+    energy_retention_min: Optional[float] = 0.25       # sum out^2 / sum x^2 (0.25: the RMS halved)
+    query_weight_min: Optional[float] = 0.2
+    # AQR signals: the report's healthy bands (notices when left)
+    map_mean_band: Optional[tuple[float, float]] = (0.35, 0.45)
+    relative_change_band: Optional[tuple[float, float]] = (0.15, 0.30)
+    # loss and validation (alarms)
+    loss_max: Optional[float] = 10.0                   # total loss; a model trained from scratch starts higher
+    loss_window_steps: int = 500                       # the loss must fall over this many steps (0: off)
+    val_map_min: Optional[float] = 0.4
+    val_map_min_from_epoch: int = 3                    # val_map_min applies from this epoch on
+    val_nds_must_rise: bool = True                     # NDS must rise from one evaluation to the next
 
     def validate(self, key: str = "model.aqr.monitor") -> None:
         _positive(self, key, "interval", "image_interval")
-        _non_negative(self, key, "map_mean_min", "map_max_max", "relative_change_max", "modulated_mean_min",
-                      "query_weight_min")
+        _non_negative(self, key, "loss_window_steps", "val_map_min_from_epoch")
+        for name in ("map_mean_min", "map_max_max", "relative_change_max", "modulated_rms_min",
+                     "energy_retention_min", "query_weight_min", "loss_max", "val_map_min"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, f"{key}.{name}", f"must be >= 0 or none, got {value}")
+        for name in ("map_mean_band", "relative_change_band"):
+            band = getattr(self, name)
+            _check(band is None or 0 <= band[0] <= band[1], f"{key}.{name}",
+                   f"needs 0 <= low <= high (or none), got {band}")
 
 
 @dataclass
@@ -390,6 +414,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     keep_last: int = 3
     eval_every_epochs: int = 1
+    eval_at_epochs: tuple[int, ...] = ()                       # also evaluate after these epochs (1 = the first)
     log_every_steps: int = 10
     max_nonfinite_steps: int = 5
     tracker: Optional[str] = "tensorboard"
@@ -398,6 +423,13 @@ class TrainConfig:
         _positive(self, key, "epochs", "log_every_steps", "max_nonfinite_steps")
         # keep_last 0 keeps every checkpoint; max_steps / checkpoint_every_steps / eval_every_epochs 0 switch off
         _non_negative(self, key, "max_steps", "checkpoint_every_steps", "keep_last", "eval_every_epochs")
+        _check(all(e >= 1 for e in self.eval_at_epochs), f"{key}.eval_at_epochs",
+               f"epochs count from 1, got {self.eval_at_epochs}")
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """True when the run evaluates once `epoch` epochs (counted from 1) are done (besides the last epoch)."""
+        every = self.eval_every_epochs
+        return bool(every and epoch % every == 0) or epoch in self.eval_at_epochs
 
 
 @dataclass

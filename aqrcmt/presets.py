@@ -113,6 +113,8 @@ AQR_FORK_LR_MULTS = {
     "pts_bbox_head.transformer": 0.5, "pts_bbox_head.reference_points": 0.3, "pts_bbox_head.task_heads": 0.8,
     "pts_bbox_head.shared_conv": 0.5, "pts_bbox_head.aqr": 1.0,
 }
+# Early evaluations: the fork's report saw its collapse only at epoch 2; its checkpoints are epochs 2, 3 and 5.
+AQR_EVAL_AT_EPOCHS = (1, 2, 3, 5, 10, 20)
 
 
 def _aqr_fork_final_settings(sigma: float, camera_window: int) -> AQRConfig:
@@ -153,6 +155,7 @@ def cmt_aqr_fork_original_voxel0075_vov_1600x640_cbgs() -> Config:
     cfg = cmt_voxel0075_vov_1600x640_cbgs()
     cfg.model.aqr = _aqr_fork_original_settings(camera_window=15)
     cfg.optim = OptimConfig(lr=2e-4, lr_mults=dict(AQR_FORK_LR_MULTS), decay_mults={"img_backbone": 5.0})
+    cfg.train.eval_at_epochs = AQR_EVAL_AT_EPOCHS
     return cfg
 
 
@@ -161,6 +164,7 @@ def cmt_aqr_voxel0075_vov_1600x640_cbgs() -> Config:
     cfg = cmt_voxel0075_vov_1600x640_cbgs()
     cfg.model.aqr = _aqr_fork_final_settings(sigma=1.0, camera_window=15)
     cfg.optim = OptimConfig(lr=2e-4, lr_mults=dict(AQR_FORK_LR_MULTS), decay_mults={"img_backbone": 5.0})
+    cfg.train.eval_at_epochs = AQR_EVAL_AT_EPOCHS
     return cfg
 
 
@@ -170,6 +174,7 @@ def cmt_aqr_voxel0100_r50_800x320_cbgs() -> Config:
     cfg.model.aqr = _aqr_fork_final_settings(sigma=1.0, camera_window=7)  # the fork uses 8 (even); our windows are odd
     cfg.optim = OptimConfig(lr=1e-4, cyclic_target_ratio=(6.0, 1e-4), lr_mults=dict(AQR_FORK_LR_MULTS),
                             decay_mults={"img_backbone": 5.0})
+    cfg.train.eval_at_epochs = AQR_EVAL_AT_EPOCHS
     return cfg
 
 
@@ -201,7 +206,7 @@ def tiny() -> Config:
                       ffn_dim=128, head_conv=32, dropout=0.0, dn_max_gt=16, max_num=100,
                       post_center_range=(-45.0, -45.0, -10.0, 45.0, 45.0, 10.0),
                       locality_sigma_bev=4.0, locality_sigma_camera=2.0)
-    return Config(
+    cfg = Config(
         model=ModelConfig(lidar=lidar, camera=camera, head=head),
         data=DataConfig(root="data/synthetic_nuscenes", version="v1.0-mini", train_split="mini_train",
                         val_split="mini_val", batch_size=2, num_workers=0, pin_memory=False, cbgs=False,
@@ -210,10 +215,15 @@ def tiny() -> Config:
         train=TrainConfig(epochs=30, mixed_precision="no", compile=False, output_dir="runs/tiny",
                           log_every_steps=5, eval_every_epochs=10),
     )
+    # From scratch the total loss starts far above 10 and a synthetic scene is not held to the report's mAP 0.4:
+    # the loss level only catches divergence, the mAP level is off.
+    cfg.model.aqr.monitor.loss_max, cfg.model.aqr.monitor.val_map_min = 1000.0, None
+    return cfg
 
 
 def _tiny_with_aqr(aqr: AQRConfig) -> Config:
     cfg = tiny()
+    aqr.monitor = cfg.model.aqr.monitor      # the tiny levels
     cfg.model.aqr = aqr
     cfg.model.aqr.generator.ffn_dim = 128
     cfg.model.aqr.generator.num_heads = 4

@@ -85,6 +85,22 @@ def test_gathered_windows_equal_dense_masked_attention():
     assert expected.std() > 0.05
 
 
+def test_use_type_embed_false_leaves_the_embeddings_out_as_the_fork_did():
+    torch.manual_seed(0)
+    cfg = AQRGeneratorConfig(num_heads=4, ffn_dim=32, dropout=0.0, camera_window=3, bev_window=3)
+    gen = AQRWeightGenerator(cfg, C).eval()
+    torch.nn.init.normal_(gen.weight_predictor.weight)
+    inputs = _inputs()
+    with_embed = torch.stack(gen(*inputs), -1)
+    gen.cfg = AQRGeneratorConfig(**{**vars(cfg), "use_type_embed": False})
+    without = torch.stack(gen(*inputs), -1)
+    with torch.no_grad():
+        gen.bev_type_embed.mul_(100.0)
+        gen.rv_type_embed.mul_(100.0)
+    assert torch.equal(torch.stack(gen(*inputs), -1), without)          # the embeddings are not used at all
+    assert (with_embed - without).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("activation,bias,start", [("sigmoid", 2.0, 0.8808), ("tanh", 1.5, 0.9051)])
 def test_initial_weights(activation, bias, start):
     gen = AQRWeightGenerator(AQRGeneratorConfig(ffn_dim=32, activation=activation, bias_init=bias), C).eval()

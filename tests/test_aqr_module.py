@@ -79,7 +79,7 @@ def test_generator_gets_gradients_through_the_rendered_maps():
             assert generator.get_parameter(name).grad.abs().sum() > 0, name
         optimizer.step()
     stats = head.aqr.last_stats
-    assert len(stats) == 16 and all(isinstance(v, float) and v == v for v in stats.values())
+    assert len(stats) == 40 and all(isinstance(v, float) and v == v for v in stats.values())
 
 
 def small_module(render_dn: bool) -> AQRModulation:

@@ -151,11 +151,24 @@ def test_aqr_fork_checkpoint_with_ddp_prefix(tmp_path, capsys):
     kept = {k: v for k, v in official.items() if "weight_renderer" not in k and "attention_bias" not in k}
     assert_loaded_exactly(model, kept, prefix="module.")
 
+    # The fork's generator needs tanh and no type embeddings: recorded, and --load-from sets them in the config
+    from aqrcmt.checkpoint.weights import apply_required_settings, required_settings, stored_config
+    assert required_settings(dst) == {"model.aqr.generator.activation": "tanh",
+                                      "model.aqr.generator.use_type_embed": False}
+    assert stored_config(dst).model.aqr.generator.activation == "tanh"
+    cfg = get_preset(R50_AQR)
+    assert apply_required_settings(cfg, dst) == ["model.aqr.generator.activation: 'sigmoid' -> 'tanh'",
+                                                 "model.aqr.generator.use_type_embed: True -> False"]
+    assert apply_required_settings(cfg, dst) == [] and cfg.model.aqr.generator.activation == "tanh"
+    fork_generator = build_model(cfg.model).pts_bbox_head.aqr.weight_generator
+    assert not fork_generator.bev_type_embed.requires_grad      # unused as in the fork, so frozen
+
     # A plain CMT checkpoint converts for the AQR model too: only the generator is left to initialise.
     plain = synthetic_state_dict(load_manifest(R50))
     src = write_mmcv_checkpoint(tmp_path / "plain.pth", plain)
     assert convert(src, tmp_path / "plain.safetensors", "--config", R50_AQR) == 0
     assert "aqr_fork_weight_generator: not in the source" in capsys.readouterr().out
+    assert required_settings(tmp_path / "plain.safetensors") == {}
     result = model.load_state_dict(load_safetensors(tmp_path / "plain.safetensors")[0], strict=False)
     assert not result.unexpected_keys
     assert result.missing_keys and all(k.startswith("pts_bbox_head.aqr.") for k in result.missing_keys)

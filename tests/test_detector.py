@@ -142,7 +142,7 @@ def test_loss_returns_the_aqr_monitor_signals_only_when_asked(tiny_model, tiny_c
     plain = model.loss(batch)
     assert plain.monitor is None and {"loss_cls", "loss_bbox"} <= set(plain.losses)
     monitored = model.loss(batch, monitor=True)
-    assert len(monitored.monitor) == 16 and all(isinstance(v, float) and v == v for v in monitored.monitor.values())
+    assert len(monitored.monitor) == 40 and all(isinstance(v, float) and v == v for v in monitored.monitor.values())
     assert 0.0 < monitored.monitor["bev_map_mean"] and monitored.losses.keys() == plain.losses.keys()
     assert not model.pts_bbox_head.aqr.monitor_this_step      # the next forward (e.g. an evaluation) is not monitored
     assert model.save_monitor_images(tmp_path / "maps").is_file()

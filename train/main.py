@@ -58,11 +58,18 @@ def run(args: argparse.Namespace) -> int:
     if args.compile is not None:
         overrides.append(f"train.compile={args.compile}")
     cfg = load_config(args.config, overrides)
-    from aqrcmt.training.loop import TrainOptions, train  # heavy imports after argument checking
+    from aqrcmt.training.alarms import TrainingStopped  # heavy imports after argument checking
+    from aqrcmt.training.loop import TrainOptions, train
 
-    result = train(cfg, TrainOptions(resume=args.resume, load_from=args.load_from, allow_missing=args.allow_missing,
-                                     allow_unexpected=args.allow_unexpected, eval_only=args.eval_only,
-                                     overwrite=args.overwrite, stop_after_steps=args.stop_after_steps))
+    try:
+        result = train(cfg, TrainOptions(resume=args.resume, load_from=args.load_from,
+                                         allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
+                                         eval_only=args.eval_only, overwrite=args.overwrite,
+                                         stop_after_steps=args.stop_after_steps))
+    except TrainingStopped as stop:     # the health monitor's on_alarm=stop: its own exit code
+        if stop.main_process:
+            print(f"error: {stop}", file=sys.stderr)
+        return 3
     print(f"run directory: {result.run_dir}")
     if result.last_checkpoint:
         print(f"last checkpoint: {result.last_checkpoint / 'model.safetensors'}")

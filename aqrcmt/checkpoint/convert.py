@@ -28,7 +28,8 @@ from aqrcmt.checkpoint.io import CheckpointError, is_safetensors, load_safetenso
     sha256_of, torch_save_atomic
 from aqrcmt.checkpoint.manifest import Manifest, ManifestEntry, load_manifest, manifests_for, \
     released_manifest_names
-from aqrcmt.checkpoint.weights import matches_any, strip_wrapper_prefixes
+from aqrcmt.checkpoint.weights import REQUIRED_SETTINGS_KEY, matches_any, strip_wrapper_prefixes
+from aqrcmt.config import apply_overrides
 from aqrcmt.presets import load_config
 
 CONVERTER_VERSION = "1"
@@ -313,6 +314,17 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v)))
 
 
+# The AQR fork's weight generator: tanh on its Linear(256, 2) (HEAD b0a62a5), and its bev/rv type embeddings
+# declared but never added to the keys. A converted fork checkpoint records both; --load-from applies them.
+FORK_GENERATOR_SETTINGS = {"model.aqr.generator.activation": "tanh", "model.aqr.generator.use_type_embed": False}
+
+
+def fork_generator_settings(manifests: Sequence[Manifest], result: Conversion) -> dict[str, Any]:
+    """The config settings a conversion needs: the fork generator's when its tensors were converted, else none."""
+    converted = {m.name for m in manifests} - set(result.absent_groups)
+    return dict(FORK_GENERATOR_SETTINGS) if "aqr_fork_weight_generator" in converted else {}
+
+
 def convert(src: Path, dst: Path, config_name: str, *, reverse: bool = False, unsafe_load: bool = False,
             allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = (),
             overwrite: bool = False) -> Conversion:
@@ -336,6 +348,7 @@ def convert(src: Path, dst: Path, config_name: str, *, reverse: bool = False, un
     result = match(source, manifests, reverse=reverse, allow_missing=allow_missing, allow_unexpected=allow_unexpected)
     if not result.ok:
         raise ConversionError(describe_problems(result, source, manifests, reverse))
+    required = fork_generator_settings(manifests, result)
     provenance = {"converter": "aqrcmt.checkpoint.convert", "converter_version": CONVERTER_VERSION,
                   "source_file": src.name, "source_sha256": sha256_of(src), "config_name": cfg.name,
                   "manifest": "+".join(m.name for m in manifests if m.name not in result.absent_groups)}
@@ -345,7 +358,9 @@ def convert(src: Path, dst: Path, config_name: str, *, reverse: bool = False, un
         torch_save_atomic({"meta": meta, "state_dict": official_state_dict(result.tensors, manifests)}, dst)
     else:
         # "config" holds the resolved config as JSON, as in training checkpoints (`aqrcmt evaluate` reads it).
+        if required:
+            apply_overrides(cfg, [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in required.items()])
         metadata = {**provenance, "format": "aqrcmt", "config": cfg.to_json(),
-                    "source_meta": json.dumps(_json_safe(source.meta))}
+                    "source_meta": json.dumps(_json_safe(source.meta)), REQUIRED_SETTINGS_KEY: json.dumps(required)}
         save_safetensors_atomic(result.tensors, dst, metadata)
     return result

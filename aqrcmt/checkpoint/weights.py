@@ -12,7 +12,7 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 # AQR tensors a plain CMT checkpoint lacks: they keep their initialisation.
 AQR_PREFIX = "pts_bbox_head.aqr."
+# Metadata key of the config settings a weights file needs (JSON: dotted config key -> value), e.g. a converted
+# AQR-fork checkpoint's generator: {"model.aqr.generator.activation": "tanh", ...}.
+REQUIRED_SETTINGS_KEY = "aqrcmt_required_settings"
 
 
 @dataclass
@@ -133,3 +136,28 @@ def stored_config(path: PathLike) -> "Config":
     if "config" not in metadata:
         raise CheckpointError(f"{file} stores no config; pass --config")
     return config_from_dict(json.loads(metadata["config"]))
+
+
+def required_settings(path: PathLike) -> dict[str, Any]:
+    """The config settings the weights at `path` need (dotted key -> value; empty when none are recorded)."""
+    metadata = load_safetensors_metadata(weights_file(path))
+    return json.loads(metadata.get(REQUIRED_SETTINGS_KEY, "{}"))
+
+
+def apply_required_settings(cfg: "Config", path: PathLike) -> list[str]:
+    """Set the config fields the weights at `path` need (see REQUIRED_SETTINGS_KEY); returns one note per field
+    changed ("key: old -> new"). Raises ConfigError when a recorded key is not a config field."""
+    from aqrcmt.config import apply_overrides
+
+    notes = []
+    for key, value in required_settings(path).items():
+        section, _, leaf = key.rpartition(".")
+        holder: Any = cfg
+        for part in section.split(".") if section else ():
+            holder = getattr(holder, part, None)
+        old = getattr(holder, leaf, None)
+        if old != value:
+            apply_overrides(cfg, [f"{key}={value if isinstance(value, str) else json.dumps(value)}"])
+            notes.append(f"{key}: {old!r} -> {value!r}")
+    return notes
+

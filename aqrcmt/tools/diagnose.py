@@ -3,7 +3,8 @@
 Prints a table (query-weight mean -> rendered map mean -> "loss ratio", map max, feature change) for the
 reference settings of :func:`aqrcmt.models.aqr.diagnose.reference_settings` (the fork's renderer, its training
 report's fix, the config), then a sweep over sigma x kernel normalisation x residual form, and writes PNGs of
-the BEV map and the six camera maps.
+the BEV map and the six camera maps, and the alarms and notices (aqrcmt.training.alarms) the config's own
+settings would raise in training. ``--set key=value ...`` overrides any config field first.
 
 Queries are random by default (:func:`aqrcmt.models.aqr.diagnose.random_scene`); with ``--checkpoint`` and
 ``--data`` they come from the model: the AQR step's inputs are captured on one real sample and its generator's
@@ -24,6 +25,7 @@ from aqrcmt.models.aqr.monitor import save_weight_maps
 from aqrcmt.models.detector import load_detector_from_checkpoint
 from aqrcmt.presets import load_config
 from aqrcmt.tools.errors import CommandError
+from aqrcmt.training.alarms import check_aqr_signals
 
 
 def model_scene(cfg: Config, checkpoint: str, data_root: str, device: torch.device) -> Scene:
@@ -70,6 +72,8 @@ def debug_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="preset name or config .json")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. model.aqr.render.sigma_bev=2.0")
     parser.add_argument("--checkpoint", help="model weights (.safetensors); with --data: real queries and features")
     parser.add_argument("--data", help="nuScenes (or synthetic nuScenes) root for --checkpoint")
     parser.add_argument("--out", default="aqr_diagnose", help="folder for the PNGs (default: %(default)s)")
@@ -83,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     device = torch.device(args.device)
     if bool(args.checkpoint) != bool(args.data):
         raise CommandError("--checkpoint and --data go together (real queries need both)")
@@ -105,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append((label, stats))
         save_weight_maps(out_dir / f"maps_{stem}.png", bev_map[0], camera_maps[0], title=label)
     print(debug_table(rows))
+    alarms = check_aqr_signals(rows[-1][1], cfg.model.aqr.monitor, step=0)   # the last row: the config itself
+    print(f"\nhealth checks of config {cfg.name} (model.aqr.monitor levels): "
+          f"{sum(a.level == 'alarm' for a in alarms)} alarm(s), {sum(a.level == 'notice' for a in alarms)} notice(s)")
+    for alarm in alarms:
+        print(f"  {alarm.level}: {alarm.signal} = {alarm.value:.4g} {alarm.bound} ({alarm.meaning})")
     if not args.no_sweep:
         print("\nSweep (loss = map mean vs query-weight mean; rel chg = mean|out-x|/mean|x|; energy = sum out^2 / "
               "sum x^2):")

@@ -14,9 +14,12 @@ The phases, in the order :func:`train` runs them:
    :class:`Run`;
 2. per epoch :func:`train_epoch`: forward/backward per batch, :func:`optimizer_step` (clip, non-finite guard)
    per accumulation group, :func:`log_step`, mid-epoch checkpoints;
-3. at the end of an epoch :func:`save_checkpoint`, then every ``train.eval_every_epochs`` and at the end
-   :func:`evaluate_checkpoint` (metrics.json beside the checkpoint, best/ by NDS, metrics_history.json): the
-   epoch is on disk before the evaluation runs.
+3. at the end of an epoch :func:`save_checkpoint`, then - every ``train.eval_every_epochs``, after the
+   epochs of ``train.eval_at_epochs`` and at the end - :func:`evaluate_checkpoint` (metrics.json beside the
+   checkpoint, best/ by NDS, metrics_history.json): the epoch is on disk before the evaluation runs.
+
+Health checks (:mod:`aqrcmt.training.alarms`) run on monitored steps (AQR signals), logged steps (loss) and after
+each evaluation; :func:`act_on_alarms` delivers them and applies ``model.aqr.monitor.on_alarm``.
 """
 from __future__ import annotations
 
@@ -29,13 +32,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from accelerate import Accelerator, skip_first_batches
-from accelerate.utils import gather_object, set_seed
+from accelerate import Accelerator, PartialState, skip_first_batches
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from aqrcmt.checkpoint.io import CheckpointError
-from aqrcmt.checkpoint.weights import load_weights
+from aqrcmt.checkpoint.weights import apply_required_settings, load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
 from aqrcmt.data.nuscenes_dataset import EpochDataLoader, build_dataset
@@ -46,6 +49,8 @@ from aqrcmt.models.detector import CmtDetector, LossOutput
 from aqrcmt.structures import Batch
 from aqrcmt.training import checkpointing as ckpt
 from aqrcmt.training import run_dir as run_dirs
+from aqrcmt.training.alarms import (Alarm, AlarmDelivery, LossTrend, TrainingStopped, check_aqr_signals,
+                                    check_evaluations)
 from aqrcmt.training.optim import freeze_and_build_optimizer, frozen_module_prefixes
 from aqrcmt.training.schedule import Schedule
 
@@ -109,6 +114,8 @@ class Run:
     resumed_from: Optional[Path] = None        # the checkpoint this run was resumed from
     last_checkpoint: Optional[Path] = None
     metrics: Optional[dict] = None             # of the last evaluation
+    loss_trend: Optional[LossTrend] = None     # health checks (start_health_checks)
+    alarm_delivery: Optional[AlarmDelivery] = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -175,6 +182,17 @@ def _resumed_progress(ckpt_dir: Path, state: dict) -> ckpt.TrainingProgress:
     if metrics is not None and all(entry["step"] != metrics["step"] for entry in progress.history):
         _with_evaluation(progress, metrics)
     return progress
+def adopt_required_settings(cfg: Config, options: TrainOptions) -> None:
+    """Set in `cfg` what the ``--load-from`` weights record that they need (a converted AQR-fork checkpoint:
+    its tanh generator without type embeddings), before the model is built and config.json written."""
+    if not options.load_from:
+        return
+    try:
+        notes = apply_required_settings(cfg, options.load_from)
+    except CheckpointError as error:
+        raise CheckpointError(f"--load-from {error}") from None
+    for note in notes:
+        PartialState().print(f"--load-from {options.load_from} needs {note}")
 
 
 def setup(cfg: Config, options: TrainOptions) -> Run:
@@ -338,8 +356,7 @@ def evaluate_checkpoint(run: Run, path: Path) -> None:
 
 def evaluation_due(run: Run) -> bool:
     """Whether the state just reached (an epoch end, or the end of training) is evaluated."""
-    every = run.cfg.train.eval_every_epochs
-    return run.done or bool(every and run.progress.batches_in_epoch == 0 and run.progress.epoch % every == 0)
+    return run.done or (run.progress.batches_in_epoch == 0 and run.cfg.train.evaluates_after(run.progress.epoch))
 
 
 def finish_interrupted_evaluation(run: Run) -> None:
@@ -401,10 +418,13 @@ class ThroughputWindow:
     samples: int = 0
 
 
-def log_step(run: Run, output: LossOutput, grad_norm: torch.Tensor, window: ThroughputWindow, bar: tqdm) -> None:
+def log_step(run: Run, output: LossOutput, grad_norm: torch.Tensor, window: ThroughputWindow,
+             bar: tqdm) -> Optional[dict[str, float]]:
     """Losses by term, lr, grad norm, speed every ``train.log_every_steps``; the AQR health signals (and every
-    ``monitor.image_interval`` steps their maps) when this step was monitored."""
+    ``monitor.image_interval`` steps their maps) when this step was monitored. Returns the logged scalars (the
+    same on every process), None on steps that log none."""
     accelerator, cfg, step = run.accelerator, run.cfg, run.progress.step
+    scalars = None
     if step % cfg.train.log_every_steps == 0 or step == run.total_steps:
         elapsed = time.perf_counter() - window.start
         scalars = {f"loss/{k}": accelerator.reduce(v.detach().float(), "mean").item()
@@ -421,6 +441,62 @@ def log_step(run: Run, output: LossOutput, grad_norm: torch.Tensor, window: Thro
         accelerator.log({f"aqr/{k}": v for k, v in output.monitor.items()}, step=step)
         if accelerator.is_main_process and (step - 1) % cfg.model.aqr.monitor.image_interval == 0:
             run.detector.save_monitor_images(run.run_dir / "aqr_maps" / f"step_{step:08d}.png")
+    return scalars
+
+
+# ------------------------------------------------------------------------------------------------------
+# Health checks: alarms and what they do
+# ------------------------------------------------------------------------------------------------------
+def start_health_checks(run: Run) -> None:
+    """The loss history and the alarm delivery (active on the main process: printed line, alarms.jsonl in the
+    run directory, TensorBoard counts and text)."""
+    accelerator = run.accelerator
+    run.loss_trend = LossTrend(run.cfg.model.aqr.monitor)
+
+    def log_text(tag: str, text: str, step: int) -> None:
+        if run.cfg.train.tracker == "tensorboard":
+            accelerator.get_tracker("tensorboard", unwrap=True).add_text(tag, text, global_step=step)
+
+    run.alarm_delivery = AlarmDelivery(run.run_dir / "alarms.jsonl", active=accelerator.is_main_process,
+                                       print_line=tqdm.write,
+                                       log_scalars=lambda values, step: accelerator.log(values, step=step),
+                                       log_text=log_text)
+
+
+def step_alarms(run: Run, output: LossOutput, logged: Optional[dict[str, float]]) -> list[Alarm]:
+    """The checks of this step: AQR signals when it was monitored, the loss when it was logged."""
+    cfg, step = run.cfg.model.aqr.monitor, run.progress.step
+    alarms = check_aqr_signals(output.monitor, cfg, step) if output.monitor is not None else []
+    if logged is not None:
+        alarms += run.loss_trend.check(step, logged["loss/total"])
+    return alarms
+
+
+def act_on_alarms(run: Run, alarms: list[Alarm]) -> None:
+    """Deliver `alarms` and act on those of level "alarm" per ``model.aqr.monitor.on_alarm`` ("checkpoint": save
+    and go on; "stop": save, then raise TrainingStopped naming the alarm, its step and the checkpoint).
+
+    Collective (every process calls it at the same steps): the main process's alarms decide (the AQR signals
+    differ between processes), so every process saves and stops together.
+    """
+    accelerator, mode = run.accelerator, run.cfg.model.aqr.monitor.on_alarm
+    run.alarm_delivery.deliver(alarms)
+    if mode == "warn":
+        return
+    first = next((a.line() for a in alarms if a.level == "alarm"), None)
+    if accelerator.num_processes > 1:
+        first = broadcast_object_list([first if accelerator.is_main_process else None])[0]
+    if first is None:
+        return
+    saved = run.last_checkpoint
+    if saved is None or saved.name != ckpt.checkpoint_name(run.progress.step):
+        saved = save_checkpoint(run)
+    if mode == "stop":
+        accelerator.end_training()   # trackers flushed: the alarm's TensorBoard entries are on disk
+        raise TrainingStopped(f"training stopped by the health monitor (model.aqr.monitor.on_alarm=stop): {first}. "
+                              f"Checkpoint: {saved}; continue with --resume {saved}",
+                              main_process=accelerator.is_main_process)
+    accelerator.print(f"checkpoint {saved} saved for the alarm (model.aqr.monitor.on_alarm=checkpoint)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -470,7 +546,9 @@ def train_epoch(run: Run, bar: tqdm, window: ThroughputWindow) -> bool:
         progress.last_healthy_step = progress.step
         run.schedule.step()
         bar.update(1)
-        log_step(run, output, grad_norm, window, bar)
+        logged = log_step(run, output, grad_norm, window, bar)
+        if output.monitor is not None or logged is not None:
+            act_on_alarms(run, step_alarms(run, output, logged))
 
         # ---- mid-epoch checkpoints (the epoch's last step is saved by train(), with the epoch counted) ----
         epoch_ends = progress.batches_in_epoch >= run.batches_per_epoch
@@ -489,8 +567,10 @@ def train_epoch(run: Run, bar: tqdm, window: ThroughputWindow) -> bool:
 
 def train(cfg: Config, options: TrainOptions) -> TrainResult:
     """Train (or, with ``options.eval_only``, evaluate) `cfg` in ``cfg.train.output_dir``; see the module doc."""
+    adopt_required_settings(cfg, options)
     run = setup(cfg, options)
     accelerator = run.accelerator
+    start_health_checks(run)
 
     if options.eval_only:
         run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
@@ -511,5 +591,6 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
             path = save_checkpoint(run)          # the epoch is on disk before anything can fail in evaluation
             if evaluation_due(run):
                 evaluate_checkpoint(run, path)
+                act_on_alarms(run, check_evaluations(run.progress.history, cfg.model.aqr.monitor))
     accelerator.end_training()
     return run.result()

@@ -18,7 +18,7 @@ import torch
 
 from aqrcmt.config import AQRModulateConfig, AQRRenderConfig, Config
 from aqrcmt.models.aqr.modulate import modulate_features
-from aqrcmt.models.aqr.monitor import map_signals, modulation_signals, weight_signals
+from aqrcmt.models.aqr.monitor import camera_map_signals, map_signals, modulation_signals, weight_signals
 from aqrcmt.models.aqr.projection import Projection, project_to_bev, project_to_cameras
 from aqrcmt.models.aqr.render import render_weight_maps
 
@@ -91,13 +91,13 @@ def measure(scene: Scene, render: AQRRenderConfig,
     with torch.no_grad():
         bev_map, camera_maps = render_weight_maps(scene.lidar_weights, scene.camera_weights, scene.bev,
                                                   scene.cameras, render)
-        _, bev_stats = modulate_features(scene.bev_features, bev_map, modulate, return_stats=True)
-        _, cam_stats = modulate_features(scene.camera_features, camera_maps.flatten(0, 1), modulate,
+        bev_out, bev_stats = modulate_features(scene.bev_features, bev_map, modulate, return_stats=True)
+        cam_out, cam_stats = modulate_features(scene.camera_features, camera_maps.flatten(0, 1), modulate,
                                          return_stats=True)
         signals = {**weight_signals("lidar", scene.lidar_weights), **weight_signals("camera", scene.camera_weights),
-                   **map_signals("bev", bev_map), **map_signals("camera", camera_maps),
-                   **modulation_signals("bev", scene.bev_features, bev_stats),
-                   **modulation_signals("camera", scene.camera_features, cam_stats)}
+                   **map_signals("bev", bev_map), **camera_map_signals(camera_maps),
+                   **modulation_signals("bev", scene.bev_features, bev_stats, bev_out),
+                   **modulation_signals("camera", scene.camera_features, cam_stats, cam_out)}
     return {k: float(v) for k, v in signals.items()}, bev_map, camera_maps
 
 

@@ -176,6 +176,9 @@ class AQRWeightGenerator(nn.Module):
         nn.init.constant_(self.weight_predictor.bias, cfg.bias_init)
         self.bev_type_embed = nn.Parameter(torch.randn(dim) * 0.02)
         self.rv_type_embed = nn.Parameter(torch.randn(dim) * 0.02)
+        if not cfg.use_type_embed:    # kept for the fork's checkpoint names; unused, so frozen (DDP needs grads)
+            self.bev_type_embed.requires_grad_(False)
+            self.rv_type_embed.requires_grad_(False)
 
     def forward(self, query_pos: torch.Tensor, bev_features: torch.Tensor, bev_pos: torch.Tensor,
                 camera_features: torch.Tensor, camera_pos: torch.Tensor, bev: Projection,
@@ -195,8 +198,10 @@ class AQRWeightGenerator(nn.Module):
         cam_tokens = camera_features.view(b, views, c, cam_h * cam_w).permute(0, 1, 3, 2).reshape(b, -1, c)
         bev_key_pos = bev_pos.expand(b, -1, -1) if bev_pos.dim() == 2 else bev_pos
         cam_key_pos = camera_pos.reshape(b, views * cam_h * cam_w, c)
-        keys = torch.cat([bev_tokens + bev_key_pos + self.bev_type_embed,
-                          cam_tokens + cam_key_pos + self.rv_type_embed], dim=1)
+        bev_keys, cam_keys = bev_tokens + bev_key_pos, cam_tokens + cam_key_pos
+        if self.cfg.use_type_embed:   # the fork declared the embeddings but never added them (use_type_embed=False)
+            bev_keys, cam_keys = bev_keys + self.bev_type_embed, cam_keys + self.rv_type_embed
+        keys = torch.cat([bev_keys, cam_keys], dim=1)
         values = torch.cat([bev_tokens, cam_tokens], dim=1)
 
         # BEV window: around the query's pixel, moved inside the map for queries beyond its edge

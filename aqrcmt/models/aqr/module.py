@@ -21,7 +21,8 @@ from torch import nn
 from aqrcmt.config import AQRConfig, HeadConfig
 from aqrcmt.models.aqr.generator import AQRWeightGenerator
 from aqrcmt.models.aqr.modulate import modulate_features
-from aqrcmt.models.aqr.monitor import HealthMonitor, map_signals, modulation_signals, weight_signals
+from aqrcmt.models.aqr.monitor import (HealthMonitor, camera_map_signals, map_signals, modulation_signals,
+                                       weight_signals)
 from aqrcmt.models.aqr.projection import Projection, project_to_bev, project_to_cameras
 from aqrcmt.models.aqr.render import render_weight_maps
 
@@ -42,7 +43,7 @@ class AQRModulation(nn.Module):
         self.pc_range = tuple(float(v) for v in pc_range)
         self.bev_size = tuple(bev_size)
         self.weight_generator = AQRWeightGenerator(cfg.generator, head_cfg.hidden_dim)
-        self.monitor = HealthMonitor(cfg.monitor)
+        self.monitor = HealthMonitor()
         self.monitor_this_step = False
 
     @property
@@ -106,8 +107,9 @@ class AQRModulation(nn.Module):
             return bev_out, cam_out
         (bev_out, bev_stats), (cam_out, cam_stats) = bev_out, cam_out
         signals = {**weight_signals("lidar", lidar_w), **weight_signals("camera", camera_w),
-                   **map_signals("bev", bev_map), **map_signals("camera", camera_maps),
-                   **modulation_signals("bev", x, bev_stats), **modulation_signals("camera", x_img, cam_stats)}
+                   **map_signals("bev", bev_map), **camera_map_signals(camera_maps),
+                   **modulation_signals("bev", x, bev_stats, bev_out),
+                   **modulation_signals("camera", x_img, cam_stats, cam_out)}
         self.monitor.record(signals, bev_map, camera_maps, features=(x, x_img),
                             queries=(bev.coords, cameras.coords, cameras.valid))
         return bev_out, cam_out

@@ -1,36 +1,35 @@
-"""AQR health monitor: the signals of the fork training report's "health checklist", their alarm levels, and map images.
+"""AQR health monitor: the signals of the fork training report's "health checklist", and map images.
 
 Signals are gathered as device tensors only on monitored forwards (``CmtDetector.loss(batch, monitor=True)``,
 which the trainer asks for every ``interval`` steps) and read back with a single host synchronisation. Names (all floats):
 
-- ``{lidar,camera}_weight_{mean,std}``: weights of the rendered queries (visible or not);
-- ``{bev,camera}_map_{mean,max}``: rendered weight maps (camera: all views together);
+- ``{lidar,camera}_weight_{mean,std,min,max}``: weights of the rendered queries (visible or not);
+- ``{bev,camera}_map_{mean,max}``: rendered weight maps (camera: all views together), and per camera view
+  ``cam_front_map_{mean,max}`` ... (the view's name in lower case; ``view{v}_...`` for other rigs than six views);
 - ``{bev,camera}_relative_change``: sum|out - x| / sum|x| (= mean|out - x| / mean|x|);
 - ``{bev,camera}_energy_retention``: sum out^2 / sum x^2;
-- ``{bev,camera}_modulated_{mean,std}``: the modulated features.
+- ``{bev,camera}_modulated_{mean,std,rms,min,max}``: the modulated features; ``{bev,camera}_mean_change``:
+  mean(out) - mean(x).
 
-Alarm levels (the fork's training report, docs/aqr.md): map mean < 0.2, map max > 2.0, relative change > 50 %, modulated mean < 0.01,
-query-weight mean < 0.2.
+The checks of these signals (their levels, the alarms and notices) are :mod:`aqrcmt.training.alarms`.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from aqrcmt.config import CAMERA_LAYOUT, CAMERA_NAMES, AQRMonitorConfig
+from aqrcmt.config import CAMERA_LAYOUT, CAMERA_NAMES
 from aqrcmt.kernels import ModulationStats
-
-log = logging.getLogger(__name__)
 
 
 def weight_signals(prefix: str, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean and std of a modality's (B, Q) query weights."""
+    """Mean, std, min and max of a modality's (B, Q) query weights."""
     w = weights.detach().float()
-    return {f"{prefix}_weight_mean": w.mean(), f"{prefix}_weight_std": w.std(unbiased=False)}
+    return {f"{prefix}_weight_mean": w.mean(), f"{prefix}_weight_std": w.std(unbiased=False),
+            f"{prefix}_weight_min": w.min(), f"{prefix}_weight_max": w.max()}
 
 
 def map_signals(prefix: str, maps: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -39,44 +38,45 @@ def map_signals(prefix: str, maps: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{prefix}_map_mean": m.mean(), f"{prefix}_map_max": m.max()}
 
 
-def modulation_signals(prefix: str, features: torch.Tensor, stats: ModulationStats) -> dict[str, torch.Tensor]:
+def view_name(view: int, num_views: int) -> str:
+    """Signal prefix of camera view `view`: its nuScenes name in lower case for six views, else ``view{v}``."""
+    return CAMERA_NAMES[view].lower() if num_views == len(CAMERA_NAMES) else f"view{view}"
+
+
+def camera_map_signals(maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean and max of (B, V, h, w) camera maps over all views (``camera_map_*``) and per view, so that one
+    dark view is not hidden by the other five."""
+    out = map_signals("camera", maps)
+    for v in range(maps.shape[1]):
+        out.update(map_signals(view_name(v, maps.shape[1]), maps[:, v]))
+    return out
+
+
+def modulation_signals(prefix: str, features: torch.Tensor, stats: ModulationStats,
+                       output: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Feature signals from the modulate kernel's sums over its pass (sum|out-x|, sum|x|, sum out, sum out^2).
 
-    features: the (N, C, H, W) input x; only its squared sum is computed here (for the energy retention).
+    features: the (N, C, H, W) input x (its sum and squared sum are computed here); output: the modulated
+    features, for their min and max (left out without it).
     """
     abs_change, abs_input, out_sum, out_sq_sum = (t.detach().double() for t in stats)
     count = features.numel()
-    in_sq_sum = features.detach().float().square().sum(dtype=torch.float64)
+    x = features.detach().float()
+    in_sq_sum = x.square().sum(dtype=torch.float64)
     mean = out_sum / count
     tiny = torch.finfo(torch.float64).tiny
-    return {
+    signals = {
         f"{prefix}_relative_change": abs_change / abs_input.clamp(min=tiny),
         f"{prefix}_energy_retention": out_sq_sum / in_sq_sum.clamp(min=tiny),
         f"{prefix}_modulated_mean": mean,
         f"{prefix}_modulated_std": (out_sq_sum / count - mean.square()).clamp(min=0).sqrt(),
+        f"{prefix}_modulated_rms": (out_sq_sum / count).sqrt(),
+        f"{prefix}_mean_change": mean - x.sum(dtype=torch.float64) / count,
     }
-
-
-def find_alarms(stats: dict[str, float], cfg: AQRMonitorConfig) -> list[str]:
-    """One message per signal outside the alarm levels, naming signal, value and level."""
-    rules = []  # (signal, value, comparison, level, meaning)
-    for modality in ("bev", "camera"):
-        rules += [
-            (f"{modality}_map_mean", "<", cfg.map_mean_min, "weight map too weak: features mostly scaled by the residual"),
-            (f"{modality}_map_max", ">", cfg.map_max_max, "weight map too peaked: overlapping splats pile up"),
-            (f"{modality}_relative_change", ">", cfg.relative_change_max, "modulation changes features too much"),
-            (f"{modality}_modulated_mean", "<", cfg.modulated_mean_min, "modulated features vanish"),
-        ]
-    for modality in ("lidar", "camera"):
-        rules.append((f"{modality}_weight_mean", "<", cfg.query_weight_min, "query weights collapse"))
-    alarms = []
-    for name, op, level, meaning in rules:
-        if name not in stats:
-            continue
-        value = stats[name]
-        if (op == "<" and value < level) or (op == ">" and value > level):
-            alarms.append(f"AQR health: {name} = {value:.4g} {op} {level:g} ({meaning})")
-    return alarms
+    if output is not None:
+        out = output.detach()
+        signals.update({f"{prefix}_modulated_min": out.min(), f"{prefix}_modulated_max": out.max()})
+    return signals
 
 
 @dataclass
@@ -98,12 +98,10 @@ class AQRView:
 
 
 class HealthMonitor:
-    """Keeps the last measurement: `last_stats` (floats), `last_alarms` (messages) and `last_view` (sample 0)."""
+    """Keeps the last measurement: `last_stats` (floats) and `last_view` (sample 0: maps, features, queries)."""
 
-    def __init__(self, cfg: AQRMonitorConfig):
-        self.cfg = cfg
+    def __init__(self) -> None:
         self.last_stats: dict[str, float] = {}
-        self.last_alarms: list[str] = []
         self.last_view: Optional[AQRView] = None
 
     @property
@@ -114,7 +112,7 @@ class HealthMonitor:
     def record(self, signals: dict[str, torch.Tensor], bev_map: torch.Tensor, camera_maps: torch.Tensor, *,
                features: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                queries: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> dict[str, float]:
-        """Read the signals back (one sync), check alarm levels and log them; keep sample 0's view for images.
+        """Read the signals back (one sync); keep sample 0's view for images.
 
         bev_map: (B, H, W); camera_maps: (B, V, h, w); features: the modulated inputs (x (B, C, H, W),
         x_img (B * V, C, h, w)); queries: (BEV coords (B, Q, 1, 2), camera coords (B, Q, V, 2), camera valid
@@ -122,9 +120,6 @@ class HealthMonitor:
         """
         values = torch.stack([v.reshape(()).double() for v in signals.values()]).tolist()
         self.last_stats = dict(zip(signals, values))
-        self.last_alarms = find_alarms(self.last_stats, self.cfg)
-        for message in self.last_alarms:
-            log.warning(message)
         view = AQRView(bev_map[0].detach(), camera_maps[0].detach())
         if features is not None:
             x, x_img = features
