@@ -12,9 +12,7 @@ renamed to OUT at the end, so a failed run leaves no half-written OUT.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
@@ -23,6 +21,7 @@ from aqrcmt.checkpoint.io import CheckpointError
 from aqrcmt.checkpoint.weights import stored_config, weights_file
 from aqrcmt.config import Config, ConfigError, apply_overrides
 from aqrcmt.data.collate import collate
+from aqrcmt.data.files import staged_directory
 from aqrcmt.data.nuscenes_dataset import BadSampleError, NuScenesDataset, build_dataset
 from aqrcmt.eval.nuscenes_eval import EvaluationError, detections_to_results, write_results
 from aqrcmt.eval.visualize import predict_with_pictures, save_png
@@ -111,9 +110,7 @@ def _select(dataset: NuScenesDataset, tokens: list[str], samples: int | None) ->
 def _predict(detector: CmtDetector, cfg: Config, dataset: NuScenesDataset, indices: list[int], out: Path,
              device: str, score_threshold: float) -> int:
     """Predict and draw into a temporary folder beside `out`, then rename it to `out`; returns the sample count."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_directory(out, replace=False) as staging:
         def save(meta: SampleMeta, _: Detections, pictures: dict) -> None:
             for name, picture in pictures.items():
                 save_png(picture, staging / meta.sample_token / f"{name}.png")
@@ -124,10 +121,4 @@ def _predict(detector: CmtDetector, cfg: Config, dataset: NuScenesDataset, indic
         results = detections_to_results([d for _, d in predictions], [m for m, _ in predictions])
         write_results(results, staging / "results.json", use_camera=cfg.model.camera.enabled,
                       use_lidar=cfg.model.lidar.enabled)
-        if out.exists():
-            out.rmdir()              # empty (checked before): the rename needs the name free
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return len(predictions)
