@@ -62,9 +62,9 @@ def test_cli_prints_the_table_and_writes_pngs(tmp_path, capsys):
 
 def test_cli_applies_set_overrides_and_prints_the_alarms_of_the_settings(tmp_path, capsys):
     common = ["diagnose", "--config", "tiny_aqr", "--out", str(tmp_path), "--num-queries", "100", "--no-sweep"]
-    assert main(common) == 0       # 100 queries x 0.45 on a 32 x 32 map with a unit-mass kernel: mean ~0.04
+    assert main(common) == 0       # 100 queries x 0.45 on a 64 x 64 map with a unit-mass kernel: mean ~0.01
     assert "alarm: bev_map_mean = " in capsys.readouterr().out
-    assert main([*common, "--set", "model.aqr.monitor.map_mean_min=0.01", "model.aqr.monitor.map_mean_band=none"]) == 0
+    assert main([*common, "--set", "model.aqr.monitor.map_mean_min=0.001", "model.aqr.monitor.map_mean_band=none"]) == 0
     assert "bev_map_mean" not in capsys.readouterr().out.split("health checks")[1]
     assert main([*common, "--set", "model.aqr.render.sigma=2"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown config key 'model.aqr.render.sigma'")

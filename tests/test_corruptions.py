@@ -236,3 +236,12 @@ def test_evaluate_cli_corruptions_compare(tmp_path: Path) -> None:
     assert (out / "cmt" / "darkness_s3" / "metrics.json").is_file()
     assert "| points_reduction | 3 |" in (out / "robustness.md").read_text()
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_labels_tell_checkpoints_of_the_same_step_apart() -> None:
+    from aqrcmt.tools.evaluate import _labels
+
+    same_step = ["/r/cmt/checkpoints/step_00000200/model.safetensors", "/r/aqr/checkpoints/step_00000200"]
+    assert _labels(same_step) == ["cmt-step_00000200", "aqr-step_00000200"]
+    assert _labels(["/r/a/step_1", "/r/a/step_2"]) == ["step_1", "step_2"]
+    assert _labels(["/r/a/step_1", "/r/a/step_1"]) == ["step_1#1", "step_1#2"]

@@ -136,6 +136,14 @@ def _evaluate_corruptions(args: argparse.Namespace) -> int:
 
 
 def _labels(checkpoints: list[str]) -> list[str]:
-    """Short distinct names of the checkpoints: the file or folder name (model.safetensors: its folder's)."""
-    names = [Path(c).parent.name if Path(c).name == "model.safetensors" else Path(c).name for c in checkpoints]
-    return names if len(set(names)) == len(names) else [f"{n}#{i + 1}" for i, n in enumerate(names)]
+    """Short distinct names of the checkpoints: the file or folder name (model.safetensors: its folder's), with as
+    many parent folders as it takes to tell them apart (``runA-step_00000200`` vs ``runB-step_00000200``; a
+    run's ``checkpoints`` folder is left out)."""
+    paths = [Path(c).resolve() for c in checkpoints]
+    parts = [[q for q in (p.parent if p.name == "model.safetensors" else p).parts[1:] if q != "checkpoints"]
+             for p in paths]
+    for k in range(1, max(map(len, parts)) + 1):
+        names = ["-".join(q[-k:]) for q in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{q[-1]}#{i + 1}" for i, q in enumerate(parts)]     # the same checkpoint given twice
