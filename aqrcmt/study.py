@@ -242,8 +242,18 @@ def _table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def report_markdown(plan: StudyPlan, pretrain_cfg: Config, results: list[ArmResult]) -> str:
-    """The report: the fork report's first table (before/after per arm) and its debug table (signals)."""
+def pretrained_metrics(plan: StudyPlan) -> dict:
+    """Val metrics of the pretrained model (the pretraining run's final evaluation)."""
+    return json.loads((plan.out / "pretrain" / "metrics_history.json").read_text())[-1]
+
+
+def _relative(value: float, reference: float) -> str:
+    return f"{(value - reference) / reference:+.1%}" if reference > 0 else "n/a"
+
+
+def report_markdown(plan: StudyPlan, pretrain_cfg: Config, pretrained: dict, results: list[ArmResult]) -> str:
+    """The report: the fork report's first table (before/after per arm, change vs the pretrained model) and its
+    debug table (signals). `pretrained`: the pretrained model's val metrics (mAP, NDS)."""
     lines = [
         "# AQR fine-tuning study", "",
         f"Benchmark: synthetic nuScenes {plan.version}, {plan.scenes} scenes x {plan.samples_per_scene} samples "
@@ -251,16 +261,18 @@ def report_markdown(plan: StudyPlan, pretrain_cfg: Config, results: list[ArmResu
         f"Pretrained: plain `{pretrain_cfg.name}` CMT, {plan.pretrain_steps} steps, written as an official `.pth` and "
         "converted back. Every arm: the same seed and data order, "
         f"{plan.finetune_steps} steps at lr {plan.finetune_lr:g} with the AQR fork's multipliers (backbones frozen).",
+        f"Pretrained model on val: mAP {pretrained['mAP']:.4f}, NDS {pretrained['NDS']:.4f}. 'Before' is each arm "
+        "at step 0 (the pretrained weights with the arm's AQR switched on).",
         "", "## Accuracy before and after fine-tuning", "",
-        _table_row(["arm", "settings", "mAP before", "mAP after", "change", "NDS before", "NDS after",
+        _table_row(["arm", "settings", "mAP before", "mAP after", "after vs pretrained", "NDS before", "NDS after",
                     "val loss before", "val loss after"]),
         _table_row(["---"] * 9),
     ]
     for r in results:
         b, a = r.before, r.after
-        change = f"{(a['mAP'] - b['mAP']) / b['mAP']:+.1%}" if b["mAP"] > 0 else "n/a"
-        lines.append(_table_row([r.name, r.description, f"{b['mAP']:.4f}", f"{a['mAP']:.4f}", change,
-                                 f"{b['NDS']:.4f}", f"{a['NDS']:.4f}", f"{b['loss']:.3f}", f"{a['loss']:.3f}"]))
+        lines.append(_table_row([r.name, r.description, f"{b['mAP']:.4f}", f"{a['mAP']:.4f}",
+                                 _relative(a["mAP"], pretrained["mAP"]), f"{b['NDS']:.4f}", f"{a['NDS']:.4f}",
+                                 f"{b['loss']:.3f}", f"{a['loss']:.3f}"]))
     lines += ["", "## mAP at 0, 1/4, 1/2 and all of the budget", "",
               _table_row(["arm", *[f"step {e['step']}" for e in results[0].evaluations]]),
               _table_row(["---"] * (1 + len(results[0].evaluations)))]
@@ -311,5 +323,5 @@ def write_report(plan: StudyPlan, pretrain_cfg: Config, results: list[ArmResult]
     """Write out/report.md and out/map_vs_step.png; returns the report's path."""
     plot_map_vs_step(results, plan.out / "map_vs_step.png")
     path = plan.out / "report.md"
-    atomic_write_bytes(path, report_markdown(plan, pretrain_cfg, results).encode())
+    atomic_write_bytes(path, report_markdown(plan, pretrain_cfg, pretrained_metrics(plan), results).encode())
     return path

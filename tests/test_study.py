@@ -1,6 +1,7 @@
 """`aqrcmt study --quick` end to end: every arm, the report, the plot; a rerun resumes; bad inputs are refused."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 from aqrcmt.cli import main
 from aqrcmt.models import build_model
 from aqrcmt.presets import get_preset
-from aqrcmt.study import ARM_NAMES
+from aqrcmt.study import ARM_NAMES, StudyPlan, pretrained_metrics
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,10 @@ def test_quick_study_writes_the_report_for_every_arm(quick_study: Path):
         assert f"| {arm} |" in report
         assert (quick_study / "arms" / arm / "arm_result.json").is_file()
     assert "| fork_original | 0 | bev |" in report and "| recommended | 4 | camera |" in report
+    control = json.loads((quick_study / "arms" / "control" / "arm_result.json").read_text())
+    pretrained = pretrained_metrics(StudyPlan.quick(quick_study))
+    assert control["evaluations"][0]["mAP"] == pytest.approx(pretrained["mAP"])   # the converted weights score alike
+    assert f"Pretrained model on val: mAP {pretrained['mAP']:.4f}" in report
     assert Image.open(quick_study / "map_vs_step.png").size[0] > 100
     assert (quick_study / "pretrained" / "cmt_tiny_official.pth").is_file()
     assert list((quick_study / "arms" / "recommended" / "maps").glob("step_*.png"))

@@ -164,9 +164,10 @@ def _lookup(images: np.ndarray, table: np.ndarray) -> np.ndarray:
 
 def _pair_lookup(first: np.ndarray, images: np.ndarray, table: np.ndarray) -> np.ndarray:
     """``table[first, images]`` for a (256, 256) uint8 table and a uint8 `first` broadcastable to `images`."""
-    index = first.astype(np.uint16) << 8
-    index = index | images
-    return table.reshape(-1)[index]
+    index = np.empty(images.shape, dtype=np.uint16)
+    np.left_shift(first, 8, out=index, dtype=np.uint16, casting="unsafe")
+    np.bitwise_or(index, images, out=index)
+    return np.take(table.reshape(-1), index)
 
 
 def exposure(images: np.ndarray, stops: float) -> np.ndarray:
@@ -235,16 +236,17 @@ def ground_depth(intrinsics: np.ndarray, lidar2cam: np.ndarray, hw: tuple[int, i
 
 def camera_fog(images: np.ndarray, intrinsics: np.ndarray, lidar2cam: np.ndarray, visibility_m: float,
                step: int = 8) -> np.ndarray:
-    """Koschmieder's haze: I = J t + A (1 - t), t = exp(-beta d), A = AIRLIGHT white, d the flat-ground depth
-    (:func:`ground_depth`, every `step` px, t interpolated between; t and the blend quantised to 8 bits)."""
+    """Koschmieder's haze: I = J t + A (1 - t), t = exp(-beta d), A = AIRLIGHT white (rounded to 8 bits), d the
+    flat-ground depth (:func:`ground_depth`, every `step` px, t interpolated bilinearly between)."""
     height, width = images.shape[1:3]
     transmission = np.exp(-extinction(visibility_m) * ground_depth(intrinsics, lidar2cam, (height, width), step))
-    coarse = (transmission * 255.0 + 0.5).astype(np.uint8)
-    fine = np.stack([cv2.resize(view, (view.shape[1] * step, view.shape[0] * step),
-                                interpolation=cv2.INTER_LINEAR)[:height, :width] for view in coarse])
-    t = _VALUES[:, None] / 255.0
-    table = (255.0 * AIRLIGHT + (_VALUES[None, :] - 255.0 * AIRLIGHT) * t + 0.5).astype(np.uint8)   # [t, value]
-    return _pair_lookup(fine[..., None], images, table)
+    airlight = np.full(images.shape[1:], round(255.0 * AIRLIGHT), dtype=np.uint8)
+    out = np.empty_like(images)
+    for i, coarse in enumerate(transmission.astype(np.float32)):
+        t = cv2.resize(coarse, (coarse.shape[1] * step, coarse.shape[0] * step),
+                       interpolation=cv2.INTER_LINEAR)[:height, :width]
+        out[i] = cv2.blendLinear(images[i], airlight, np.ascontiguousarray(t), np.ascontiguousarray(1.0 - t))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
