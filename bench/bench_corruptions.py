@@ -8,7 +8,7 @@ corrupted, and times two parts of it apart:
   path costs at most OVERHEAD_BUDGET of the clean evaluated sample more than the clean data path;
 - the model on the corrupted input: a corruption that pulls returns towards the sensor (snow, fog back-scatter)
   packs voxels densely there, and the sparse convolutions' cost follows their rulebooks, the (input, output)
-  voxel pairs they multiply (measured: fog -13 % voxels but +9 % pairs and +10 % time). Budget: the model's time
+  voxel pairs they multiply (measured: fog -13 % voxels but +8 % pairs and +10 % time). Budget: the model's time
   grows at most by the rulebooks' growth plus OVERHEAD_BUDGET (a slower model on a denser input is the input,
   not the corruption's code).
 Times are the minima over ROUNDS (the least disturbed by other load on the machine). The full-size data path

@@ -28,8 +28,7 @@ from aqrcmt.checkpoint.io import CheckpointError, is_safetensors, load_safetenso
     sha256_of, torch_save_atomic
 from aqrcmt.checkpoint.manifest import Manifest, ManifestEntry, load_manifest, manifests_for, \
     released_manifest_names
-from aqrcmt.checkpoint.weights import REQUIRED_SETTINGS_KEY, matches_any, strip_wrapper_prefixes
-from aqrcmt.config import apply_overrides
+from aqrcmt.checkpoint.weights import REQUIRED_SETTINGS_KEY, apply_settings, matches_any, strip_wrapper_prefixes
 from aqrcmt.presets import load_config
 
 CONVERTER_VERSION = "1"
@@ -358,8 +357,7 @@ def convert(src: Path, dst: Path, config_name: str, *, reverse: bool = False, un
         torch_save_atomic({"meta": meta, "state_dict": official_state_dict(result.tensors, manifests)}, dst)
     else:
         # "config" holds the resolved config as JSON, as in training checkpoints (`aqrcmt evaluate` reads it).
-        if required:
-            apply_overrides(cfg, [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in required.items()])
+        apply_settings(cfg, required)
         metadata = {**provenance, "format": "aqrcmt", "config": cfg.to_json(),
                     "source_meta": json.dumps(_json_safe(source.meta)), REQUIRED_SETTINGS_KEY: json.dumps(required)}
         save_safetensors_atomic(result.tensors, dst, metadata)

@@ -147,10 +147,16 @@ def required_settings(path: PathLike) -> dict[str, Any]:
 def apply_required_settings(cfg: "Config", path: PathLike) -> list[str]:
     """Set the config fields the weights at `path` need (see REQUIRED_SETTINGS_KEY); returns one note per field
     changed ("key: old -> new"). Raises ConfigError when a recorded key is not a config field."""
+    return apply_settings(cfg, required_settings(path))
+
+
+def apply_settings(cfg: "Config", settings: dict[str, Any]) -> list[str]:
+    """Set `settings` (dotted config key -> value) on `cfg`; returns one note per field changed ("key: old -> new").
+    Raises ConfigError when a key is not a config field."""
     from aqrcmt.config import apply_overrides
 
     notes = []
-    for key, value in required_settings(path).items():
+    for key, value in settings.items():
         section, _, leaf = key.rpartition(".")
         holder: Any = cfg
         for part in section.split(".") if section else ():

@@ -245,7 +245,7 @@ def camera_fog(images: np.ndarray, intrinsics: np.ndarray, lidar2cam: np.ndarray
     for i, coarse in enumerate(transmission.astype(np.float32)):
         t = cv2.resize(coarse, (coarse.shape[1] * step, coarse.shape[0] * step),
                        interpolation=cv2.INTER_LINEAR)[:height, :width]
-        out[i] = cv2.blendLinear(images[i], airlight, np.ascontiguousarray(t), np.ascontiguousarray(1.0 - t))
+        out[i] = cv2.blendLinear(images[i], airlight, np.ascontiguousarray(t), 1.0 - t)
     return out
 
 
