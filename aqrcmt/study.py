@@ -69,7 +69,7 @@ class StudyPlan:
     scenes: int = 30                     # a third are val scenes
     samples_per_scene: int = 8
     data_seed: int = 0
-    pretrain_steps: int = 1200           # the main job's budget (about 12 min on 2 cores)
+    pretrain_steps: int = 1100           # the main job's budget (about 12.6 min on 2 cores)
     finetune_steps: int = 200
     finetune_lr: float = 2e-4            # the fork's base learning rate, with its multipliers
     eval_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)

@@ -54,7 +54,7 @@ def _train_step(preset: str, variant: str, batch: int):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_tiny_head_train_step(benchmark, variant):
-    """Tiny preset head (20 x 20 BEV, 6 x 8 x 22 camera maps, 100 queries + DN, hidden 64), batch 2."""
+    """The tiny preset's head at its own sizes (BEV map, camera maps, queries + DN, hidden 64), batch 2."""
     benchmark.group = "aqr-tiny-head"
     benchmark(_train_step("tiny", variant, batch=2))
 

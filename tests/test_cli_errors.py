@@ -17,8 +17,9 @@ from aqrcmt.tools.errors import EXIT_ERROR, describe_os_error
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train_main():
-    spec = importlib.util.spec_from_file_location("train_main", ROOT / "train" / "main.py")
+def _script_main(script: str):
+    """`main` of train/<script>.py (the training entry point, the main job)."""
+    spec = importlib.util.spec_from_file_location(f"train_{script}", ROOT / "train" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
@@ -66,6 +67,10 @@ def _case(tmp: Path, name: str) -> tuple[str, list[str], str]:
         "train bad override": ("train", ["--config", "tiny", "--set", "optim.lr=fast"], "optim.lr"),
         "train config not an object": ("train", ["--config", str(tmp / "list.json")], "expected a JSON object"),
         "train eval-only without weights": ("train", ["--config", "tiny", "--eval-only"], "--eval-only needs weights"),
+        "demo no steps": ("demo", ["--steps", "0", "--out", str(tmp / "run"), "--data", str(tmp / "data")],
+                          "--steps must be >= 1, got 0"),
+        "demo bad override": ("demo", ["--out", str(tmp / "run"), "--data", str(tmp / "data"), "--set",
+                                       "optim.lr=fast"], "optim.lr"),
     }
     return cases[name]
 
@@ -75,13 +80,13 @@ CASES = ["synthetic over a used root", "synthetic bad scenes", "gt database miss
          "inspect garbage", "inspect depth", "diagnose unknown preset", "diagnose lone checkpoint",
          "diagnose bad query count", "diagnose unfit checkpoint",
          "train unknown preset", "train bad override", "train config not an object",
-         "train eval-only without weights"]
+         "train eval-only without weights", "demo no steps", "demo bad override"]
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_gives_one_error_line_and_exit_2(tmp_path: Path, capsys, name: str) -> None:
     entry, argv, expected = _case(tmp_path, name)
-    main = cli_main if entry == "aqrcmt" else _train_main()
+    main = cli_main if entry == "aqrcmt" else _script_main("main" if entry == "train" else entry)
     capsys.readouterr()
     assert main(argv) == EXIT_ERROR
     err = capsys.readouterr().err
@@ -89,6 +94,7 @@ def test_bad_input_gives_one_error_line_and_exit_2(tmp_path: Path, capsys, name:
     assert len(error_lines) == 1 and "Traceback" not in err, err
     assert expected in err, err
     assert "--allow-missing" not in err or entry == "train"   # no command suggests an option it lacks
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()   # a refused demo writes nothing
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
