@@ -147,36 +147,47 @@ def _run_main(args: list[str], launcher: list[str]) -> str:
 def test_two_processes_end_equal_to_one_process_with_the_same_global_batch(synthetic_root, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo) vs `python train/main.py`, global batch 2.
 
-    Exact equality needs the processes to compute the 1-process loss of the global batch: loss normalisers
+    Equal updates need the processes to compute the 1-process loss of the global batch: loss normalisers
     averaged over processes, no DN noise, no augmentation or dropout (their random draws differ per process),
     and no BatchNorm batch statistics (a BN over 1 sample differs from one over 2): the BN-carrying modules
     are frozen, which keeps their BN in eval mode.
     """
     mults = ", ".join(f'"{k}": 0' for k in FROZEN_BN)
     common = [f"data.root={synthetic_root}", *SMALL, "train.epochs=1", "train.max_steps=3", "train.tracker=none",
-              "model.head.sync_loss_normalizers=true", "model.head.use_dn=false", "data.augment.enabled=false",
-              "model.head.dropout=0.0", f"optim.lr_mults={{{mults}}}", "optim.lr=1e-3",
-              "train.checkpoint_every_steps=1"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    out = _run_main(["--config", "tiny", "--no-compile", "--set", *common, f"train.output_dir={one}"],
-                    [sys.executable])
-    assert "1 process(es)" in out
+              "model.head.use_dn=false", "data.augment.enabled=false", "model.head.dropout=0.0",
+              f"optim.lr_mults={{{mults}}}", "optim.lr=1e-3", "train.checkpoint_every_steps=1"]
     # On a machine without GPU, --multi_gpu starts torchrun and Accelerate falls back to CPU processes (gloo);
     # `--cpu --num_processes 2` would need mpirun and silently starts a single process.
-    out = _run_main(["--config", "tiny", "--no-compile", "--set", *common, "data.batch_size=1",
-                     f"train.output_dir={two}"],
-                    [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
-    assert "2 process(es) on cpu" in out
-    a = _weights(ckpt.resolve_resume(one, "latest"))
-    b = _weights(ckpt.resolve_resume(two, "latest"))
-    assert ckpt.resolve_resume(one, "latest").name == ckpt.resolve_resume(two, "latest").name == "step_00000003"
-    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
-    assert worst < 1e-5, worst
-    # the comparison is not vacuous: the trained part moved by 10x the tolerance or more in the last 2 steps
-    step1 = _weights(_checkpoint(one, 1))
-    moved = max(float((a[k] - step1[k]).abs().max()) for k in a if k.startswith("pts_bbox_head.transformer"))
-    assert moved > 1e-4
+    two_processes = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    runs = {"one": ([sys.executable], "true"), "two": (two_processes, "true"), "two_unsynced": (two_processes, "false")}
+    for name, (launcher, sync) in runs.items():
+        batch = "data.batch_size=2" if launcher == [sys.executable] else "data.batch_size=1"
+        overrides = [*common, batch, f"model.head.sync_loss_normalizers={sync}", f"train.output_dir={tmp_path / name}"]
+        out = _run_main(["--config", "tiny", "--no-compile", "--set", *overrides], launcher)
+        assert ("1 process(es)" if name == "one" else "2 process(es) on cpu") in out
+        assert ckpt.resolve_resume(tmp_path / name, "latest").name == "step_00000003"
+    assert _update_mismatch(tmp_path / "one", tmp_path / "two") < 2e-2
+    # the tolerance separates: the same two processes with per-process loss normalisers compute another update
+    assert _update_mismatch(tmp_path / "one", tmp_path / "two_unsynced") > 0.3
+
+
+def _update_mismatch(one: Path, two: Path) -> float:
+    """||w_one - w_two|| / ||w_one(step 3) - w_one(step 1)|| over the trained weights.
+
+    Both runs compute the same updates up to float summation order (an all-reduce of two half-batch gradients vs one
+    full-batch backward): the weights differ by ~1e-8 after step 1, and AdamW's normalised update then turns that
+    into absolute differences that scale with the learning rate and differ by CPU and BLAS kernel (up to 2e-5 per
+    weight at lr 1e-3). Relative to how far the weights moved, that is ~0.15 %. A real mismatch changes the update
+    itself: without synced loss normalisers, or with two processes of batch 2 (global batch 4), the ratio is ~1.
+    """
+    a, b = _weights(_checkpoint(one, 3)), _weights(_checkpoint(two, 3))
+    start = _weights(_checkpoint(one, 1))
+    trained = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], start[k])]
+    assert any(k.startswith("pts_bbox_head.transformer") for k in trained)     # the comparison is not vacuous
+    difference = torch.cat([(a[k] - b[k]).flatten() for k in trained]).norm()
+    movement = torch.cat([(a[k] - start[k]).flatten() for k in trained]).norm()
+    return float(difference / movement)
 
 
 @pytest.mark.slow
