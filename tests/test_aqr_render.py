@@ -13,12 +13,18 @@ def lone_query(y: float, x: float, size=(24, 30), views: int = 1) -> Projection:
     return Projection(coords, torch.ones(1, 1, views, dtype=torch.bool), size)
 
 
+def unit_mass_peak(sigma: float, radius: int) -> float:
+    """Centre value of a Gaussian sampled on the (2r+1)^2 integer grid and divided by its sum (0.03987 for sigma 2)."""
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    return 1.0 / float(torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma ** 2)).sum())
+
+
 def test_sum_kernel_matches_the_fork():
-    """Unit-mass Gaussian at floor(y, x): centre 0.03987 w for sigma 2 (docs/aqr.md), mass w, 13x13 support."""
+    """Unit-mass Gaussian at floor(y, x): centre unit_mass_peak w (docs/aqr.md), mass w, 13x13 support for sigma 2."""
     cfg = AQRRenderConfig(kernel_norm="sum", position="floor", threshold=0.0, clamp_max=None)
     m = render_map(torch.tensor([[0.5]]), lone_query(10.7, 20.3), cfg, sigma=2.0)[0, 0]
     assert m.argmax().item() == 10 * 30 + 20
-    assert abs(m[10, 20].item() - 0.5 * 0.03987) < 1e-5
+    assert abs(m[10, 20].item() - 0.5 * unit_mass_peak(2.0, 6)) < 1e-5
     assert abs(m.sum().item() - 0.5) < 1e-5
     assert (m > 0).sum().item() == 13 * 13
 
