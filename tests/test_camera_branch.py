@@ -8,26 +8,20 @@ import pytest
 import torch
 from torch import nn
 
+from aqrcmt.checkpoint.manifest import load_manifest
 from aqrcmt.config import CameraConfig, ConfigError
 from aqrcmt.models.camera import build_image_backbone, build_image_neck
 from aqrcmt.models.cpfpn import CPFPN
 from aqrcmt.models.grid_mask import GridMask, grid_mask_pattern
-from parity_bundle import REPO_ROOT, fp32_state_dict, load_parity
+from parity_bundle import fp32_state_dict, load_parity
 
-MANIFEST_DIRS = (REPO_ROOT / "aqrcmt" / "checkpoint" / "manifests",
-                 REPO_ROOT.parent / "shared" / "docs" / "official_manifests")
 VOV = CameraConfig(backbone="vovnet99", backbone_out_channels=(768, 1024))
 R50 = CameraConfig(backbone="resnet50", backbone_out_channels=(1024, 2048), image_size=(320, 800))
 TINY = CameraConfig(backbone="tiny", backbone_out_channels=(64, 128), neck_out_channels=64, image_size=(128, 352))
 
 
-def _manifest_entries(file_name: str, prefixes: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    for directory in MANIFEST_DIRS:
-        path = directory / file_name
-        if path.is_file():
-            entries = json.loads(path.read_text())["state_dict"]
-            return [(e["key"], tuple(e["shape"])) for e in entries if e["key"].startswith(prefixes)]
-    pytest.skip(f"official manifest {file_name} not found in {[str(d) for d in MANIFEST_DIRS]}")
+def _manifest_entries(name: str, prefixes: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    return [(e.key, e.shape) for e in load_manifest(name).entries if e.key.startswith(prefixes)]
 
 
 def _entries(module: nn.Module, prefix: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -52,8 +46,8 @@ def resnet50() -> nn.Module:
 # Official state_dict layout
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, cfg, manifest, backbone_params, neck_params", [
-    ("vovnet", VOV, "official_manifest_vov_1600x640.json", 69_523_520, 1_049_344),
-    ("resnet50", R50, "official_manifest_r50_800x320.json", 23_508_032, 1_377_024),
+    ("vovnet", VOV, "cmt_voxel0075_vov_1600x640_cbgs", 69_523_520, 1_049_344),
+    ("resnet50", R50, "cmt_voxel0100_r50_800x320_cbgs", 23_508_032, 1_377_024),
 ])
 def test_state_dict_matches_official_manifest(request, name, cfg, manifest, backbone_params, neck_params):
     backbone, neck = request.getfixturevalue(name), build_image_neck(cfg)
@@ -63,6 +57,7 @@ def test_state_dict_matches_official_manifest(request, name, cfg, manifest, back
     assert ours == _manifest_entries(manifest, ("img_backbone.", "img_neck."))
 
 
+@pytest.mark.parity("neck")
 def test_cpfpn_matches_official_parity_bundle():
     bundle = load_parity("neck")
     neck = CPFPN(in_channels=bundle["ctor"]["in_channels"], out_channels=bundle["ctor"]["out_channels"]).eval()

@@ -8,18 +8,14 @@ import copy
 import pytest
 import torch
 
+from aqrcmt.checkpoint.manifest import load_manifest
 from aqrcmt.models import CmtDetector, build_model
 from aqrcmt.presets import get_preset
-from parity_bundle import load_manifest
 from synthetic_batch import synthetic_batch
 from aqrcmt.structures import Batch
 
-RELEASED = {
-    "cmt_voxel0075_vov_1600x640_cbgs": "vov_1600x640",
-    "cmt_voxel0100_r50_800x320_cbgs": "r50_800x320",
-    "cmt_lidar_voxel0075_cbgs": "lidar_voxel0075",
-    "cmt_camera_vov_1600x640_cbgs": "camera_vov_1600x640",
-}
+RELEASED = ["cmt_voxel0075_vov_1600x640_cbgs", "cmt_voxel0100_r50_800x320_cbgs", "cmt_lidar_voxel0075_cbgs",
+            "cmt_camera_vov_1600x640_cbgs"]     # presets named as their official configs and shipped manifests
 OVERFIT_STEPS = 150
 
 
@@ -48,23 +44,22 @@ def _check_detections(detections, batch_size: int, num_classes: int = 10) -> Non
 # ------------------------------------------------------------------------------------------------------
 # Official layout
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset", list(RELEASED))
+@pytest.mark.parametrize("preset", RELEASED)
 def test_state_dict_and_parameter_counts_match_official(preset):
-    manifest = load_manifest(RELEASED[preset])
+    manifest = load_manifest(preset)
     with torch.device("meta"):                     # shapes only: the 86 M-parameter vov model builds in < 1 s
         model = build_model(get_preset(preset).model)
-    ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
-    official = {e["key"]: (e["shape"], e["dtype"]) for e in manifest["state_dict"]}
-    for module_name, stats in manifest["per_module"].items():
+    ours = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    official = {e.key: (e.shape, e.dtype) for e in manifest.entries}
+    for module_name in dict.fromkeys(key.split(".")[0] for key in official):
         prefix = module_name + "."
         ours_module = {k: v for k, v in ours.items() if k.startswith(prefix)}
         official_module = {k: v for k, v in official.items() if k.startswith(prefix)}
         assert ours_module == official_module, f"{preset}: {module_name} keys/shapes/dtypes differ"
-        module = getattr(model, module_name, None)
-        params = 0 if module is None else sum(p.numel() for p in module.parameters())
-        assert params == stats["params"], f"{preset}: {module_name} has {params} parameters, official {stats['params']}"
+        params = sum(p.numel() for p in getattr(model, module_name).parameters())
+        assert params == manifest.num_parameters(prefix), f"{preset}: {module_name} has {params} parameters"
     assert list(ours) == list(official), f"{preset}: state_dict order differs from the official one"
-    assert sum(p.numel() for p in model.parameters()) == manifest["totals"]["params"]
+    assert sum(p.numel() for p in model.parameters()) == manifest.num_parameters()
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Parity of CmtHead with the official CMT code (reference tensors in the parity bundle's head.pt).
 
 The bundle's head is the r50 fusion head with a 16 x 16 BEV grid and 128 x 320 images (features 8 x 20),
-random weights; see /work/shared/parity/README.md. Worst errors of each group are printed (`pytest -s`).
+random weights (tests/parity_bundle.py). Worst errors of each group are printed (`pytest -s`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from aqrcmt.models.cmt_head import CmtHead
 from aqrcmt.models.denoising import prepare_denoising
 from aqrcmt.models.position_encoding import projection_matrices
 from parity_bundle import fp32_state_dict, load_parity
+
+pytestmark = pytest.mark.parity("head")
 
 PREFIX = "pts_bbox_head."
 

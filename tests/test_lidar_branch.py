@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aqrcmt.checkpoint.manifest import load_manifest
 from aqrcmt.config import LidarConfig, VoxelConfig
 from aqrcmt.models.second import SECOND, SECONDFPN
 from aqrcmt.models.sparse_encoder import SparseEncoder
 from aqrcmt.models.voxelize import HardSimpleVFE, HardVoxelizer
-from parity_bundle import fp32_state_dict, load_manifest, load_parity
+from parity_bundle import fp32_state_dict, load_parity
 
 LIDAR_MODULES = ("pts_middle_encoder", "pts_backbone", "pts_neck")
 
@@ -28,6 +29,7 @@ def _worst_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float
 # ------------------------------------------------------------------------------------------------------
 # Voxelization
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.parity("voxelize")
 def test_voxelizer_matches_official_voxel_layer():
     bundle = load_parity("voxelize")
     ctor = bundle["voxel_layer_ctor"]
@@ -86,6 +88,7 @@ def test_voxelizer_handles_empty_clouds_and_rejects_bad_shapes():
 # ------------------------------------------------------------------------------------------------------
 # Sparse encoder, SECOND, SECONDFPN
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.parity("lidar")
 def test_lidar_chain_matches_official(capsys):
     bundle = load_parity("lidar")
     enc_ctor, bb_ctor, neck_ctor = bundle["middle_encoder_ctor"], bundle["backbone_ctor"], bundle["neck_ctor"]
@@ -115,9 +118,9 @@ def test_lidar_chain_matches_official(capsys):
 
 
 @pytest.mark.parametrize("manifest_name, voxel_size, sparse_shape", [
-    ("vov_1600x640", (0.075, 0.075, 0.2), (41, 1440, 1440)),
-    ("r50_800x320", (0.1, 0.1, 0.2), (41, 1024, 1024)),
-    ("lidar_voxel0075", (0.075, 0.075, 0.2), (41, 1440, 1440)),
+    ("cmt_voxel0075_vov_1600x640_cbgs", (0.075, 0.075, 0.2), (41, 1440, 1440)),
+    ("cmt_voxel0100_r50_800x320_cbgs", (0.1, 0.1, 0.2), (41, 1024, 1024)),
+    ("cmt_lidar_voxel0075_cbgs", (0.075, 0.075, 0.2), (41, 1440, 1440)),
 ])
 def test_lidar_modules_match_official_manifest(manifest_name, voxel_size, sparse_shape):
     manifest = load_manifest(manifest_name)
@@ -127,11 +130,11 @@ def test_lidar_modules_match_official_manifest(manifest_name, voxel_size, sparse
                "pts_backbone": SECOND.from_config(cfg, in_channels=encoder.bev_channels),
                "pts_neck": SECONDFPN.from_config(cfg)}
     for name, module in modules.items():
-        official = {e["key"]: e["shape"] for e in manifest["state_dict"] if e["key"].startswith(name + ".")}
-        ours = {f"{name}.{k}": list(v.shape) for k, v in module.state_dict().items()}
+        official = {e.key: e.shape for e in manifest.entries if e.key.startswith(name + ".")}
+        ours = {f"{name}.{k}": tuple(v.shape) for k, v in module.state_dict().items()}
         assert ours == official, f"{name}: state_dict keys/shapes differ from the official manifest"
         assert list(ours) == list(official), f"{name}: state_dict order differs"
-        assert sum(p.numel() for p in module.parameters()) == manifest["per_module"][name]["params"]
+        assert sum(p.numel() for p in module.parameters()) == manifest.num_parameters(name + ".")
 
 
 def test_sparse_encoder_is_fp32_under_autocast_and_handles_no_voxels():

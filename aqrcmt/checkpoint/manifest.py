@@ -55,8 +55,9 @@ class Manifest:
     def keys(self) -> list[str]:
         return [e.key for e in self.entries]
 
-    def num_parameters(self) -> int:
-        return sum(_numel(e.shape) for e in self.entries if e.is_parameter)
+    def num_parameters(self, prefix: str = "") -> int:
+        """Parameters (not buffers) of the keys starting with `prefix` (e.g. "img_backbone.")."""
+        return sum(_numel(e.shape) for e in self.entries if e.is_parameter and e.key.startswith(prefix))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
