@@ -88,12 +88,12 @@ class Detections:
     labels: torch.Tensor
 
     def transformed(self, transform: torch.Tensor) -> "Detections":
-        """The detections moved by a rigid 4x4 `transform` (e.g. lidar2global), see :func:`boxes_to_frame`."""
-        boxes = boxes_to_frame(self.boxes, transform)
+        """The detections moved by a rigid 4x4 `transform` (e.g. lidar2global), see :func:`transform_boxes`."""
+        boxes = transform_boxes(self.boxes, transform)
         return Detections(boxes.to(self.boxes.dtype), self.scores.detach().cpu(), self.labels.detach().cpu())
 
 
-def boxes_to_frame(boxes: torch.Tensor, transform: torch.Tensor | np.ndarray) -> torch.Tensor:
+def transform_boxes(boxes: torch.Tensor, transform: torch.Tensor | np.ndarray) -> torch.Tensor:
     """(n, 9) boxes moved by a rigid 4x4 `transform` (e.g. lidar2global, m): (n, 9) float64 on the CPU.
 
     Centres are moved; the heading (cos yaw, sin yaw, 0) is rotated and its yaw about +z read back, so a transform

@@ -143,7 +143,8 @@ def test_info_pkl_path_gives_the_same_samples_as_the_devkit(cfg: Config, tmp_pat
 def test_index_cache_is_hit_on_the_second_start(cfg: Config, tmp_path: Path, monkeypatch) -> None:
     first, path = load_or_build_infos(cfg.data.root, cfg.data.version, "mini_val", 10, tmp_path / "cache")
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == [path.name]   # no temp file left
-    monkeypatch.setattr("aqrcmt.data.index.open_nuscenes", lambda *a: pytest.fail("the devkit was opened on a cache hit"))
+    monkeypatch.setattr("aqrcmt.data.index.open_nuscenes",
+                        lambda *a: pytest.fail("the devkit was opened on a cache hit"))
     second, path2 = load_or_build_infos(cfg.data.root, cfg.data.version, "mini_val", 10, tmp_path / "cache")
     assert path2 == path and [i["token"] for i in second] == [i["token"] for i in first]
     other = index_cache_path(tmp_path / "cache", Path(cfg.data.root), cfg.data.version, "mini_val", 5)

@@ -20,7 +20,7 @@ from aqrcmt.eval.nuscenes_eval import (
     format_metrics, write_results,
 )
 from aqrcmt.eval.robustness import ModalityDrop, evaluate_robustness, format_robustness, standard_drops
-from aqrcmt.structures import Batch, Detections, SampleMeta, boxes_to_frame
+from aqrcmt.structures import Batch, Detections, SampleMeta, transform_boxes
 
 VERSION, SPLIT = "v1.0-mini", "mini_val"
 
@@ -141,7 +141,7 @@ def test_box_round_trips_lidar_global_lidar() -> None:
     """An upright box moved LiDAR -> global -> LiDAR by a pose that turns about z comes back unchanged."""
     boxes = _boxes(50, seed=1)
     lidar2global = _rigid(2.5, 0.0, 0.0, (600.0, 1600.0, 2.0))
-    back = boxes_to_frame(boxes_to_frame(boxes, lidar2global), torch.linalg.inv(lidar2global))
+    back = transform_boxes(transform_boxes(boxes, lidar2global), torch.linalg.inv(lidar2global))
     torch.testing.assert_close(back[:, :6], boxes[:, :6])
     torch.testing.assert_close(back[:, 7:], boxes[:, 7:])
     torch.testing.assert_close(torch.remainder(back[:, 6] - boxes[:, 6] + math.pi, 2 * math.pi) - math.pi,

@@ -2,10 +2,10 @@
 
 The index is a list of info dicts with the fields of the mmdet3d / CMT converter (junjie18/CMT
 ``tools/data_converter/nuscenes_converter.py``), so existing ``nuscenes_infos_{train,val}.pkl`` files load
-unchanged, and :func:`write_info_pkl` writes such files from a nuScenes root (``aqrcmt create-infos``). Without a pkl, the index is built with the
-devkit from the split's scenes (:mod:`aqrcmt.data.splits`: official or custom) and cached under
-``<root>/.aqrcmt_cache`` (or ``cfg.data.index_cache_dir``), keyed by root, version, split, sweeps and the tables'
-modification times.
+unchanged, and :func:`write_info_pkl` writes such files from a nuScenes root (``aqrcmt create-infos``). Without a
+pkl, the index is built with the devkit from the split's scenes (:mod:`aqrcmt.data.splits`: official or custom)
+and cached under ``<root>/.aqrcmt_cache`` (or ``cfg.data.index_cache_dir``), keyed by root, version, split,
+sweeps and the tables' modification times.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pyquaternion import Quaternion
 from aqrcmt.checkpoint.io import pickle_atomic
 from aqrcmt.config import CAMERA_NAMES
 from aqrcmt.data.files import DatasetError, read_pickle
-from aqrcmt.data.splits import check_root, open_nuscenes, scenes_of_split, table_stamp
+from aqrcmt.data.splits import TEST_VERSION, check_root, open_nuscenes, scenes_of_split, table_stamp
 
 INDEX_FORMAT = 3            # bump when the info fields written by build_infos change
 CONVERTER_MAX_SWEEPS = 10   # sweeps per info written by `create-infos`, as the mmdet3d converter
@@ -159,7 +159,8 @@ def write_info_pkl(root: str | Path, version: str, split: str, path: str | Path,
                    max_sweeps: int = CONVERTER_MAX_SWEEPS) -> Path:
     """Write ``{'infos': [...], 'metadata': {'version': ...}}`` for `split`, as mmdet3d's create_data.py does."""
     nusc = open_nuscenes(root, version)
-    infos = build_infos(nusc, scenes_of_split(root, version, split), max_sweeps, with_annotations=split != "test")
+    infos = build_infos(nusc, scenes_of_split(root, version, split), max_sweeps,
+                        with_annotations=version != TEST_VERSION)
     path = Path(path)
     _write_pickle({"infos": infos, "metadata": {"version": version}}, path)
     return path
@@ -235,7 +236,7 @@ def load_or_build_infos(root: str | Path, version: str, split: str, sweeps: int,
         except DatasetError as e:
             warnings.warn(f"rebuilding the nuScenes index: {e}")
     infos = build_infos(open_nuscenes(root, version), scene_names, max(sweeps - 1, 0),
-                        with_annotations=split != "test")
+                        with_annotations=version != TEST_VERSION)
     try:
         _write_pickle(infos, cache)
     except OSError as e:

@@ -26,7 +26,8 @@ def _split_infos(data: DataConfig, split: str) -> list[dict]:
 
 
 def build_dataset(cfg: Config, split: str, train: bool) -> NuScenesDataset:
-    """The dataset of `split` (an official split name, or cfg.data.train_split/val_split with an info pkl).
+    """The dataset of `split`: an official split, a custom split of the root's splits.json (see
+    :mod:`aqrcmt.data.splits`), or cfg.data.train_split/val_split read from its info pkl.
 
     Training applies cfg.data.augment (GT paste when augment.gt_paste, from augment.gt_paste_database).
     Images are produced at cfg.model.camera.image_size; points are cut to the model's voxel range.

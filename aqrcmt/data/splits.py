@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aqrcmt.data.files import DatasetError
 
@@ -19,6 +20,9 @@ TRAIN_VAL_SPLITS: dict[str, tuple[str, str]] = {   # version -> its official (tr
 TEST_VERSION = "v1.0-test"                         # holds the one official split "test"
 VERSIONS: tuple[str, ...] = (*TRAIN_VAL_SPLITS, TEST_VERSION)
 CUSTOM_SPLITS_FILE = "splits.json"
+
+if TYPE_CHECKING:
+    from nuscenes.nuscenes import NuScenes
 
 
 def version_of_split(split: str) -> str:
@@ -45,7 +49,7 @@ def table_stamp(root: Path, version: str) -> tuple[tuple[str, int, int], ...]:
     return tuple((t.name, t.stat().st_mtime_ns, t.stat().st_size) for t in tables)
 
 
-def open_nuscenes(root: str | Path, version: str):
+def open_nuscenes(root: str | Path, version: str) -> NuScenes:
     """The devkit's ``NuScenes(version, root)`` after :func:`check_root`; kept while its tables are unchanged, so
     evaluating every epoch reloads nothing."""
     check_root(root, version)
@@ -54,7 +58,7 @@ def open_nuscenes(root: str | Path, version: str):
 
 
 @functools.lru_cache(maxsize=1)
-def _load_nuscenes(root: str, version: str, stamp: tuple[tuple[str, int, int], ...]):
+def _load_nuscenes(root: str, version: str, stamp: tuple[tuple[str, int, int], ...]) -> NuScenes:
     from nuscenes.nuscenes import NuScenes
 
     return NuScenes(version=version, dataroot=root, verbose=False)
@@ -91,7 +95,7 @@ def scenes_of_split(root: str | Path, version: str, split: str) -> list[str]:
     return custom[split]
 
 
-def sample_tokens_of_split(nusc, split: str) -> list[str]:
+def sample_tokens_of_split(nusc: NuScenes, split: str) -> list[str]:
     """Sample tokens of every sample of `split` in the devkit index `nusc`, in the index's order."""
     scene_names = set(scenes_of_split(nusc.dataroot, nusc.version, split))
     scene_of = {s["token"]: s["name"] for s in nusc.scene}

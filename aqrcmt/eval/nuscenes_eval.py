@@ -1,9 +1,9 @@
 """Official nuScenes detection metrics for aqrcmt detections.
 
 Path: ``Detections`` (LiDAR frame, see :mod:`aqrcmt.structures`) -> global-frame nuScenes boxes (moved by the
-key frame's 4x4 lidar2global with :func:`aqrcmt.structures.boxes_to_frame`; gravity centre, size (w, l, h) =
-(dy, dx, dz), rotation about z by the global yaw, velocity (vx, vy)) -> results JSON with a default attribute per class ->
-``nuscenes.eval.detection.DetectionEval`` (config ``detection_cvpr_2019``) -> a flat metrics dict.
+key frame's 4x4 lidar2global with :func:`aqrcmt.structures.transform_boxes`; gravity centre, size (w, l, h) =
+(dy, dx, dz), rotation about z by the global yaw, velocity (vx, vy)) -> results JSON with a default attribute per
+class -> ``nuscenes.eval.detection.DetectionEval`` (config ``detection_cvpr_2019``) -> a flat metrics dict.
 
 Pitfalls handled here (``nuscenes.eval.detection``, nuscenes-devkit 1.1): the results must cover exactly the split's
 samples; an all-empty submission crashes inside the devkit, so it is scored here as mAP = NDS = 0; at most
@@ -24,7 +24,7 @@ from aqrcmt.config import CLASS_NAMES
 from aqrcmt.data.files import DatasetError
 from aqrcmt.data.splits import open_nuscenes, sample_tokens_of_split
 from aqrcmt.errors import AqrcmtError
-from aqrcmt.structures import Detections, SampleMeta, boxes_to_frame
+from aqrcmt.structures import Detections, SampleMeta, transform_boxes
 
 MAX_BOXES_PER_SAMPLE = 500
 EVAL_CONFIG = "detection_cvpr_2019"
@@ -85,7 +85,7 @@ def detections_to_results(detections: Sequence[Detections], metas: Sequence[Samp
             raise EvaluationError(f"sample {meta.sample_token}: box sizes (dx, dy, dz) must be > 0")
         order = np.argsort(-scores, kind="stable")[:max_boxes]
         try:
-            moved = boxes_to_frame(torch.from_numpy(boxes[order]), meta.lidar2global).numpy()
+            moved = transform_boxes(torch.from_numpy(boxes[order]), meta.lidar2global).numpy()
         except ValueError as error:
             raise EvaluationError(f"sample {meta.sample_token}: lidar2global: {error}") from None
         entries = []
