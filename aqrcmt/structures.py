@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 
@@ -87,18 +88,33 @@ class Detections:
     labels: torch.Tensor
 
     def transformed(self, transform: torch.Tensor) -> "Detections":
-        """The detections moved by a rigid 4x4 `transform` (e.g. lidar2global): centres moved, yaw turned by the
-        transform's heading about z, velocities rotated (their z part dropped). Boxes stay upright."""
-        matrix = torch.as_tensor(transform, dtype=torch.float64)
-        if matrix.shape != (4, 4):
-            raise ValueError(f"transform must be 4x4, got shape {tuple(matrix.shape)}")
-        boxes = self.boxes.detach().cpu().double().clone()
-        rotation, translation = matrix[:3, :3], matrix[:3, 3]
-        boxes[:, :3] = boxes[:, :3] @ rotation.T + translation
-        boxes[:, 6] += torch.atan2(rotation[1, 0], rotation[0, 0])
-        velocity = torch.cat([boxes[:, 7:9], boxes.new_zeros(len(boxes), 1)], dim=1) @ rotation.T
-        boxes[:, 7:9] = velocity[:, :2]
+        """The detections moved by a rigid 4x4 `transform` (e.g. lidar2global), see :func:`transform_boxes`."""
+        boxes = transform_boxes(self.boxes, transform)
         return Detections(boxes.to(self.boxes.dtype), self.scores.detach().cpu(), self.labels.detach().cpu())
+
+
+def transform_boxes(boxes: torch.Tensor, transform: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(n, 9) boxes moved by a rigid 4x4 `transform` (e.g. lidar2global, m): (n, 9) float64 on the CPU.
+
+    Centres are moved; the heading (cos yaw, sin yaw, 0) is rotated and its yaw about +z read back, so a transform
+    that also pitches or rolls gives the heading the devkit reads from a rotated box; velocities (vx, vy, 0) are
+    rotated and their z part dropped. Boxes stay upright. The rotation is made orthonormal first (SVD): the
+    transform may have passed through float32.
+    """
+    matrix = torch.as_tensor(transform).detach().to("cpu", torch.float64)
+    if matrix.shape != (4, 4):
+        raise ValueError(f"transform must be 4x4, got shape {tuple(matrix.shape)}")
+    u, _, vt = torch.linalg.svd(matrix[:3, :3])
+    rotation, translation = u @ vt, matrix[:3, 3]
+    boxes = boxes.detach().to("cpu", torch.float64)
+    yaw = boxes[:, 6]
+    heading = torch.stack([torch.cos(yaw), torch.sin(yaw), torch.zeros_like(yaw)], dim=1) @ rotation.T
+    velocity = torch.cat([boxes[:, 7:9], boxes.new_zeros(len(boxes), 1)], dim=1) @ rotation.T
+    moved = boxes.clone()
+    moved[:, :3] = boxes[:, :3] @ rotation.T + translation
+    moved[:, 6] = torch.atan2(heading[:, 1], heading[:, 0])
+    moved[:, 7:9] = velocity[:, :2]
+    return moved
 
 
 @dataclass

@@ -31,7 +31,8 @@ from aqrcmt.checkpoint.io import atomic_write_bytes
 from aqrcmt.checkpoint.weights import AQR_PREFIX, load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
-from aqrcmt.data.synthetic import VERSIONS, make_synthetic_nuscenes
+from aqrcmt.data.splits import TRAIN_VAL_SPLITS
+from aqrcmt.data.synthetic import make_synthetic_nuscenes
 from aqrcmt.models import build_model
 from aqrcmt.models.detector import load_detector_from_checkpoint
 from aqrcmt.presets import AQR_FORK_LR_MULTS, load_config
@@ -129,7 +130,7 @@ def prepare_benchmark(plan: StudyPlan, log: Callable[[str], None]) -> Path:
 
 
 def _base_overrides(plan: StudyPlan, data_root: Path, run_dir: Path) -> list[str]:
-    train_split, val_split = VERSIONS[plan.version]
+    train_split, val_split = TRAIN_VAL_SPLITS[plan.version]
     return [f"data.root={data_root}", f"data.version={plan.version}", f"data.train_split={train_split}",
             f"data.val_split={val_split}", f"train.output_dir={run_dir}", f"train.seed={plan.seed}",
             "train.epochs=100000", "train.eval_every_epochs=0"]

@@ -7,14 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 
 from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES, Config
-from aqrcmt.data import nuscenes_dataset as nd
 from aqrcmt.data.box_geometry import bev_corners, boxes_overlap_bev, image_boxes, points_in_boxes
+from aqrcmt.data.dataset import NuScenesDataset, resolve_path
+from aqrcmt.data.files import BadSampleError
 from aqrcmt.data.gt_database import build_gt_database
 from aqrcmt.data.gt_paste import GTPaster
+from aqrcmt.data.index import (
+    CONVERTER_MAX_SWEEPS, NAME_MAPPING, index_cache_path, load_info_pkl, load_or_build_infos, write_info_pkl,
+)
+from aqrcmt.data.loader import build_dataloader, build_dataset
 from aqrcmt.data.sampler import ShardedSampler, cbgs_indices, cbgs_length
+from aqrcmt.data.splits import open_nuscenes, sample_tokens_of_split
 from aqrcmt.presets import get_preset
 from aqrcmt.structures import Batch
 
@@ -29,12 +36,12 @@ def cfg(synthetic_root: Path, tmp_path: Path) -> Config:
 
 @pytest.fixture(scope="module")
 def nusc(synthetic_root: Path):
-    return nd.open_nuscenes(synthetic_root, "v1.0-mini")
+    return open_nuscenes(synthetic_root, "v1.0-mini")
 
 
 def test_collated_training_batch_shapes_and_dtypes(cfg: Config) -> None:
     cfg.data.augment.modality_drop = True
-    loader = nd.build_dataloader(cfg, cfg.data.train_split, train=True)
+    loader = build_dataloader(cfg, cfg.data.train_split, train=True)
     batch = next(iter(loader))
     assert isinstance(batch, Batch) and batch.batch_size == cfg.data.batch_size
     h, w = cfg.model.camera.image_size
@@ -53,12 +60,12 @@ def test_collated_training_batch_shapes_and_dtypes(cfg: Config) -> None:
 
 def test_lidar_only_config_gives_no_images(cfg: Config) -> None:
     cfg.data.load_images = False
-    batch = next(iter(nd.build_dataloader(cfg, cfg.data.val_split, train=False)))
+    batch = next(iter(build_dataloader(cfg, cfg.data.val_split, train=False)))
     assert batch.images is None and batch.lidar2img is None and len(batch.points) == 2
 
 
 def test_gt_boxes_hold_their_points_and_map_back_to_the_annotations(cfg: Config, nusc) -> None:
-    dataset = nd.build_dataset(cfg, cfg.data.val_split, train=False)
+    dataset = build_dataset(cfg, cfg.data.val_split, train=False)
     counts = []
     for i in range(len(dataset)):
         sample = dataset[i]
@@ -66,7 +73,7 @@ def test_gt_boxes_hold_their_points_and_map_back_to_the_annotations(cfg: Config,
         counts.append(points_in_boxes(key_frame[:, :3], sample.gt_boxes).sum(0))
         # boxes back in the global frame = the annotations (centre, size, yaw, velocity), in annotation order
         anns = [nusc.get("sample_annotation", t) for t in nusc.get("sample", sample.token)["anns"]]
-        kept = [a for a in anns if a["num_lidar_pts"] > 0 and nd.NAME_MAPPING.get(a["category_name"]) in CLASS_NAMES]
+        kept = [a for a in anns if a["num_lidar_pts"] > 0 and NAME_MAPPING.get(a["category_name"]) in CLASS_NAMES]
         assert len(kept) == len(sample.gt_boxes)
         centres = (sample.lidar2global[:3, :3] @ sample.gt_boxes[:, :3].T).T + sample.lidar2global[:3, 3]
         np.testing.assert_allclose(centres, [a["translation"] for a in kept], atol=1e-6)
@@ -84,11 +91,11 @@ def test_gt_boxes_hold_their_points_and_map_back_to_the_annotations(cfg: Config,
 def test_lidar2img_matches_the_devkit_camera_projection(cfg: Config, nusc) -> None:
     from nuscenes.utils.geometry_utils import BoxVisibility, view_points
 
-    dataset = nd.build_dataset(cfg, cfg.data.val_split, train=False)
+    dataset = build_dataset(cfg, cfg.data.val_split, train=False)
     sample = dataset.load_sample(1)
     record = nusc.get("sample", sample.token)
     kept = [t for t in record["anns"] if nusc.get("sample_annotation", t)["num_lidar_pts"] > 0 and
-            nd.NAME_MAPPING.get(nusc.get("sample_annotation", t)["category_name"]) in CLASS_NAMES]
+            NAME_MAPPING.get(nusc.get("sample_annotation", t)["category_name"]) in CLASS_NAMES]
     height, width = sample.images.shape[1:3]
     centres = np.c_[sample.gt_boxes[:, :3], np.ones(len(kept))]
     seen = np.zeros(len(kept), dtype=bool)
@@ -107,7 +114,7 @@ def test_lidar2img_matches_the_devkit_camera_projection(cfg: Config, nusc) -> No
 def test_multisweep_cloud_matches_the_devkit(cfg: Config, nusc) -> None:
     from nuscenes.utils.data_classes import LidarPointCloud
 
-    dataset = nd.build_dataset(cfg, cfg.data.val_split, train=False)
+    dataset = build_dataset(cfg, cfg.data.val_split, train=False)
     sample = dataset.load_sample(len(dataset) - 1)
     lags = np.unique(sample.points[:, 4])
     frames = cfg.data.sweeps            # key frame + 10 sweeps, as CMT loads them
@@ -121,10 +128,10 @@ def test_multisweep_cloud_matches_the_devkit(cfg: Config, nusc) -> None:
 
 
 def test_info_pkl_path_gives_the_same_samples_as_the_devkit(cfg: Config, tmp_path: Path) -> None:
-    pkl = nd.write_info_pkl(cfg.data.root, cfg.data.version, cfg.data.val_split, tmp_path / "infos_val.pkl")
-    from_devkit = nd.build_dataset(cfg, cfg.data.val_split, train=False)
+    pkl = write_info_pkl(cfg.data.root, cfg.data.version, cfg.data.val_split, tmp_path / "infos_val.pkl")
+    from_devkit = build_dataset(cfg, cfg.data.val_split, train=False)
     cfg.data.info_pkl_val = str(pkl)
-    from_pkl = nd.build_dataset(cfg, cfg.data.val_split, train=False)
+    from_pkl = build_dataset(cfg, cfg.data.val_split, train=False)
     assert len(from_pkl) == len(from_devkit)
     for i in (0, len(from_pkl) - 1):
         a, b = from_devkit[i], from_pkl[i]
@@ -134,18 +141,41 @@ def test_info_pkl_path_gives_the_same_samples_as_the_devkit(cfg: Config, tmp_pat
 
 
 def test_index_cache_is_hit_on_the_second_start(cfg: Config, tmp_path: Path, monkeypatch) -> None:
-    first, path = nd.load_or_build_infos(cfg.data.root, cfg.data.version, "mini_val", 10, tmp_path / "cache")
+    first, path = load_or_build_infos(cfg.data.root, cfg.data.version, "mini_val", 10, tmp_path / "cache")
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == [path.name]   # no temp file left
-    monkeypatch.setattr(nd, "open_nuscenes", lambda *a: pytest.fail("the devkit was opened on a cache hit"))
-    second, path2 = nd.load_or_build_infos(cfg.data.root, cfg.data.version, "mini_val", 10, tmp_path / "cache")
+    monkeypatch.setattr("aqrcmt.data.index.open_nuscenes",
+                        lambda *a: pytest.fail("the devkit was opened on a cache hit"))
+    second, path2 = load_or_build_infos(cfg.data.root, cfg.data.version, "mini_val", 10, tmp_path / "cache")
     assert path2 == path and [i["token"] for i in second] == [i["token"] for i in first]
-    other = nd.index_cache_path(tmp_path / "cache", Path(cfg.data.root), cfg.data.version, "mini_val", 5)
+    other = index_cache_path(tmp_path / "cache", Path(cfg.data.root), cfg.data.version, "mini_val", 5)
     assert other != path   # the sweep count is part of the key
+
+
+def test_custom_split_of_splits_json_is_loaded_for_training(cfg: Config, nusc, tmp_path: Path) -> None:
+    """A split of ROOT/<version>/splits.json trains as it is scored: the dataset serves exactly its scenes'
+    samples, the ones evaluation expects (a copy of the tables; the sensor files are linked, not copied)."""
+    import json
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(Path(cfg.data.root) / cfg.data.version, root / cfg.data.version)
+    for folder in ("samples", "sweeps", "maps"):
+        (root / folder).symlink_to(Path(cfg.data.root) / folder)
+    scene = next(s["name"] for s in nusc.scene if s["name"] in create_splits_scenes()["mini_train"])
+    (root / cfg.data.version / "splits.json").write_text(json.dumps({"one_scene": [scene]}))
+    cfg.data.root, cfg.data.index_cache_dir, cfg.data.train_split = str(root), str(tmp_path / "cache"), "one_scene"
+    dataset = build_dataset(cfg, "one_scene", train=True)
+    assert {info["scene_name"] for info in dataset.infos} == {scene}
+    expected = sample_tokens_of_split(open_nuscenes(root, cfg.data.version), "one_scene")
+    assert sorted(info["token"] for info in dataset.infos) == sorted(expected) and len(expected) > 1
+    assert dataset.load_sample(0).scene_name == scene
+    with pytest.raises(ValueError, match="unknown nuScenes split 'two_scenes'.*splits.json"):
+        build_dataset(cfg, "two_scenes", train=True)
 
 
 def test_multi_worker_loader_covers_the_split_once(cfg: Config) -> None:
     cfg.data.num_workers, cfg.data.pin_memory, cfg.data.load_images = 2, True, False
-    loader = nd.build_dataloader(cfg, cfg.data.val_split, train=False)
+    loader = build_dataloader(cfg, cfg.data.val_split, train=False)
     batches = list(loader)
     tokens = [m.sample_token for b in batches for m in b.metas]
     assert sorted(tokens) == sorted(i["token"] for i in loader.dataset.infos)
@@ -155,7 +185,7 @@ def test_multi_worker_loader_covers_the_split_once(cfg: Config) -> None:
 
 
 def test_evaluation_shards_are_disjoint_and_training_shards_equal(cfg: Config) -> None:
-    dataset = nd.build_dataset(cfg, cfg.data.train_split, train=False)
+    dataset = build_dataset(cfg, cfg.data.train_split, train=False)
     shards = [list(ShardedSampler(len(dataset), shuffle=False, num_processes=3, process_index=p)) for p in range(3)]
     assert sorted(sum(shards, [])) == list(range(len(dataset)))
     train = [ShardedSampler(len(dataset), shuffle=True, class_sets=dataset.class_sets(), num_processes=3,
@@ -167,7 +197,7 @@ def test_evaluation_shards_are_disjoint_and_training_shards_equal(cfg: Config) -
 
 def test_training_loader_uses_cbgs_when_configured(cfg: Config) -> None:
     cfg.data.cbgs, cfg.data.load_images = True, False
-    loader = nd.build_dataloader(cfg, cfg.data.train_split, train=True, num_processes=2, process_index=1)
+    loader = build_dataloader(cfg, cfg.data.train_split, train=True, num_processes=2, process_index=1)
     class_sets = loader.dataset.class_sets()
     assert len(loader.sampler) == -(-cbgs_length(class_sets) // 2)
     assert len(loader) == len(loader.sampler) // cfg.data.batch_size
@@ -189,7 +219,7 @@ def test_cbgs_counts_follow_the_formula() -> None:
 def database(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = get_preset("tiny")
     cfg.data.root = str(synthetic_root)
-    return build_gt_database(nd.build_dataset(cfg, cfg.data.train_split, train=False),
+    return build_gt_database(build_dataset(cfg, cfg.data.train_split, train=False),
                              tmp_path_factory.mktemp("gt_database"))
 
 
@@ -197,7 +227,7 @@ def test_gt_paste_adds_non_colliding_objects_with_their_points(cfg: Config, data
     cfg.data.load_images = False
     paster = GTPaster(database)
     assert sum(len(v) for v in paster.objects.values()) > 20
-    sample = nd.build_dataset(cfg, cfg.data.train_split, train=False).load_sample(0)
+    sample = build_dataset(cfg, cfg.data.train_split, train=False).load_sample(0)
     n_boxes, n_points = len(sample.gt_boxes), len(sample.points)
     paster(sample, np.random.default_rng(0))
     pasted = sample.gt_boxes[n_boxes:]
@@ -217,7 +247,7 @@ def test_gt_paste_switches_off_at_its_last_epoch(cfg: Config, database: Path, mo
     cfg.data.load_images = False
     cfg.data.augment.gt_paste, cfg.data.augment.gt_paste_database = True, str(database)
     cfg.data.augment.gt_paste_until_epoch = 2
-    loader = nd.build_dataloader(cfg, cfg.data.train_split, train=True)
+    loader = build_dataloader(cfg, cfg.data.train_split, train=True)
     dataset = loader.dataset
     for epoch, pastes in ((0, True), (1, True), (2, False), (5, False), (1, True)):
         loader.set_epoch(epoch)
@@ -226,7 +256,7 @@ def test_gt_paste_switches_off_at_its_last_epoch(cfg: Config, database: Path, mo
         dataset[0]
         assert len(calls) - before == int(pastes), epoch
     cfg.data.augment.gt_paste_until_epoch = 0                  # 0: paste in every epoch
-    forever = nd.build_dataset(cfg, cfg.data.train_split, train=True)
+    forever = build_dataset(cfg, cfg.data.train_split, train=True)
     forever.set_epoch(100)
     before = len(calls)
     forever[0]
@@ -236,7 +266,7 @@ def test_gt_paste_switches_off_at_its_last_epoch(cfg: Config, database: Path, mo
 def test_loader_set_epoch_pins_the_batches_of_an_epoch(cfg: Config) -> None:
     """Same (seed, epoch, process): same samples and augmentation draws in the workers, whatever ran before."""
     cfg.data.load_images, cfg.data.num_workers = False, 1
-    loader = nd.build_dataloader(cfg, cfg.data.train_split, train=True, seed=3)
+    loader = build_dataloader(cfg, cfg.data.train_split, train=True, seed=3)
 
     def epoch_points(epoch: int) -> list[torch.Tensor]:
         loader.set_epoch(epoch)
@@ -251,7 +281,7 @@ def test_loader_set_epoch_pins_the_batches_of_an_epoch(cfg: Config) -> None:
 def test_gt_paste_blends_crops_only_inside_the_projected_boxes(cfg: Config, database: Path) -> None:
     paster = GTPaster(database)
     assert sum(bool(o["image_path"]) for v in paster.objects.values() for o in v) > 20
-    sample = nd.build_dataset(cfg, cfg.data.train_split, train=False).load_sample(0)
+    sample = build_dataset(cfg, cfg.data.train_split, train=False).load_sample(0)
     before, n_boxes = sample.images.copy(), len(sample.gt_boxes)
     paster(sample, np.random.default_rng(0))
     changed = np.abs(sample.images.astype(int) - before).max(-1) > 0            # (6, H, W)
@@ -284,21 +314,21 @@ def test_bev_overlap_matches_shapely() -> None:
 # --------------------------------------------------------------------------------------------------
 def test_missing_root_and_wrong_version(cfg: Config, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        nd.load_or_build_infos(tmp_path / "nowhere", "v1.0-mini", "mini_val", 10)
+        load_or_build_infos(tmp_path / "nowhere", "v1.0-mini", "mini_val", 10)
     with pytest.raises(ValueError, match="v1.0-mni"):
-        nd.open_nuscenes(cfg.data.root, "v1.0-mni")
+        open_nuscenes(cfg.data.root, "v1.0-mni")
     with pytest.raises(ValueError, match="needs a trainval version"):
-        nd.load_or_build_infos(cfg.data.root, "v1.0-mini", "val", 10)
+        load_or_build_infos(cfg.data.root, "v1.0-mini", "val", 10)
     with pytest.raises(FileNotFoundError, match="no v1.0-trainval"):
-        nd.open_nuscenes(cfg.data.root, "v1.0-trainval")
+        open_nuscenes(cfg.data.root, "v1.0-trainval")
 
 
-def _dataset_with_bad_file(cfg: Config, tmp_path: Path, kind: str, on_bad_sample: str) -> nd.NuScenesDataset:
-    dataset = nd.build_dataset(cfg, cfg.data.val_split, train=True)
+def _dataset_with_bad_file(cfg: Config, tmp_path: Path, kind: str, on_bad_sample: str) -> NuScenesDataset:
+    dataset = build_dataset(cfg, cfg.data.val_split, train=True)
     dataset.on_bad_sample = on_bad_sample
     info = dict(dataset.infos[0])
     bad = tmp_path / ("bad.jpg" if kind == "missing image" else "bad.pcd.bin")
-    points = np.fromfile(nd.resolve_path(info["lidar_path"], dataset.root), dtype=np.float32)
+    points = np.fromfile(resolve_path(info["lidar_path"], dataset.root), dtype=np.float32)
     if kind == "truncated":
         points[:-3].tofile(bad)
     elif kind == "zero points":
@@ -323,7 +353,7 @@ def _dataset_with_bad_file(cfg: Config, tmp_path: Path, kind: str, on_bad_sample
 def test_bad_sample_errors_name_the_file_and_sample(cfg: Config, tmp_path: Path, kind: str, message: str) -> None:
     cfg.data.load_images = kind == "missing image"
     dataset = _dataset_with_bad_file(cfg, tmp_path, kind, "error")
-    with pytest.raises(nd.BadSampleError, match=message) as error:
+    with pytest.raises(BadSampleError, match=message) as error:
         dataset[0]
     assert dataset.infos[0]["token"] in str(error.value)
     if kind not in ("no boxes", "missing image"):
@@ -344,9 +374,9 @@ def test_command_line_hooks_write_infos_and_database(cfg: Config, tmp_path: Path
     from aqrcmt.cli import main
 
     assert main(["create-infos", "--root", cfg.data.root, "--version", "v1.0-mini", "--out-dir", str(tmp_path)]) == 0
-    infos = nd.load_info_pkl(tmp_path / "nuscenes_infos_val.pkl")
-    assert [i["token"] for i in infos] == [i["token"] for i in nd.build_dataset(cfg, "mini_val", False).infos]
-    assert len(infos[-1]["sweeps"]) == nd.CONVERTER_MAX_SWEEPS
+    infos = load_info_pkl(tmp_path / "nuscenes_infos_val.pkl")
+    assert [i["token"] for i in infos] == [i["token"] for i in build_dataset(cfg, "mini_val", False).infos]
+    assert len(infos[-1]["sweeps"]) == CONVERTER_MAX_SWEEPS
     assert main(["build-gt-database", "--config", "tiny", "--root", cfg.data.root, "--out", str(tmp_path / "db"),
                  "--split", "mini_val"]) == 0
     assert sum(len(v) for v in GTPaster(tmp_path / "db" / "dbinfos.pkl", min_points=0).objects.values()) > 0

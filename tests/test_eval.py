@@ -14,12 +14,13 @@ from nuscenes.eval.detection.utils import category_to_detection_name
 from pyquaternion import Quaternion
 
 from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES
+from aqrcmt.data.splits import sample_tokens_of_split
 from aqrcmt.eval.nuscenes_eval import (
     EvaluationError, attribute_name, detections_to_results, evaluate_detections, evaluate_results_file,
-    format_metrics, split_sample_tokens, write_results,
+    format_metrics, write_results,
 )
 from aqrcmt.eval.robustness import ModalityDrop, evaluate_robustness, format_robustness, standard_drops
-from aqrcmt.structures import Batch, Detections, SampleMeta
+from aqrcmt.structures import Batch, Detections, SampleMeta, transform_boxes
 
 VERSION, SPLIT = "v1.0-mini", "mini_val"
 
@@ -36,7 +37,7 @@ def ground_truth(synthetic_root: Path) -> tuple[list[Detections], list[SampleMet
     Annotations without LiDAR points are left out: the devkit drops them from the ground truth."""
     nusc = NuScenes(VERSION, str(synthetic_root), verbose=False)
     detections, metas = [], []
-    for token in split_sample_tokens(nusc, SPLIT):
+    for token in sample_tokens_of_split(nusc, SPLIT):
         sd = nusc.get("sample_data", nusc.get("sample", token)["data"]["LIDAR_TOP"])
         lidar2global = _pose(nusc.get("ego_pose", sd["ego_pose_token"])) @ _pose(
             nusc.get("calibrated_sensor", sd["calibrated_sensor_token"]))
@@ -120,6 +121,52 @@ def test_export_frames_sizes_velocity_and_cap() -> None:
     assert first["attribute_name"] == "vehicle.moving"
 
 
+def _rigid(yaw: float, pitch: float, roll: float, translation: tuple[float, float, float]) -> torch.Tensor:
+    matrix = torch.eye(4, dtype=torch.float64)
+    matrix[:3, :3] = torch.from_numpy(Quaternion(axis=(0.0, 0.0, 1.0), radians=yaw).rotation_matrix
+                                      @ Quaternion(axis=(0.0, 1.0, 0.0), radians=pitch).rotation_matrix
+                                      @ Quaternion(axis=(1.0, 0.0, 0.0), radians=roll).rotation_matrix)
+    matrix[:3, 3] = torch.tensor(translation)
+    return matrix
+
+
+def _boxes(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randn(n, 3, generator=generator) * 20, torch.rand(n, 3, generator=generator) * 4 + 0.5,
+                      (torch.rand(n, 1, generator=generator) * 2 - 1) * math.pi,
+                      torch.randn(n, 2, generator=generator) * 5], dim=1).double()
+
+
+def test_box_round_trips_lidar_global_lidar() -> None:
+    """An upright box moved LiDAR -> global -> LiDAR by a pose that turns about z comes back unchanged."""
+    boxes = _boxes(50, seed=1)
+    lidar2global = _rigid(2.5, 0.0, 0.0, (600.0, 1600.0, 2.0))
+    back = transform_boxes(transform_boxes(boxes, lidar2global), torch.linalg.inv(lidar2global))
+    torch.testing.assert_close(back[:, :6], boxes[:, :6])
+    torch.testing.assert_close(back[:, 7:], boxes[:, 7:])
+    torch.testing.assert_close(torch.remainder(back[:, 6] - boxes[:, 6] + math.pi, 2 * math.pi) - math.pi,
+                               torch.zeros(50, dtype=torch.float64))
+
+
+def test_export_yaw_is_the_devkit_yaw_of_the_rotated_box() -> None:
+    """With ego pitch and roll, the exported yaw is the yaw the devkit reads from the box rotated in 3-D
+    (Quaternion(R) * Rz(yaw)), and the centre and velocity are R p + t and (R v)_xy."""
+    from nuscenes.eval.common.utils import quaternion_yaw
+
+    boxes = _boxes(20, seed=2)
+    lidar2global = _rigid(-1.0, 0.03, -0.02, (400.0, 1100.0, 1.0))
+    rotation = lidar2global[:3, :3].numpy()
+    entries = detections_to_results([Detections(boxes.float(), torch.linspace(1, 0, 20),
+                                                torch.zeros(20, dtype=torch.int64))],
+                                    [SampleMeta("tok", lidar2global.float())])["tok"]
+    for box, entry in zip(boxes.float().double().numpy(), entries):
+        rotated = Quaternion(matrix=rotation) * Quaternion(axis=(0.0, 0.0, 1.0), radians=box[6])
+        yaw_difference = quaternion_yaw(Quaternion(entry["rotation"])) - quaternion_yaw(rotated)
+        assert math.remainder(yaw_difference, 2 * math.pi) == pytest.approx(0.0, abs=1e-6)
+        assert entry["translation"] == pytest.approx(rotation @ box[:3] + lidar2global[:3, 3].numpy(), abs=1e-3)
+        assert entry["velocity"] == pytest.approx((rotation @ [box[7], box[8], 0.0])[:2], abs=1e-5)
+
+
 @pytest.mark.parametrize("name, speed, expected", [
     ("car", 1.0, "vehicle.moving"), ("car", 0.0, "vehicle.parked"), ("bus", 0.1, "vehicle.stopped"),
     ("bicycle", 2.0, "cycle.with_rider"), ("motorcycle", 0.0, "cycle.without_rider"),
@@ -136,9 +183,9 @@ def test_bad_inputs_give_clear_errors(ground_truth, synthetic_root: Path, tmp_pa
         evaluate_detections(detections, metas, tmp_path / "nowhere", VERSION, SPLIT, tmp_path)
     with pytest.raises(EvaluationError, match="v1.0-trainval.*not found.*v1.0-mini"):
         evaluate_detections(detections, metas, synthetic_root, "v1.0-trainval", "val", tmp_path)
-    with pytest.raises(EvaluationError, match="needs a version ending in 'trainval'"):
+    with pytest.raises(EvaluationError, match="needs a trainval version"):
         evaluate_detections(detections, metas, synthetic_root, VERSION, "val", tmp_path)
-    with pytest.raises(EvaluationError, match="unknown eval_set"):
+    with pytest.raises(EvaluationError, match="unknown nuScenes split"):
         evaluate_detections(detections, metas, synthetic_root, VERSION, "everything", tmp_path)
     with pytest.raises(EvaluationError, match="1 missing"):
         evaluate_detections(detections[1:], metas[1:], synthetic_root, VERSION, SPLIT, tmp_path)

@@ -15,7 +15,7 @@ import torch
 from aqrcmt.config import CAMERA_NAMES
 from aqrcmt.checkpoint.io import load_safetensors, save_safetensors_atomic
 from aqrcmt.errors import AqrcmtError
-from aqrcmt.data.nuscenes_dataset import load_info_pkl
+from aqrcmt.data.index import load_info_pkl
 from aqrcmt.eval.nuscenes_eval import read_results_file
 
 CASES_PER_READER = 150

@@ -15,9 +15,12 @@ import pytest
 from PIL import Image
 
 from aqrcmt.config import Config
-from aqrcmt.data import nuscenes_dataset as nd
+from aqrcmt.data import dataset as dataset_module
+from aqrcmt.data.dataset import NuScenesDataset, resolve_path
 from aqrcmt.data.files import BadSampleError, DatasetError, read_image
 from aqrcmt.data.gt_database import build_gt_database
+from aqrcmt.data.index import load_info_pkl, load_or_build_infos
+from aqrcmt.data.loader import build_dataset
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
 from aqrcmt.errors import AqrcmtError
 from aqrcmt.eval.nuscenes_eval import EvaluationError, read_results_file
@@ -45,15 +48,15 @@ def test_package_errors_keep_their_builtin_bases() -> None:
     for error, base in ((ConfigError, ValueError), (CheckpointError, ValueError), (BadSampleError, RuntimeError),
                         (DatasetError, ValueError), (EvaluationError, ValueError)):
         assert issubclass(error, AqrcmtError) and issubclass(error, base)
-    assert nd.BadSampleError is BadSampleError
+    assert dataset_module.BadSampleError is BadSampleError
 
 
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------
-def _dataset_with_image(cfg: Config, camera: str, data: bytes, tmp_path: Path) -> nd.NuScenesDataset:
+def _dataset_with_image(cfg: Config, camera: str, data: bytes, tmp_path: Path) -> NuScenesDataset:
     cfg.data.load_images = True
-    dataset = nd.build_dataset(cfg, cfg.data.val_split, train=False)
+    dataset = build_dataset(cfg, cfg.data.val_split, train=False)
     info = dict(dataset.infos[0])
     path = tmp_path / "bad.jpg"
     path.write_bytes(data)
@@ -62,12 +65,12 @@ def _dataset_with_image(cfg: Config, camera: str, data: bytes, tmp_path: Path) -
     return dataset
 
 
-def _camera_jpeg(dataset: nd.NuScenesDataset, camera: str) -> bytes:
-    return nd.resolve_path(dataset.infos[0]["cams"][camera]["data_path"], dataset.root).read_bytes()
+def _camera_jpeg(dataset: NuScenesDataset, camera: str) -> bytes:
+    return resolve_path(dataset.infos[0]["cams"][camera]["data_path"], dataset.root).read_bytes()
 
 
 def test_truncated_jpeg_is_a_bad_sample_naming_the_file(cfg: Config, tmp_path: Path) -> None:
-    good = _camera_jpeg(nd.build_dataset(cfg, cfg.data.val_split, train=False), "CAM_BACK")
+    good = _camera_jpeg(build_dataset(cfg, cfg.data.val_split, train=False), "CAM_BACK")
     dataset = _dataset_with_image(cfg, "CAM_BACK", good[: len(good) // 2], tmp_path)
     with pytest.raises(BadSampleError, match=r"CAM_BACK image .*bad\.jpg is a truncated JPEG") as error:
         dataset.load_sample(0)
@@ -110,7 +113,7 @@ def _resized_jpeg(data: bytes, tmp_path: Path) -> bytes:
 
 
 def test_image_of_another_size_than_recorded_names_that_camera(cfg: Config, tmp_path: Path) -> None:
-    dataset = nd.build_dataset(cfg, cfg.data.val_split, train=False)
+    dataset = build_dataset(cfg, cfg.data.val_split, train=False)
     recorded = dataset.infos[0]["cams"]["CAM_BACK_LEFT"]
     small = _resized_jpeg(_camera_jpeg(dataset, "CAM_BACK_LEFT"), tmp_path)
     dataset = _dataset_with_image(cfg, "CAM_BACK_LEFT", small, tmp_path)
@@ -148,39 +151,39 @@ def _without(info: dict, field: str) -> dict:
     ("sweeps.0.timestamp", "'sweeps[0].timestamp'"), ("gt_velocity", "'gt_velocity'"),
 ])
 def test_info_with_a_missing_field_is_refused_at_load(cfg: Config, tmp_path: Path, field: str, shown: str) -> None:
-    infos = nd.build_dataset(cfg, cfg.data.val_split, train=False).infos
+    infos = build_dataset(cfg, cfg.data.val_split, train=False).infos
     infos = [*infos[:2], _without(infos[2], field), *infos[3:]]
     path = tmp_path / "infos.pkl"
     path.write_bytes(pickle.dumps({"infos": infos}))
     with pytest.raises(DatasetError, match=re.escape(f"info pkl {path}: info 2 (sample ")
                        + f".* lacks the field {re.escape(shown)}") as error:
-        nd.load_info_pkl(path)
+        load_info_pkl(path)
     if field != "token":
         assert f"sample {infos[2]['token']}" in str(error.value)
 
 
 def test_gt_fields_of_different_lengths_are_refused(cfg: Config, tmp_path: Path) -> None:
-    infos = list(nd.build_dataset(cfg, cfg.data.val_split, train=False).infos)
+    infos = list(build_dataset(cfg, cfg.data.val_split, train=False).infos)
     infos[1] = {**infos[1], "gt_names": infos[1]["gt_names"][:-1]}
     path = tmp_path / "infos.pkl"
     path.write_bytes(pickle.dumps({"infos": infos}))
     with pytest.raises(DatasetError, match="info 1 .*different lengths"):
-        nd.load_info_pkl(path)
+        load_info_pkl(path)
 
 
 def test_non_pickle_and_foreign_pickles_are_refused_naming_the_file(tmp_path: Path) -> None:
     text = _write(tmp_path / "infos.pkl", b"version: 1\ninfos: []\n")
     with pytest.raises(DatasetError, match=f"info pkl {text} is not a readable pickle"):
-        nd.load_info_pkl(text)
+        load_info_pkl(text)
     with pytest.raises(DatasetError, match="expected a dict with an 'infos' list"):
-        nd.load_info_pkl(_write(tmp_path / "list.pkl", pickle.dumps([1, 2])))
+        load_info_pkl(_write(tmp_path / "list.pkl", pickle.dumps([1, 2])))
     marker = tmp_path / "executed"
     payload = pickle.dumps(_Exploit(str(marker)))   # unpickling would call os.mkdir(marker)
     with pytest.raises(DatasetError, match="refusing to load the global"):
-        nd.load_info_pkl(_write(tmp_path / "exploit.pkl", payload))
+        load_info_pkl(_write(tmp_path / "exploit.pkl", payload))
     assert not marker.exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        nd.load_info_pkl(tmp_path / "missing.pkl")
+        load_info_pkl(tmp_path / "missing.pkl")
 
 
 class _Exploit:
@@ -192,10 +195,10 @@ class _Exploit:
 
 
 def test_unreadable_index_cache_is_rebuilt(cfg: Config, tmp_path: Path) -> None:
-    infos, cache = nd.load_or_build_infos(cfg.data.root, "v1.0-mini", "mini_val", 2, tmp_path)
+    infos, cache = load_or_build_infos(cfg.data.root, "v1.0-mini", "mini_val", 2, tmp_path)
     cache.write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="rebuilding the nuScenes index: .*not a readable pickle"):
-        again, _ = nd.load_or_build_infos(cfg.data.root, "v1.0-mini", "mini_val", 2, tmp_path)
+        again, _ = load_or_build_infos(cfg.data.root, "v1.0-mini", "mini_val", 2, tmp_path)
     assert [i["token"] for i in again] == [i["token"] for i in infos]
 
 
@@ -292,9 +295,9 @@ def test_a_failed_overwrite_keeps_the_old_root(tmp_path: Path, monkeypatch) -> N
     assert _hashes(root) == before and sorted(p.name for p in tmp_path.iterdir()) == ["root"]
 
 
-def _failing_dataset(cfg: Config) -> nd.NuScenesDataset:
+def _failing_dataset(cfg: Config) -> NuScenesDataset:
     cfg.data.load_images = False
-    dataset = nd.build_dataset(cfg, cfg.data.val_split, train=False)
+    dataset = build_dataset(cfg, cfg.data.val_split, train=False)
     dataset.infos = [*dataset.infos[:2], {**dataset.infos[2], "lidar_path": "samples/LIDAR_TOP/missing.pcd.bin"}]
     return dataset
 
@@ -305,7 +308,7 @@ def test_a_failed_gt_database_build_leaves_nothing_or_the_old_database(cfg: Conf
         build_gt_database(_failing_dataset(cfg), out)
     assert list(tmp_path.iterdir()) == []
     cfg.data.load_images = False
-    build_gt_database(nd.build_dataset(cfg, cfg.data.val_split, train=False), out)
+    build_gt_database(build_dataset(cfg, cfg.data.val_split, train=False), out)
     before = _hashes(out)
     assert "dbinfos.pkl" in before and any(k.startswith("objects/") for k in before)
     with pytest.raises(BadSampleError):
@@ -317,5 +320,5 @@ def test_gt_database_refuses_a_folder_that_is_not_a_database(cfg: Config, tmp_pa
     (tmp_path / "notes.txt").write_text("keep me")
     cfg.data.load_images = False
     with pytest.raises(FileExistsError, match=r"not part of a GT database \(\['notes.txt'\]\)"):
-        build_gt_database(nd.build_dataset(cfg, cfg.data.val_split, train=False), tmp_path)
+        build_gt_database(build_dataset(cfg, cfg.data.val_split, train=False), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -13,7 +13,8 @@ from PIL import Image
 from aqrcmt.checkpoint.io import save_safetensors_atomic
 from aqrcmt.cli import main
 from aqrcmt.data.collate import collate
-from aqrcmt.data.nuscenes_dataset import build_dataset, resolve_path
+from aqrcmt.data.dataset import resolve_path
+from aqrcmt.data.loader import build_dataset
 from aqrcmt.eval.nuscenes_eval import detections_to_results
 from aqrcmt.eval.predict import predict_dataset
 from aqrcmt.eval.visualize import draw_boxes, project_box_edges

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from aqrcmt.config import AugmentConfig
-from aqrcmt.data import nuscenes_dataset as nd
 from aqrcmt.data.box_geometry import points_in_boxes
+from aqrcmt.data.dataset import NuScenesDataset
+from aqrcmt.data.loader import build_dataset
 from aqrcmt.data.transforms import (
     IMAGE_MEAN_BGR, IMAGE_STD_BGR, ImageAug, Pipeline, Sample, apply_image_aug, bev_flip_matrix,
     filter_boxes_in_range, random_image_aug, random_modality_drop, rot_scale_trans_matrix, eval_image_aug,
@@ -19,14 +20,14 @@ from aqrcmt.presets import get_preset
 
 
 @pytest.fixture(scope="module")
-def dataset(synthetic_root: Path) -> nd.NuScenesDataset:
+def dataset(synthetic_root: Path) -> NuScenesDataset:
     cfg = get_preset("tiny")
     cfg.data.root = str(synthetic_root)
-    return nd.build_dataset(cfg, cfg.data.val_split, train=False)
+    return build_dataset(cfg, cfg.data.val_split, train=False)
 
 
 @pytest.fixture()
-def raw(dataset: nd.NuScenesDataset) -> Sample:
+def raw(dataset: NuScenesDataset) -> Sample:
     """A loaded sample before any transform; its intensity column holds each point's index (to follow it)."""
     sample = dataset.load_sample(2)
     sample.points[:, 3] = np.arange(len(sample.points))

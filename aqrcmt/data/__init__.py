@@ -1,4 +1,4 @@
-"""Data: the nuScenes dataset and index, transforms, GT paste, sampling, collation into a
+"""Data: the nuScenes splits, index, dataset and loaders, transforms, GT paste, sampling, collation into a
 :class:`aqrcmt.structures.Batch`.
 
 Names are imported on first use, so ``import aqrcmt.data.synthetic`` stays light.
@@ -12,13 +12,13 @@ _EXPORTS: dict[str, str] = {
     "collate": "aqrcmt.data.collate",
     "BadSampleError": "aqrcmt.data.files",
     "DatasetError": "aqrcmt.data.files",
-    "EpochDataLoader": "aqrcmt.data.nuscenes_dataset",
-    "NuScenesDataset": "aqrcmt.data.nuscenes_dataset",
-    "build_dataloader": "aqrcmt.data.nuscenes_dataset",
-    "build_dataset": "aqrcmt.data.nuscenes_dataset",
-    "load_info_pkl": "aqrcmt.data.nuscenes_dataset",
-    "load_or_build_infos": "aqrcmt.data.nuscenes_dataset",
-    "write_info_pkl": "aqrcmt.data.nuscenes_dataset",
+    "NuScenesDataset": "aqrcmt.data.dataset",
+    "load_info_pkl": "aqrcmt.data.index",
+    "load_or_build_infos": "aqrcmt.data.index",
+    "write_info_pkl": "aqrcmt.data.index",
+    "EpochDataLoader": "aqrcmt.data.loader",
+    "build_dataloader": "aqrcmt.data.loader",
+    "build_dataset": "aqrcmt.data.loader",
     "ShardedSampler": "aqrcmt.data.sampler",
     "cbgs_indices": "aqrcmt.data.sampler",
     "Pipeline": "aqrcmt.data.transforms",

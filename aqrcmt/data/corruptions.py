@@ -3,7 +3,7 @@
 A :class:`SensorCorruption` (name, severity 1-3, seed) changes a sample as it comes off the disk, before any
 transform of the pipeline: points in the key frame's LiDAR frame (all sweeps, (N, 5) x, y, z, intensity, time
 lag), the full-size BGR uint8 images and the calibration (intrinsics K4, lidar2cam). The GT is never touched.
-The dataset applies it (:class:`aqrcmt.data.nuscenes_dataset.NuScenesDataset` ``corruption=``), so the test
+The dataset applies it (:class:`aqrcmt.data.dataset.NuScenesDataset` ``corruption=``), so the test
 pipeline and the model see a corrupted sensor exactly as they would see a clean one.
 
 Randomness: one generator per (seed, sample token, corruption name), independent of the severity; the

@@ -19,7 +19,7 @@ from aqrcmt.config import CLASS_NAMES
 from aqrcmt.data.box_geometry import image_boxes, points_in_boxes
 from aqrcmt.data.files import BadSampleError, staged_directory
 from aqrcmt.data.gt_paste import DATABASE_FORMAT
-from aqrcmt.data.nuscenes_dataset import NuScenesDataset
+from aqrcmt.data.dataset import NuScenesDataset
 from aqrcmt.data.transforms import Sample
 
 MIN_CROP_SIDE = 10  # px: smaller projected boxes are not stored as crops

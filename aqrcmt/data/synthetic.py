@@ -41,11 +41,8 @@ from pyquaternion import Quaternion
 
 from aqrcmt.config import CAMERA_NAMES
 from aqrcmt.data.files import staged_directory
+from aqrcmt.data.splits import TRAIN_VAL_SPLITS
 
-VERSIONS: dict[str, tuple[str, str]] = {        # version -> (train split, val split) whose scene names we borrow
-    "v1.0-mini": ("mini_train", "mini_val"),
-    "v1.0-trainval": ("train", "val"),
-}
 FULL_IMAGE_SIZE: tuple[int, int] = (1600, 900)   # (W, H) of the real cameras
 DEFAULT_IMAGE_SIZE: tuple[int, int] = (400, 225)
 KEYFRAME_INTERVAL_US = 500_000
@@ -449,7 +446,7 @@ def _scene_names(version: str, scenes: int) -> list[tuple[str, str]]:
     from nuscenes.utils.splits import create_splits_scenes
 
     splits = create_splits_scenes()
-    train_split, val_split = VERSIONS[version]
+    train_split, val_split = TRAIN_VAL_SPLITS[version]   # whose scene names we borrow
     num_val = min(max(1, scenes // 3), len(splits[val_split]))
     num_train = scenes - num_val
     names = []
@@ -477,8 +474,8 @@ def make_synthetic_nuscenes(out: str | Path, version: str = "v1.0-mini", scenes:
     samples_per_scene: key frames per scene (>= 2 so that every instance has linked annotations).
     image_size: (W, H) of the camera images; intrinsics are scaled from 1600x900.
     """
-    if version not in VERSIONS:
-        raise ValueError(f"version {version!r} is not supported; choose one of {sorted(VERSIONS)}")
+    if version not in TRAIN_VAL_SPLITS:
+        raise ValueError(f"version {version!r} is not supported; choose one of {sorted(TRAIN_VAL_SPLITS)}")
     if scenes < 2:
         raise ValueError(f"scenes must be >= 2 (one train and one val scene), got {scenes}")
     if samples_per_scene < 2:

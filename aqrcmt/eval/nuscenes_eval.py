@@ -1,9 +1,9 @@
 """Official nuScenes detection metrics for aqrcmt detections.
 
-Path: ``Detections`` (LiDAR frame, see :mod:`aqrcmt.structures`) -> global-frame nuScenes boxes (the export of
-the released code: gravity centre, size (w, l, h) = (dy, dx, dz), rotation about z by yaw, velocity (vx, vy, 0),
-then LiDAR -> global with the key frame's 4x4 transform) -> results JSON with a default attribute per class ->
-``nuscenes.eval.detection.DetectionEval`` (config ``detection_cvpr_2019``) -> a flat metrics dict.
+Path: ``Detections`` (LiDAR frame, see :mod:`aqrcmt.structures`) -> global-frame nuScenes boxes (moved by the
+key frame's 4x4 lidar2global with :func:`aqrcmt.structures.transform_boxes`; gravity centre, size (w, l, h) =
+(dy, dx, dz), rotation about z by the global yaw, velocity (vx, vy)) -> results JSON with a default attribute per
+class -> ``nuscenes.eval.detection.DetectionEval`` (config ``detection_cvpr_2019``) -> a flat metrics dict.
 
 Pitfalls handled here (``nuscenes.eval.detection``, nuscenes-devkit 1.1): the results must cover exactly the split's
 samples; an all-empty submission crashes inside the devkit, so it is scored here as mAP = NDS = 0; at most
@@ -11,7 +11,6 @@ samples; an all-empty submission crashes inside the devkit, so it is scored here
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -22,8 +21,10 @@ import torch
 from pyquaternion import Quaternion
 
 from aqrcmt.config import CLASS_NAMES
+from aqrcmt.data.files import DatasetError
+from aqrcmt.data.splits import open_nuscenes, sample_tokens_of_split
 from aqrcmt.errors import AqrcmtError
-from aqrcmt.structures import Detections, SampleMeta
+from aqrcmt.structures import Detections, SampleMeta, transform_boxes
 
 MAX_BOXES_PER_SAMPLE = 500
 EVAL_CONFIG = "detection_cvpr_2019"
@@ -39,8 +40,6 @@ DEFAULT_ATTRIBUTE: dict[str, str] = {
 MOVING_SPEED = 0.2                        # m/s
 _VEHICLES = ("car", "construction_vehicle", "bus", "truck", "trailer")
 _CYCLES = ("bicycle", "motorcycle")
-_PREDEFINED_SPLIT_SUFFIX = {"train": "trainval", "val": "trainval", "train_detect": "trainval",
-                            "train_track": "trainval", "mini_train": "mini", "mini_val": "mini", "test": "test"}
 
 
 class EvaluationError(AqrcmtError, ValueError):
@@ -60,15 +59,6 @@ def attribute_name(class_name: str, speed: float) -> str:
     if class_name == "bus":
         return "vehicle.stopped"
     return DEFAULT_ATTRIBUTE[class_name]
-
-
-def _rotation_part(transform: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(R, t) of a 4x4 rigid transform, R re-orthonormalised (the transform may have passed through float32)."""
-    t = np.asarray(transform.detach().cpu() if isinstance(transform, torch.Tensor) else transform, dtype=np.float64)
-    if t.shape != (4, 4):
-        raise EvaluationError(f"lidar2global must be 4x4, got shape {tuple(t.shape)}")
-    u, _, vt = np.linalg.svd(t[:3, :3])
-    return u @ vt, t[:3, 3]
 
 
 def detections_to_results(detections: Sequence[Detections], metas: Sequence[SampleMeta],
@@ -94,23 +84,23 @@ def detections_to_results(detections: Sequence[Detections], metas: Sequence[Samp
         if (boxes[:, 3:6] <= 0).any():
             raise EvaluationError(f"sample {meta.sample_token}: box sizes (dx, dy, dz) must be > 0")
         order = np.argsort(-scores, kind="stable")[:max_boxes]
-        rotation, translation = _rotation_part(meta.lidar2global)
-        centers = boxes[order, :3] @ rotation.T + translation
-        velocities = np.concatenate([boxes[order, 7:9], np.zeros((len(order), 1))], axis=1) @ rotation.T
+        try:
+            moved = transform_boxes(torch.from_numpy(boxes[order]), meta.lidar2global).numpy()
+        except ValueError as error:
+            raise EvaluationError(f"sample {meta.sample_token}: lidar2global: {error}") from None
         entries = []
-        for i, center, velocity in zip(order, centers, velocities):
-            yaw = float(boxes[i, 6])
-            orientation = Quaternion(matrix=rotation) * Quaternion(axis=(0.0, 0.0, 1.0), radians=yaw)
+        for i, box in zip(order, moved):
+            orientation = Quaternion(axis=(0.0, 0.0, 1.0), radians=float(box[6]))
             name = class_names[int(labels[i])]
             entries.append({
                 "sample_token": meta.sample_token,
-                "translation": [float(v) for v in center],
-                "size": [float(boxes[i, 4]), float(boxes[i, 3]), float(boxes[i, 5])],   # (w, l, h)
+                "translation": [float(v) for v in box[:3]],
+                "size": [float(box[4]), float(box[3]), float(box[5])],   # (w, l, h)
                 "rotation": [float(v) for v in orientation.elements],
-                "velocity": [float(velocity[0]), float(velocity[1])],
+                "velocity": [float(box[7]), float(box[8])],
                 "detection_name": name,
                 "detection_score": float(scores[i]),
-                "attribute_name": attribute_name(name, math.hypot(velocity[0], velocity[1])),
+                "attribute_name": attribute_name(name, math.hypot(box[7], box[8])),
             })
         results[meta.sample_token] = entries
     return results
@@ -127,50 +117,17 @@ def write_results(results: dict[str, list[dict[str, Any]]], path: str | Path, us
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def load_nuscenes(root: str, version: str):
-    """The devkit's NuScenes index (cached: evaluating every epoch reloads nothing). Clear errors for a bad
-    root or version."""
-    from nuscenes import NuScenes
-
-    root_path = Path(root)
-    if not root_path.is_dir():
-        raise EvaluationError(f"nuScenes root {root_path} does not exist or is not a directory")
-    if not (root_path / version).is_dir():
-        found = sorted(p.name for p in root_path.iterdir() if (p / "sample.json").is_file())
-        raise EvaluationError(f"nuScenes version {version!r} not found under {root_path} "
-                              f"(versions there: {found or 'none'})")
-    return NuScenes(version=version, dataroot=str(root_path), verbose=False)
-
-
-def split_sample_tokens(nusc, eval_set: str) -> list[str]:
-    """Sample tokens of a predefined split or of a custom split in ``ROOT/<version>/splits.json``."""
-    from nuscenes.utils.splits import create_splits_scenes
-
-    if eval_set in _PREDEFINED_SPLIT_SUFFIX:
-        suffix = _PREDEFINED_SPLIT_SUFFIX[eval_set]
-        if not nusc.version.endswith(suffix):
-            raise EvaluationError(f"eval_set {eval_set!r} needs a version ending in {suffix!r}, got {nusc.version!r}")
-        scene_names = set(create_splits_scenes()[eval_set])
-    else:
-        splits_file = Path(nusc.dataroot) / nusc.version / "splits.json"
-        custom = json.loads(splits_file.read_text()) if splits_file.is_file() else {}
-        if eval_set not in custom:
-            raise EvaluationError(f"unknown eval_set {eval_set!r}: not a predefined split "
-                                  f"({sorted(_PREDEFINED_SPLIT_SUFFIX)}) nor in {splits_file}")
-        scene_names = set(custom[eval_set])
-    scene_of = {s["token"]: s["name"] for s in nusc.scene}
-    return [s["token"] for s in nusc.sample if scene_of[s["scene_token"]] in scene_names]
-
-
 def evaluate_results_file(result_path: str | Path, root: str | Path, version: str, eval_set: str,
                           output_dir: str | Path, verbose: bool = False) -> dict[str, Any]:
     """Run DetectionEval on a results JSON; write ``metrics_summary.json``, ``metrics_details.json`` and
     ``metrics.json`` (the flat dict returned here) to `output_dir`."""
     result_path, output_dir = Path(result_path), Path(output_dir)
     submission = read_results_file(result_path)
-    nusc = load_nuscenes(str(root), version)
-    expected = set(split_sample_tokens(nusc, eval_set))
+    try:
+        nusc = open_nuscenes(root, version)
+        expected = set(sample_tokens_of_split(nusc, eval_set))
+    except (DatasetError, FileNotFoundError) as error:
+        raise EvaluationError(str(error)) from None
     if not expected:
         raise EvaluationError(f"split {eval_set!r} has no samples in {root} ({version})")
     given = set(submission["results"])

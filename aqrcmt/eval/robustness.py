@@ -75,7 +75,8 @@ def evaluate_robustness(model: torch.nn.Module, loader: Iterable[Batch], root: s
     for drop in drops:
         predicted = predict_dataset(model, loader, device, transform=drop)
         table[drop.name] = evaluate_detections(
-            [det for _, det in predicted], [meta for meta, _ in predicted], root, version, eval_set, Path(output_dir) / drop.name.replace(" ", "_"),
+            [det for _, det in predicted], [meta for meta, _ in predicted], root, version, eval_set,
+            Path(output_dir) / drop.name.replace(" ", "_"),
             use_camera=with_camera is not False and len(drop.cameras) < len(CAMERA_NAMES),
             use_lidar=with_lidar is not False and not drop.lidar)
     return table

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from aqrcmt.data.files import read_pickle
 from aqrcmt.data.gt_database import build_gt_database
-from aqrcmt.data.nuscenes_dataset import build_dataset
+from aqrcmt.data.loader import build_dataset
 from aqrcmt.presets import load_config
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aqrcmt.data.nuscenes_dataset import CONVERTER_MAX_SWEEPS, VERSIONS, write_info_pkl
+from aqrcmt.data.index import CONVERTER_MAX_SWEEPS, write_info_pkl
+from aqrcmt.data.splits import VERSIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

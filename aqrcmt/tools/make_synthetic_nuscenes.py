@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from aqrcmt.data.synthetic import DEFAULT_IMAGE_SIZE, VERSIONS, make_synthetic_nuscenes
+from aqrcmt.data.splits import TRAIN_VAL_SPLITS
+from aqrcmt.data.synthetic import DEFAULT_IMAGE_SIZE, make_synthetic_nuscenes
 from aqrcmt.tools.errors import CommandError
 
 
@@ -12,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="root directory to write (created if missing; an existing non-empty one is refused)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder (the new root is written beside it, then swapped in)")
-    parser.add_argument("--version", default="v1.0-mini", choices=sorted(VERSIONS))
+    parser.add_argument("--version", default="v1.0-mini", choices=sorted(TRAIN_VAL_SPLITS))
     parser.add_argument("--scenes", type=int, default=3,
                         help="total scenes; a third (>= 1) go to val (at most 10 for v1.0-mini)")
     parser.add_argument("--samples-per-scene", type=int, default=6, help="key frames per scene (>= 2)")

@@ -41,7 +41,7 @@ from aqrcmt.checkpoint.io import CheckpointError
 from aqrcmt.checkpoint.weights import apply_required_settings, load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
-from aqrcmt.data.nuscenes_dataset import EpochDataLoader, build_dataset
+from aqrcmt.data.loader import EpochDataLoader, build_dataset
 from aqrcmt.errors import AqrcmtError
 from aqrcmt.eval.predict import predict_dataset
 from aqrcmt.models import build_model
@@ -316,7 +316,7 @@ def log_validation_pictures(run: Run, score_threshold: float = 0.3) -> None:
     """The BEV, camera and AQR pictures of the first validation sample to TensorBoard (main process, TensorBoard
     tracker only), tagged ``val_sample/<picture>`` at the current step."""
     from aqrcmt.data.collate import collate
-    from aqrcmt.data.nuscenes_dataset import build_dataset
+    from aqrcmt.data.loader import build_dataset
     from aqrcmt.eval.visualize import predict_with_pictures
 
     if not run.accelerator.is_main_process or run.cfg.train.tracker != "tensorboard":

@@ -1,0 +1,89 @@
+"""DataLoaders of a split: the dataset built from a config (index, augmentations, GT paste) and a loader whose
+epoch pins the sampler's order, the dataset's epoch and the worker seeds."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from aqrcmt.config import Config, ConfigError, DataConfig
+from aqrcmt.data.collate import collate
+from aqrcmt.data.dataset import NuScenesDataset
+from aqrcmt.data.gt_paste import GTPaster
+from aqrcmt.data.index import load_info_pkl, load_or_build_infos
+from aqrcmt.data.sampler import ShardedSampler
+from aqrcmt.data.transforms import Pipeline
+
+
+def _split_infos(data: DataConfig, split: str) -> list[dict]:
+    pkl = data.info_pkl_train if split == data.train_split else data.info_pkl_val if split == data.val_split \
+        else None
+    if pkl:
+        return load_info_pkl(pkl)
+    return load_or_build_infos(data.root, data.version, split, data.sweeps, data.index_cache_dir)[0]
+
+
+def build_dataset(cfg: Config, split: str, train: bool) -> NuScenesDataset:
+    """The dataset of `split`: an official split, a custom split of the root's splits.json (see
+    :mod:`aqrcmt.data.splits`), or cfg.data.train_split/val_split read from its info pkl.
+
+    Training applies cfg.data.augment (GT paste when augment.gt_paste, from augment.gt_paste_database).
+    Images are produced at cfg.model.camera.image_size; points are cut to the model's voxel range.
+    """
+    data = cfg.data
+    paste = None
+    if train and data.augment.enabled and data.augment.gt_paste:
+        if not data.augment.gt_paste_database:
+            raise ConfigError("data.augment.gt_paste needs data.augment.gt_paste_database (a dbinfos.pkl written "
+                             "by `aqrcmt build-gt-database`)")
+        paste = GTPaster(data.augment.gt_paste_database)
+    pipeline = Pipeline(data.augment, cfg.model.lidar.voxel.point_cloud_range, cfg.model.camera.image_size,
+                        train=train, paste=paste)
+    return NuScenesDataset(_split_infos(data, split), data.root, pipeline, sweeps=data.sweeps,
+                           load_images=data.load_images, train=train, on_bad_sample=data.on_bad_sample,
+                           gt_paste_until_epoch=data.augment.gt_paste_until_epoch)
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader whose :meth:`set_epoch` pins everything an epoch's batches depend on.
+
+    seed, process_index: of the run and of this process (they seed the worker generator per epoch).
+    """
+
+    def __init__(self, *args: Any, seed: int, process_index: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.process_index = process_index
+
+    def set_epoch(self, epoch: int) -> None:
+        """The sampler's order, the dataset's epoch (GT paste fade-out) and the worker seeds of `epoch`.
+
+        They depend only on (seed, epoch, process), so a resumed run sees the same batches as an
+        uninterrupted one.
+        """
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        self.generator.manual_seed(int(np.random.SeedSequence([self.seed, self.process_index, epoch])
+                                       .generate_state(1)[0]))
+
+
+def build_dataloader(cfg: Config, split: str, train: bool, *, num_processes: int = 1, process_index: int = 0,
+                     seed: int = 0) -> EpochDataLoader:
+    """A DataLoader of Batches for this process's shard of `split`.
+
+    Training: shuffled every epoch (CBGS resampling when cfg.data.cbgs), shards padded to equal length.
+    Evaluation: in index order, process p gets samples p, p + P, ... (shards may differ by one sample).
+    The sampler advances its epoch on every pass; ``loader.set_epoch(e)`` pins it (and the dataset's epoch
+    and the worker seeds).
+    """
+    dataset = build_dataset(cfg, split, train)
+    sampler = ShardedSampler(len(dataset), shuffle=train, class_sets=dataset.class_sets() if train and cfg.data.cbgs
+                             else None, num_processes=num_processes, process_index=process_index, seed=seed,
+                             pad=train)
+    generator = torch.Generator().manual_seed(seed * 1000 + process_index)   # worker seeds -> augmentation draws
+    return EpochDataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate,
+                           num_workers=cfg.data.num_workers, drop_last=train, persistent_workers=False,
+                           pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), generator=generator,
+                           seed=seed, process_index=process_index)
