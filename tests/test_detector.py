@@ -11,7 +11,7 @@ import torch
 from aqrcmt.models import CmtDetector, build_model
 from aqrcmt.presets import get_preset
 from parity_bundle import load_manifest
-from synthetic_batch import synthetic_batch
+from aqrcmt.data.synthetic_batch import synthetic_batch
 from aqrcmt.structures import Batch
 
 RELEASED = {
