@@ -12,6 +12,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _channel_block(n, c0, p, p_mask, C, HW, BLOCK_C: tl.constexpr):
     """(offsets, mask) of the [BLOCK_C, BLOCK_P] block of map n at channels c0.. and pixels p in [N, C, HW]."""

@@ -14,6 +14,9 @@ from torch.library import wrap_triton
 from .splat_params import METHODS, SplatParams
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _load_active_queries(coord_ptr, valid_ptr, qv, q_mask, w, threshold, H, W, METHOD: tl.constexpr):
     """(y, x, active) of the (query, view) slots `qv`: a query renders when it is valid on the view, its weight
