@@ -8,9 +8,9 @@ corrupted, and times two parts of it apart:
   path costs at most OVERHEAD_BUDGET of the clean evaluated sample more than the clean data path;
 - the model on the corrupted input: a corruption that pulls returns towards the sensor (snow, fog back-scatter)
   packs voxels densely there, and the sparse convolutions' cost follows their rulebooks, the (input, output)
-  voxel pairs they multiply (measured: fog -13 % voxels but +8 % pairs and +10 % time). Budget: the model's time
-  grows at most by the rulebooks' growth plus OVERHEAD_BUDGET (a slower model on a denser input is the input,
-  not the corruption's code).
+  voxel pairs they multiply (LiDAR fog: fewer voxels, yet more pairs and more time; the measured growths are in
+  bench/results/corruptions_cpu.md and docs/robustness.md). Budget: the model's time grows at most by the
+  rulebooks' growth plus OVERHEAD_BUDGET (a slower model on a denser input is the input, not the corruption's code).
 Times are the minima over ROUNDS (the least disturbed by other load on the machine). The full-size data path
 (1600x900 images through the vov test pipeline, no model) is timed too, with no budget: it shows what each
 corruption costs on its own, which a GPU evaluation hides behind the forward pass and the DataLoader workers.

@@ -3,22 +3,21 @@
 CPU: the PyTorch paths inside the ops (what CPU training runs) vs the original renderer's loop and vs eager three-op
 modulation.
 GPU (skipped without CUDA): the Triton kernels. Results: bench/results/kernels_cpu.md, docs/kernels.md.
+Inputs: gpucheck.inputs (bench/gpucheck/inputs.py), the builders the device check uses.
 """
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from aqrcmt.kernels import modulate, splat
+from aqrcmt.kernels.splat_original import original_loop_splat
+from gpucheck.inputs import feature_inputs, splat_inputs
+from gpucheck.plan import KernelSizes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_kernels_splat import original_loop_splat  # noqa: E402  (the loop lives with the tests that check it)
-
-BATCH, QUERIES, CHANNELS, SIGMA = 2, 900, 256, 2.0
-MAPS = {"bev": (1, 180, 180), "pers": (6, 40, 100)}
+SIGMA = 2.0
+SIZES = KernelSizes(batch=2, queries=900, bev_hw=(180, 180), views=6, camera_hw=(40, 100), channels=256)
+KINDS = ("bev", "camera")
 
 
 def timed(fn, device: str):
@@ -33,38 +32,25 @@ def timed(fn, device: str):
     return synced
 
 
-def splat_inputs(kind: str, device: str):
-    """Weights ~ N(0.45, 0.1); BEV: every query on the map; perspective: 70 % of queries in one random view."""
-    views, height, width = MAPS[kind]
-    gen = torch.Generator().manual_seed(0)
-    weights = (0.45 + 0.1 * torch.randn(BATCH, QUERIES, generator=gen)).clamp(0, 1)
-    coords = torch.rand(BATCH, QUERIES, views, 2, generator=gen) * torch.tensor([height, width])
-    view = torch.randint(views, (BATCH, QUERIES), generator=gen)
-    valid = torch.nn.functional.one_hot(view, views).bool() & (torch.rand(BATCH, QUERIES, 1, generator=gen) < 0.7)
-    if views == 1:
-        valid[:] = True
-    return weights.to(device), coords.to(device), valid.to(device), height, width
-
-
-@pytest.mark.parametrize("kind", MAPS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_splat_original_loop_cpu(benchmark, kind):
-    weights, coords, valid, height, width = splat_inputs(kind, "cpu")
+    weights, coords, valid, height, width = splat_inputs(SIZES, kind, torch.float32, torch.device("cpu"))
     benchmark.pedantic(original_loop_splat, args=(weights, coords, valid, height, width), kwargs=dict(sigma=SIGMA),
                        rounds=5, iterations=1)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(position="exact"), dict(kernel_norm="normalized")],
                          ids=["floor-sum", "exact-sum", "floor-normalized"])
-@pytest.mark.parametrize("kind", MAPS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_splat_forward(benchmark, kind, options, device):
-    weights, coords, valid, height, width = splat_inputs(kind, device)
+    weights, coords, valid, height, width = splat_inputs(SIZES, kind, torch.float32, torch.device(device))
     benchmark(timed(lambda: splat(weights, coords, valid, height, width, sigma=SIGMA, **options), device))
 
 
 @pytest.mark.parametrize("position", ["floor", "exact"])
-@pytest.mark.parametrize("kind", MAPS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_splat_forward_backward(benchmark, kind, position, device):
-    weights, coords, valid, height, width = splat_inputs(kind, device)
+    weights, coords, valid, height, width = splat_inputs(SIZES, kind, torch.float32, torch.device(device))
     weights.requires_grad_()
     coords.requires_grad_(position == "exact")
 
@@ -74,38 +60,30 @@ def test_splat_forward_backward(benchmark, kind, position, device):
     benchmark(timed(step, device))
 
 
-def feature_inputs(kind: str, device: str, dtype: torch.dtype = torch.float32):
-    views, height, width = MAPS[kind]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH * views, CHANNELS, height, width, generator=gen).to(device, dtype)
-    w = torch.rand(BATCH * views, height, width, generator=gen).to(device)
-    return x, w
-
-
-@pytest.mark.parametrize("kind", MAPS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_modulate_eager_three_ops(benchmark, kind, device):
     """The original modulator's x * w + r * x."""
-    x, w = feature_inputs(kind, device)
+    x, w = feature_inputs(SIZES, kind, torch.float32, torch.device(device))
     benchmark(timed(lambda: x * w[:, None] + 0.7 * x, device))
 
 
 @pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
-@pytest.mark.parametrize("kind", MAPS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_modulate(benchmark, kind, stats, device):
-    x, w = feature_inputs(kind, device)
+    x, w = feature_inputs(SIZES, kind, torch.float32, torch.device(device))
     benchmark(timed(lambda: modulate(x, w, beta=0.7, return_stats=stats), device))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("kind", MAPS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_modulate_low_precision_cuda(benchmark, kind, dtype, cuda_device):
-    x, w = feature_inputs(kind, cuda_device, dtype)
+    x, w = feature_inputs(SIZES, kind, dtype, torch.device(cuda_device))
     benchmark(timed(lambda: modulate(x, w, beta=0.7, return_stats=True), cuda_device))
 
 
-@pytest.mark.parametrize("kind", MAPS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_modulate_forward_backward(benchmark, kind, device):
-    x, w = feature_inputs(kind, device)
+    x, w = feature_inputs(SIZES, kind, torch.float32, torch.device(device))
     x.requires_grad_()
     w.requires_grad_()
 

@@ -7,17 +7,14 @@ also written to bench/results/model_<device>.md. Compiled timings exclude compil
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from aqrcmt.data.synthetic_batch import synthetic_batch
 from aqrcmt.models import build_model
 from aqrcmt.presets import get_preset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from synthetic_batch import synthetic_batch  # noqa: E402  (test helper shared with the detector tests)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 RESULTS = Path(__file__).resolve().parent / "results" / f"model_{DEVICE.type}.md"

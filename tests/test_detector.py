@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from aqrcmt.checkpoint.manifest import load_manifest
+from aqrcmt.data.synthetic_batch import synthetic_batch
 from aqrcmt.models import CmtDetector, build_model
 from aqrcmt.presets import get_preset
-from synthetic_batch import synthetic_batch
 from aqrcmt.structures import Batch
 
 RELEASED = ["cmt_voxel0075_vov_1600x640_cbgs", "cmt_voxel0100_r50_800x320_cbgs", "cmt_lidar_voxel0075_cbgs",

@@ -1,4 +1,5 @@
-"""bench/gpu_check.py: the smoke run covers every part on CPU, the time box and failure isolation work."""
+"""bench/gpu_check.py (code in bench/gpucheck/): the smoke run covers every part on CPU, the time box and failure
+isolation work."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,17 +13,23 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+PACKAGE = SCRIPT.with_name("gpucheck")          # the check's modules, imported by the script as `gpucheck`
 PARTS = ("correctness", "kernels", "inference", "training")
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module          # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["gpu_check"]
+    """The package bench/gpucheck, loaded from its folder (bench/ is not importable from tests/)."""
+    spec = importlib.util.spec_from_file_location("gpucheck", PACKAGE / "__init__.py",
+                                                  submodule_search_locations=[str(PACKAGE)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["gpucheck"] = package          # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(package)
+    for module in ("cli", "part", "plan"):
+        importlib.import_module(f"gpucheck.{module}")
+    yield package
+    for name in [name for name in sys.modules if name == "gpucheck" or name.startswith("gpucheck.")]:
+        del sys.modules[name]
 
 
 def _numbers(value, path="report"):
@@ -93,9 +100,9 @@ def test_part_budget_skips_the_remaining_items_and_says_so(gpu_check) -> None:
         part.item("first", lambda: ran.append("first") or {"item": "first"})
         part.item("second", lambda: ran.append("second") or {"item": "second"})
 
-    spent = gpu_check.run_part("demo", 0.0, body)
+    spent = gpu_check.part.run_part("demo", 0.0, body)
     assert ran == [] and spent["status"] == "partial" and "first, second" in spent["reason"]
-    full = gpu_check.run_part("demo", 60.0, body)
+    full = gpu_check.part.run_part("demo", 60.0, body)
     assert ran == ["first", "second"] and full["status"] == "ok" and len(full["rows"]) == 2
 
 
@@ -104,7 +111,7 @@ def test_failing_item_is_recorded_and_the_next_item_still_runs(gpu_check) -> Non
         part.item("broken", lambda: {}["missing"])
         part.item("fine", lambda: {"item": "fine", "value": 1.0})
 
-    result = gpu_check.run_part("demo", 60.0, body)
+    result = gpu_check.part.run_part("demo", 60.0, body)
     assert result["status"] == "failed" and result["error"] == "KeyError: 'missing'"
     assert [row["item"] for row in result["rows"]] == ["broken", "fine"]
 
@@ -113,12 +120,12 @@ def test_exception_escaping_a_part_is_recorded_with_its_type(gpu_check) -> None:
     def body(part) -> None:
         raise ValueError("no such config")
 
-    result = gpu_check.run_part("demo", 60.0, body)
+    result = gpu_check.part.run_part("demo", 60.0, body)
     assert result["status"] == "failed" and result["error"] == "ValueError: no such config"
 
 
 def test_unknown_part_is_a_clear_error(gpu_check, tmp_path, capsys) -> None:
-    assert gpu_check.main(["--out", str(tmp_path), "--parts", "kernels,warp_drive"]) == 2
+    assert gpu_check.cli.main(["--out", str(tmp_path), "--parts", "kernels,warp_drive"]) == 2
     assert "error: --parts: unknown part(s) ['warp_drive']" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
@@ -128,6 +135,6 @@ def test_device_label_has_no_host_name_and_only_safe_characters(gpu_check) -> No
 
     import torch
 
-    label = gpu_check.device_label(torch.device("cpu"))
+    label = gpu_check.plan.device_label(torch.device("cpu"))
     assert label.startswith("cpu_") and platform.node().lower() not in label.split("_")
     assert all(c.isalnum() or c == "_" for c in label)

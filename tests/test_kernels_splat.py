@@ -6,59 +6,15 @@ Run with TRITON_INTERPRET=1 so the Triton kernels execute on CPU tensors (force_
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import pytest
 import torch
 
 from aqrcmt.kernels import SplatParams, force_triton, gaussian_kernel_size, splat, splat_ref, splat_separable
+from aqrcmt.kernels.splat_original import original_loop_splat
 
 needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                        reason="the Triton kernels run on CPU only with TRITON_INTERPRET=1")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The original renderer, written independently
-# ------------------------------------------------------------------------------------------------------------------
-def original_loop_splat(weights: torch.Tensor, coords: torch.Tensor, valid: torch.Tensor, height: int, width: int, *,
-                        sigma: float, method: str = "gaussian", peak: bool = False, threshold: float = 0.01,
-                        clamp_max: Optional[float] = 1.5) -> torch.Tensor:
-    """The original WeightRenderer, one query at a time (python floats, int() pixels, the kernel added to the
-    cropped window slice, per-map post-processing). Also the timing anchor of bench/bench_kernels.py."""
-    batch, num_queries, views, _ = coords.shape
-    size = gaussian_kernel_size(sigma)
-    half = size // 2
-    offsets = torch.arange(-half, half + 1, dtype=torch.float64)
-    kernel = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma ** 2))
-    kernel = kernel if peak else kernel / kernel.sum()
-    maps = torch.zeros(batch, views, height, width, dtype=torch.float64)
-    for b in range(batch):
-        for v in range(views):
-            m = maps[b, v]
-            for q in range(num_queries):
-                w = float(weights[b, q])
-                if not valid[b, q, v] or w < threshold:
-                    continue
-                fy, fx = float(coords[b, q, v, 0]), float(coords[b, q, v, 1])
-                y, x = int(fy), int(fx)
-                if method == "bilinear":
-                    if not (0 <= y < height - 1 and 0 <= x < width - 1):
-                        continue
-                    ty, tx = fy - y, fx - x
-                    m[y, x] += w * (1 - ty) * (1 - tx)
-                    m[y, x + 1] += w * (1 - ty) * tx
-                    m[y + 1, x] += w * ty * (1 - tx)
-                    m[y + 1, x + 1] += w * ty * tx
-                    continue
-                if not (0 <= y < height and 0 <= x < width):
-                    continue
-                if method == "direct":
-                    m[y, x] = max(float(m[y, x]), w)
-                    continue
-                y0, y1, x0, x1 = max(0, y - half), min(height, y + half + 1), max(0, x - half), min(width, x + half + 1)
-                m[y0:y1, x0:x1] += w * kernel[y0 - y + half:y1 - y + half, x0 - x + half:x1 - x + half]
-    maps[maps < threshold] = 0
-    return maps if clamp_max is None else maps.clamp(0, clamp_max)
 
 
 def random_inputs(batch: int, num_queries: int, views: int, height: int, width: int, seed: int = 0,

@@ -1,4 +1,4 @@
-"""Small synthetic model inputs for detector tests and benchmarks (no dataset on disk).
+"""Synthetic model inputs for the detector tests, the benchmarks and the device check (no dataset on disk).
 
 `synthetic_batch(cfg, ...)` builds a :class:`Batch`: random boxes standing on a flat ground, LiDAR points on
 the box surfaces plus a ground ring, six level pinhole cameras in a ring around the LiDAR origin, and
