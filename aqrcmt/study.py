@@ -26,8 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
+from aqrcmt.atomic import atomic_write_bytes
 from aqrcmt.checkpoint.convert import convert
-from aqrcmt.checkpoint.io import atomic_write_bytes
 from aqrcmt.checkpoint.weights import AQR_PREFIX, load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from aqrcmt.atomic import atomic_write_bytes
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
 from aqrcmt.presets import load_config
 from aqrcmt.tools.errors import CommandError, add_debug_flag, run_command
@@ -71,7 +72,7 @@ def demo(args: argparse.Namespace) -> int:
                "metrics": str(result.last_checkpoint / "metrics.json"),
                "val": {k: result.metrics[k] for k in ("mAP", "NDS")},
                "minutes": round((time.perf_counter() - start) / 60, 1)}
-    (result.run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(result.run_dir / "demo_summary.json", json.dumps(summary, indent=2).encode())
     print(json.dumps(summary, indent=2))
     print(f"TensorBoard: tensorboard --logdir {result.run_dir}")
     return 0

@@ -25,7 +25,7 @@ import torch
 from pyquaternion import Quaternion
 from torch.utils.data import DataLoader, Dataset
 
-from aqrcmt.checkpoint.io import pickle_atomic
+from aqrcmt.atomic import pickle_atomic
 from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES, Config, ConfigError, DataConfig
 from aqrcmt.data.collate import collate
 from aqrcmt.data.files import BadSampleError, DatasetError, read_image, read_pickle

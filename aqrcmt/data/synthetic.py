@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw
 from pyquaternion import Quaternion
 
 from aqrcmt.config import CAMERA_NAMES
-from aqrcmt.data.files import staged_directory
+from aqrcmt.atomic import staged_directory
 
 VERSIONS: dict[str, tuple[str, str]] = {        # version -> (train split, val split) whose scene names we borrow
     "v1.0-mini": ("mini_train", "mini_val"),

@@ -18,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from aqrcmt.atomic import atomic_write_bytes
 from aqrcmt.checkpoint.io import CheckpointError
 from aqrcmt.checkpoint.weights import stored_config, weights_file
 from aqrcmt.config import apply_overrides
@@ -103,7 +104,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     print(format_metrics(table[CLEAN.name]))
     if args.robustness:
         print(format_robustness(table))
-        (out / "robustness.json").write_text(json.dumps(table, indent=2))
+        atomic_write_bytes(out / "robustness.json", json.dumps(table, indent=2).encode())
     print(f"metrics written to {out}")
     return 0
 
@@ -125,10 +126,10 @@ def _evaluate_corruptions(args: argparse.Namespace) -> int:
                                              corruptions, device=args.device)
         tables[label]["checkpoint"] = str(checkpoint)
     report = {"split": split, "seed": args.corruption_seed, "severities": args.severities, "models": tables}
-    (out / "robustness.json").write_text(json.dumps(report, indent=2))
+    atomic_write_bytes(out / "robustness.json", json.dumps(report, indent=2).encode())
     markdown = format_corruptions(tables)
-    (out / "robustness.md").write_text(f"# Robustness ({split}, corruption seed {args.corruption_seed})\n\n"
-                                       f"{markdown}\n")
+    atomic_write_bytes(out / "robustness.md",
+                       f"# Robustness ({split}, corruption seed {args.corruption_seed})\n\n{markdown}\n".encode())
     plot_corruptions(tables, out / "robustness.png")
     print(markdown)
     print(f"robustness written to {out}")
