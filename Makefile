@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) train/demo.py
 
-## The default test suite (< 20 min on 2 cores).
+## The default test suite (without the tests marked slow).
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 

@@ -7,6 +7,7 @@ comment says otherwise.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -117,6 +118,11 @@ AQR_FORK_LR_MULTS = {
 AQR_EVAL_AT_EPOCHS = (1, 2, 3, 5, 10, 20)
 
 
+def _aqr_fork_optim(lr: float, **schedule: tuple[float, float]) -> OptimConfig:
+    """The AQR fork's optimizer: base `lr`, its learning-rate multipliers and the image backbone's decay x5."""
+    return OptimConfig(lr=lr, lr_mults=dict(AQR_FORK_LR_MULTS), decay_mults={"img_backbone": 5.0}, **schedule)
+
+
 def _aqr_fork_final_settings(sigma: float, camera_window: int) -> AQRConfig:
     """AQR as the fork's training report leaves it: sum kernel, threshold 0.01, clamp 1.5, additive residual 0.7."""
     return AQRConfig(
@@ -154,7 +160,7 @@ def _aqr_recommended_render() -> AQRRenderConfig:
 def cmt_aqr_fork_original_voxel0075_vov_1600x640_cbgs() -> Config:
     cfg = cmt_voxel0075_vov_1600x640_cbgs()
     cfg.model.aqr = _aqr_fork_original_settings(camera_window=15)
-    cfg.optim = OptimConfig(lr=2e-4, lr_mults=dict(AQR_FORK_LR_MULTS), decay_mults={"img_backbone": 5.0})
+    cfg.optim = _aqr_fork_optim(lr=2e-4)
     cfg.train.eval_at_epochs = AQR_EVAL_AT_EPOCHS
     return cfg
 
@@ -163,7 +169,7 @@ def cmt_aqr_fork_original_voxel0075_vov_1600x640_cbgs() -> Config:
 def cmt_aqr_voxel0075_vov_1600x640_cbgs() -> Config:
     cfg = cmt_voxel0075_vov_1600x640_cbgs()
     cfg.model.aqr = _aqr_fork_final_settings(sigma=1.0, camera_window=15)
-    cfg.optim = OptimConfig(lr=2e-4, lr_mults=dict(AQR_FORK_LR_MULTS), decay_mults={"img_backbone": 5.0})
+    cfg.optim = _aqr_fork_optim(lr=2e-4)
     cfg.train.eval_at_epochs = AQR_EVAL_AT_EPOCHS
     return cfg
 
@@ -172,8 +178,7 @@ def cmt_aqr_voxel0075_vov_1600x640_cbgs() -> Config:
 def cmt_aqr_voxel0100_r50_800x320_cbgs() -> Config:
     cfg = cmt_voxel0100_r50_800x320_cbgs()
     cfg.model.aqr = _aqr_fork_final_settings(sigma=1.0, camera_window=7)  # the fork uses 8 (even); our windows are odd
-    cfg.optim = OptimConfig(lr=1e-4, cyclic_target_ratio=(6.0, 1e-4), lr_mults=dict(AQR_FORK_LR_MULTS),
-                            decay_mults={"img_backbone": 5.0})
+    cfg.optim = _aqr_fork_optim(lr=1e-4, cyclic_target_ratio=(6.0, 1e-4))
     cfg.train.eval_at_epochs = AQR_EVAL_AT_EPOCHS
     return cfg
 
@@ -254,3 +259,18 @@ def tiny_aqr_recommended() -> Config:
     cfg.model.aqr.render = _aqr_recommended_render()
     cfg.model.aqr.modulate = AQRModulateConfig(residual_form="convex", residual_weight=0.5)
     return cfg
+
+
+@dataclass(frozen=True)
+class SyntheticBenchmark:
+    """A synthetic nuScenes: the arguments of :func:`aqrcmt.data.synthetic.make_synthetic_nuscenes`."""
+    version: str
+    scenes: int              # a third of them are val scenes
+    samples_per_scene: int   # key frames
+    seed: int
+
+
+# The main job (train/demo.py; the AQR study pretrains the same way): the benchmark it trains on (the train
+# scenes) and scores on (the held-out val scenes), and its number of optimizer steps (docs/training.md).
+MAIN_JOB_BENCHMARK = SyntheticBenchmark(version="v1.0-trainval", scenes=30, samples_per_scene=8, seed=0)
+MAIN_JOB_STEPS = 1100

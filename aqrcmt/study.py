@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-
 import torch
 
+from aqrcmt.atomic import atomic_write_bytes
 from aqrcmt.checkpoint.convert import convert
-from aqrcmt.checkpoint.io import atomic_write_bytes
 from aqrcmt.checkpoint.weights import AQR_PREFIX, load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
@@ -35,7 +34,7 @@ from aqrcmt.data.splits import TRAIN_VAL_SPLITS
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
 from aqrcmt.models import build_model
 from aqrcmt.models.detector import load_detector_from_checkpoint
-from aqrcmt.presets import AQR_FORK_LR_MULTS, load_config
+from aqrcmt.presets import AQR_FORK_LR_MULTS, MAIN_JOB_BENCHMARK, MAIN_JOB_STEPS, SyntheticBenchmark, load_config
 from aqrcmt.training.loop import TrainOptions, train
 
 
@@ -66,11 +65,8 @@ class StudyPlan:
     """What the study runs. Steps are optimizer steps; the same for every arm."""
     out: Path
     arms: tuple[str, ...] = ARM_NAMES
-    version: str = "v1.0-trainval"
-    scenes: int = 30                     # a third are val scenes
-    samples_per_scene: int = 8
-    data_seed: int = 0
-    pretrain_steps: int = 1100           # the main job's budget (about 12.6 min on 2 cores)
+    benchmark: SyntheticBenchmark = MAIN_JOB_BENCHMARK
+    pretrain_steps: int = MAIN_JOB_STEPS
     finetune_steps: int = 200
     finetune_lr: float = 2e-4            # the fork's base learning rate, with its multipliers
     eval_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
@@ -80,8 +76,8 @@ class StudyPlan:
     @classmethod
     def quick(cls, out: Path, arms: tuple[str, ...] = ARM_NAMES) -> "StudyPlan":
         """Every arm for a few steps on a small benchmark: the end-to-end check (minutes)."""
-        return cls(out=out, arms=arms, version="v1.0-mini", scenes=3, samples_per_scene=2, pretrain_steps=4,
-                   finetune_steps=4, signal_batches=1)
+        return cls(out=out, arms=arms, benchmark=SyntheticBenchmark("v1.0-mini", scenes=3, samples_per_scene=2, seed=0),
+                   pretrain_steps=4, finetune_steps=4, signal_batches=1)
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arms if a not in ARM_NAMES]
@@ -122,16 +118,15 @@ def run_study(plan: StudyPlan, log: Callable[[str], None] = print) -> Path:
 
 def prepare_benchmark(plan: StudyPlan, log: Callable[[str], None]) -> Path:
     root = plan.out / "data"
-    if not (root / plan.version / "sample.json").is_file():
+    if not (root / plan.benchmark.version / "sample.json").is_file():
         log(f"[study] writing the synthetic benchmark to {root}")
-        make_synthetic_nuscenes(root, version=plan.version, scenes=plan.scenes,
-                                samples_per_scene=plan.samples_per_scene, seed=plan.data_seed)
+        make_synthetic_nuscenes(root, **asdict(plan.benchmark))
     return root
 
 
 def _base_overrides(plan: StudyPlan, data_root: Path, run_dir: Path) -> list[str]:
-    train_split, val_split = TRAIN_VAL_SPLITS[plan.version]
-    return [f"data.root={data_root}", f"data.version={plan.version}", f"data.train_split={train_split}",
+    train_split, val_split = TRAIN_VAL_SPLITS[plan.benchmark.version]
+    return [f"data.root={data_root}", f"data.version={plan.benchmark.version}", f"data.train_split={train_split}",
             f"data.val_split={val_split}", f"train.output_dir={run_dir}", f"train.seed={plan.seed}",
             "train.epochs=100000", "train.eval_every_epochs=0"]
 
@@ -255,10 +250,12 @@ def _relative(value: float, reference: float) -> str:
 def report_markdown(plan: StudyPlan, pretrain_cfg: Config, pretrained: dict, results: list[ArmResult]) -> str:
     """The report: the fork report's first table (before/after per arm, change vs the pretrained model) and its
     debug table (signals). `pretrained`: the pretrained model's val metrics (mAP, NDS)."""
+    benchmark = plan.benchmark
     lines = [
         "# AQR fine-tuning study", "",
-        f"Benchmark: synthetic nuScenes {plan.version}, {plan.scenes} scenes x {plan.samples_per_scene} samples "
-        f"(seed {plan.data_seed}); scored on the val scenes with the official DetectionEval.",
+        f"Benchmark: synthetic nuScenes {benchmark.version}, {benchmark.scenes} scenes x "
+        f"{benchmark.samples_per_scene} samples (seed {benchmark.seed}); scored on the val scenes with the official "
+        "DetectionEval.",
         f"Pretrained: plain `{pretrain_cfg.name}` CMT, {plan.pretrain_steps} steps, written as an official `.pth` and "
         "converted back. Every arm: the same seed and data order, "
         f"{plan.finetune_steps} steps at lr {plan.finetune_lr:g} with the AQR fork's multipliers (backbones frozen).",

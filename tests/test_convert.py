@@ -14,8 +14,8 @@ import torch
 
 from aqrcmt.checkpoint import keymap
 from aqrcmt.checkpoint.convert import sha256_of, spconv1_shape
-from aqrcmt.checkpoint.io import (CheckpointError, atomic_write, atomic_write_bytes, load_safetensors, pickle_atomic,
-                                  save_safetensors_atomic, torch_save_atomic)
+from aqrcmt.atomic import atomic_write, atomic_write_bytes, pickle_atomic
+from aqrcmt.checkpoint.io import CheckpointError, load_safetensors, save_safetensors_atomic, torch_save_atomic
 from aqrcmt.checkpoint.manifest import AQR_FORK_MANIFEST, Manifest, load_manifest
 from aqrcmt.cli import main as cli_main
 from aqrcmt.tools.convert_checkpoint import main as convert_main

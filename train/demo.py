@@ -2,10 +2,10 @@
 
     python train/demo.py [--out runs/demo] [--data data/synthetic_benchmark] [--steps 1100] [--set key=value ...]
 
-1. writes the synthetic benchmark in the devkit's format (skipped when it is already there): 30 scenes of 8 key
-   frames, 20 train scenes and 10 val scenes that training never sees,
-2. trains the `tiny_aqr_recommended` config (recommended AQR settings) on the train scenes (`--steps 3600`, about
-   43 min, is the longer run of docs/training.md),
+1. writes the synthetic benchmark (``presets.MAIN_JOB_BENCHMARK``) in the devkit's format (skipped when it is
+   already there): 30 scenes of 8 key frames, 20 train scenes and 10 val scenes that training never sees,
+2. trains the `tiny_aqr_recommended` config (recommended AQR settings) on the train scenes for
+   ``presets.MAIN_JOB_STEPS`` steps (`--steps 3600` is the longer run of docs/training.md),
 3. evaluates it with the official nuScenes DetectionEval on the val scenes,
 4. prints val mAP/NDS and where the safetensors checkpoint, the metrics and the TensorBoard logs are.
 """
@@ -15,14 +15,14 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+from aqrcmt.atomic import atomic_write_bytes
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
-from aqrcmt.presets import load_config
+from aqrcmt.presets import MAIN_JOB_BENCHMARK, MAIN_JOB_STEPS, load_config
 from aqrcmt.tools.errors import CommandError, add_debug_flag, run_command
 
-BENCHMARK = dict(version="v1.0-trainval", scenes=30, samples_per_scene=8, seed=0)
-DEMO_STEPS = 1100                       # about 14 epochs, 12.6 min of training on 2 CPU cores (docs/training.md)
 TARGET_MAP = 0.40
 
 
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run directory (an earlier demo run there is renamed to <out>.replaced-<time>)")
     p.add_argument("--data", default="data/synthetic_benchmark", help="where the synthetic benchmark is written")
     p.add_argument("--config", default="tiny_aqr_recommended")
-    p.add_argument("--steps", type=int, default=DEMO_STEPS,
-                   help=f"training steps, the length of the learning-rate schedule (default {DEMO_STEPS})")
+    p.add_argument("--steps", type=int, default=MAIN_JOB_STEPS,
+                   help=f"training steps, the length of the learning-rate schedule (default {MAIN_JOB_STEPS})")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     add_debug_flag(p)
     args = p.parse_args(argv)
@@ -46,13 +46,13 @@ def demo(args: argparse.Namespace) -> int:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
     start = time.perf_counter()
     root = Path(args.data)
-    cfg = load_config(args.config, [f"data.root={root}", f"data.version={BENCHMARK['version']}",
+    cfg = load_config(args.config, [f"data.root={root}", f"data.version={MAIN_JOB_BENCHMARK.version}",
                                     "data.train_split=train", "data.val_split=val", f"train.max_steps={args.steps}",
                                     "train.epochs=1000", "train.eval_every_epochs=0", f"train.output_dir={args.out}",
                                     *args.set])      # a bad override is refused before anything is written
-    if not (root / BENCHMARK["version"] / "sample.json").is_file():
+    if not (root / MAIN_JOB_BENCHMARK.version / "sample.json").is_file():
         print(f"[1/3] writing the synthetic benchmark to {root}")
-        make_synthetic_nuscenes(root, **BENCHMARK)
+        make_synthetic_nuscenes(root, **asdict(MAIN_JOB_BENCHMARK))
     else:
         print(f"[1/3] using the synthetic benchmark in {root}")
 
@@ -71,7 +71,7 @@ def demo(args: argparse.Namespace) -> int:
                "metrics": str(result.last_checkpoint / "metrics.json"),
                "val": {k: result.metrics[k] for k in ("mAP", "NDS")},
                "minutes": round((time.perf_counter() - start) / 60, 1)}
-    (result.run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(result.run_dir / "demo_summary.json", json.dumps(summary, indent=2).encode())
     print(json.dumps(summary, indent=2))
     print(f"TensorBoard: tensorboard --logdir {result.run_dir}")
     return 0

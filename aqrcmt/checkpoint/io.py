@@ -1,18 +1,9 @@
-"""Crash-safe files: the package's one atomic writer, and the safetensors reader.
-
-:func:`atomic_write` (used by every writer of the package: checkpoints, index and GT-database pickles)
-puts the bytes in a temporary file in the destination's directory, fsyncs it, renames it over the
-destination with ``os.replace`` (atomic on POSIX and Windows) and fsyncs the directory. A reader therefore
-sees either the old file or the complete new one, never a partial write, and a failed write leaves an
-existing destination untouched.
-"""
+"""Tensor files: safetensors and ``torch.save`` files written through the atomic writer (:mod:`aqrcmt.atomic`),
+safetensors files read back with errors naming the file, and a file's sha256."""
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,57 +11,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from aqrcmt.atomic import PathLike, atomic_write
 from aqrcmt.errors import AqrcmtError
-
-PathLike = str | os.PathLike
 
 
 class CheckpointError(AqrcmtError, ValueError):
     """A checkpoint file is unreadable, corrupt, or does not match the expected model."""
-
-
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside `path`, fsync it, and rename it to `path`.
-
-    When `write` raises, the temporary file is removed and an existing `path` is left as it was.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else _default_file_mode())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _default_file_mode() -> int:
-    """Mode of a newly created file under the current umask (mkstemp alone would give 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def sha256_of(path: PathLike) -> str:
@@ -80,19 +26,6 @@ def sha256_of(path: PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def pickle_atomic(obj: Any, path: PathLike) -> None:
-    """``pickle.dump(obj)`` (highest protocol) to `path`, atomically."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-    atomic_write(path, write)
 
 
 def torch_save_atomic(obj: Any, path: PathLike) -> None:

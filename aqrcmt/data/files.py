@@ -1,11 +1,11 @@
-"""The dataset's files, read strictly and written whole.
+"""The dataset's files, read strictly.
 
 - :func:`read_pickle`: index / database pickles through an unpickler that only builds plain containers and numpy
   arrays (a pickle naming any other global is refused), with errors that name the file;
 - :func:`read_image`: camera images decoded strictly (a truncated or corrupt file is a :class:`BadSampleError`
-  naming it, never a grey-padded image with a nameless decoder warning on stderr);
-- :func:`staged_directory`: an output folder written beside its destination and renamed into place at the end,
-  so that a failure leaves nothing half-written (and an existing folder intact).
+  naming it, never a grey-padded image with a nameless decoder warning on stderr).
+
+They are written whole by :mod:`aqrcmt.atomic` (atomic files, staged folders).
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import contextlib
 import io
 import os
 import pickle
-import shutil
 import sys
 import tempfile
 import threading
@@ -108,40 +107,3 @@ def _captured_stderr() -> Iterator[list[str]]:
             os.close(saved)
             sink.seek(0)
             lines += [line for line in sink.read().decode(errors="replace").splitlines() if line.strip()]
-
-
-@contextlib.contextmanager
-def staged_directory(destination: str | Path, replace: bool) -> Iterator[Path]:
-    """Yield a fresh folder beside `destination`; on success it becomes `destination`, on an error it is removed.
-
-    An empty or missing destination is simply taken over. A non-empty one is refused (FileExistsError, before
-    anything is written) unless `replace`: then it is swapped out after the new folder is complete and deleted.
-    """
-    destination = Path(os.path.abspath(destination))   # "out/.." or "." name their real parent and name
-    occupied = destination.exists() and (not destination.is_dir() or any(destination.iterdir()))
-    if occupied and not replace:
-        raise FileExistsError(f"{destination} exists and is not empty; refusing to write over it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
-    try:
-        yield staging
-        os.chmod(staging, 0o777 & ~_umask())
-        if occupied:
-            retired = staging.with_suffix(".replaced")
-            os.replace(destination, retired)
-            try:
-                os.replace(staging, destination)
-            except BaseException:
-                os.replace(retired, destination)
-                raise
-            shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
-        else:
-            os.replace(staging, destination)   # an empty destination folder is replaced in one rename
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask

@@ -14,10 +14,10 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from aqrcmt.checkpoint.io import pickle_atomic
+from aqrcmt.atomic import pickle_atomic, staged_directory
 from aqrcmt.config import CLASS_NAMES
 from aqrcmt.data.box_geometry import image_boxes, points_in_boxes
-from aqrcmt.data.files import BadSampleError, staged_directory
+from aqrcmt.data.files import BadSampleError
 from aqrcmt.data.gt_paste import DATABASE_FORMAT
 from aqrcmt.data.dataset import NuScenesDataset
 from aqrcmt.data.transforms import Sample

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from pyquaternion import Quaternion
 
-from aqrcmt.checkpoint.io import pickle_atomic
+from aqrcmt.atomic import pickle_atomic
 from aqrcmt.config import CAMERA_NAMES
 from aqrcmt.data.files import DatasetError, read_pickle
 from aqrcmt.data.splits import TEST_VERSION, check_root, open_nuscenes, scenes_of_split, table_stamp

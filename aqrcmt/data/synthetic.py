@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw
 from pyquaternion import Quaternion
 
 from aqrcmt.config import CAMERA_NAMES
-from aqrcmt.data.files import staged_directory
+from aqrcmt.atomic import staged_directory
 from aqrcmt.data.splits import TRAIN_VAL_SPLITS
 
 FULL_IMAGE_SIZE: tuple[int, int] = (1600, 900)   # (W, H) of the real cameras

@@ -18,26 +18,21 @@ import argparse
 import json
 from pathlib import Path
 
-from aqrcmt.checkpoint.io import CheckpointError
-from aqrcmt.checkpoint.weights import stored_config, weights_file
-from aqrcmt.config import apply_overrides
+from aqrcmt.atomic import atomic_write_bytes
 from aqrcmt.data import build_dataloader
 from aqrcmt.eval.nuscenes_eval import EvaluationError, evaluate_results_file, format_metrics
 from aqrcmt.data.corruptions import CORRUPTIONS, SEVERITIES, parse_corruptions
 from aqrcmt.eval.robustness import (
     CLEAN, evaluate_corruptions, evaluate_robustness, format_corruptions, format_robustness, plot_corruptions,
 )
-from aqrcmt.presets import load_config
+from aqrcmt.tools.checkpoint_options import add_config_arguments, load_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--results", help="a results JSON in the official submission format")
     source.add_argument("--checkpoint", help="aqrcmt weights: a .safetensors file or a checkpoint directory")
-    parser.add_argument("--config", help="preset name or config .json (default: the checkpoint's stored config)")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--root", help="nuScenes root (default: the config's data.root)")
-    parser.add_argument("--version", help="nuScenes version, e.g. v1.0-trainval (default: the config's)")
+    add_config_arguments(parser)
     parser.add_argument("--eval-set", "--split", dest="eval_set",
                         help="split to evaluate (default: the config's data.val_split)")
     parser.add_argument("--out", default=None, help="output folder (default: next to the results/checkpoint)")
@@ -69,30 +64,12 @@ def _evaluate_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_checkpoint(checkpoint: str, args: argparse.Namespace):
-    """(model, cfg, weights path) of `checkpoint` with --config / --override / --root / --version applied."""
-    from aqrcmt.models.detector import load_detector_from_checkpoint   # the model code only for --checkpoint
-
-    try:
-        weights_path = weights_file(checkpoint)
-        cfg = load_config(args.config, args.override) if args.config else \
-            apply_overrides(stored_config(weights_path), args.override)
-        if args.root:
-            cfg.data.root = args.root
-        if args.version:
-            cfg.data.version = args.version
-        model, _ = load_detector_from_checkpoint(weights_path, args.device, cfg)
-    except CheckpointError as error:
-        raise EvaluationError(str(error)) from None
-    return model, cfg, weights_path
-
-
 def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     if args.corruptions:
         return _evaluate_corruptions(args)
     if args.compare:
         raise EvaluationError("--compare needs --corruptions")
-    model, cfg, weights_path = _load_checkpoint(args.checkpoint, args)
+    model, cfg, weights_path = load_checkpoint(args.checkpoint, args)
     split = args.eval_set or cfg.data.val_split
     out = Path(args.out) if args.out else weights_path.parent / f"eval_{split}"
 
@@ -103,7 +80,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     print(format_metrics(table[CLEAN.name]))
     if args.robustness:
         print(format_robustness(table))
-        (out / "robustness.json").write_text(json.dumps(table, indent=2))
+        atomic_write_bytes(out / "robustness.json", json.dumps(table, indent=2).encode())
     print(f"metrics written to {out}")
     return 0
 
@@ -117,7 +94,7 @@ def _evaluate_corruptions(args: argparse.Namespace) -> int:
     labels = _labels(checkpoints)
     tables, out = {}, None
     for label, checkpoint in zip(labels, checkpoints):
-        model, cfg, weights_path = _load_checkpoint(checkpoint, args)
+        model, cfg, weights_path = load_checkpoint(checkpoint, args)
         split = args.eval_set or cfg.data.val_split
         out = out or (Path(args.out) if args.out else weights_path.parent / f"robustness_{split}")
         loader = build_dataloader(cfg, split, train=False)
@@ -125,10 +102,10 @@ def _evaluate_corruptions(args: argparse.Namespace) -> int:
                                              corruptions, device=args.device)
         tables[label]["checkpoint"] = str(checkpoint)
     report = {"split": split, "seed": args.corruption_seed, "severities": args.severities, "models": tables}
-    (out / "robustness.json").write_text(json.dumps(report, indent=2))
+    atomic_write_bytes(out / "robustness.json", json.dumps(report, indent=2).encode())
     markdown = format_corruptions(tables)
-    (out / "robustness.md").write_text(f"# Robustness ({split}, corruption seed {args.corruption_seed})\n\n"
-                                       f"{markdown}\n")
+    atomic_write_bytes(out / "robustness.md",
+                       f"# Robustness ({split}, corruption seed {args.corruption_seed})\n\n{markdown}\n".encode())
     plot_corruptions(tables, out / "robustness.png")
     print(markdown)
     print(f"robustness written to {out}")

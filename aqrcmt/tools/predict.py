@@ -12,35 +12,26 @@ renamed to OUT at the end, so a failed run leaves no half-written OUT.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
 
-from aqrcmt.checkpoint.io import CheckpointError
-from aqrcmt.checkpoint.weights import stored_config, weights_file
-from aqrcmt.config import Config, ConfigError, apply_overrides
+from aqrcmt.atomic import staged_directory
+from aqrcmt.config import Config
 from aqrcmt.data.collate import collate
 from aqrcmt.data.dataset import NuScenesDataset
-from aqrcmt.data.files import BadSampleError, staged_directory
 from aqrcmt.data.loader import build_dataset
-from aqrcmt.eval.nuscenes_eval import EvaluationError, detections_to_results, write_results
+from aqrcmt.eval.nuscenes_eval import detections_to_results, write_results
 from aqrcmt.eval.visualize import predict_with_pictures, save_png
-from aqrcmt.models.detector import CmtDetector, load_detector_from_checkpoint
-from aqrcmt.presets import load_config
+from aqrcmt.models.detector import CmtDetector
 from aqrcmt.structures import Detections, SampleMeta
-
-
-class PredictError(ValueError):
-    """The command's inputs are inconsistent (a token, the output folder, the data source)."""
+from aqrcmt.tools.checkpoint_options import add_config_arguments, load_checkpoint
+from aqrcmt.tools.errors import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="aqrcmt weights: a .safetensors file or a checkpoint dir")
-    parser.add_argument("--config", help="preset name or config .json (default: the checkpoint's stored config)")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--root", help="nuScenes root (default: the config's data.root)")
-    parser.add_argument("--version", help="nuScenes version, e.g. v1.0-trainval (default: the config's)")
+    add_config_arguments(parser)
     parser.add_argument("--split", help="official split to read (default: the config's data.val_split)")
     parser.add_argument("--info-pkl", help="read the samples from this mmdet3d-format nuscenes_infos_*.pkl")
     which = parser.add_mutually_exclusive_group()
@@ -52,46 +43,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = _check_out(Path(args.out))
-        cfg, detector = _load(args)
-        dataset = _dataset(cfg, args)
-        indices = _select(dataset, args.token, args.samples)
-        written = _predict(detector, cfg, dataset, indices, out, args.device, args.score_threshold)
-    except (PredictError, CheckpointError, ConfigError, BadSampleError, EvaluationError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out = _check_out(Path(args.out))
+    cfg, detector = _load(args)
+    dataset = _dataset(cfg)
+    indices = _select(dataset, args.token, args.samples)
+    written = _predict(detector, cfg, dataset, indices, out, args.device, args.score_threshold)
     print(f"{written} samples predicted: {out / 'results.json'} and pictures in {out}/<token>/")
     return 0
 
 
 def _check_out(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PredictError(f"--out {out} exists and is not an empty folder; choose another or remove it")
+        raise CommandError(f"--out {out} exists and is not an empty folder; choose another or remove it")
     return out
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, CmtDetector]:
-    """The config (the checkpoint's stored one unless --config) with --root/--version/--split applied, and the
-    detector with the checkpoint's weights (CheckpointError naming the file when they do not fit)."""
-    path = weights_file(args.checkpoint)
-    cfg = load_config(args.config, args.override) if args.config else \
-        apply_overrides(stored_config(path), args.override)
-    for field, value in (("root", args.root), ("version", args.version), ("val_split", args.split)):
-        if value:
-            setattr(cfg.data, field, value)
+    """The checkpoint's config (:func:`load_checkpoint`) reading --split / --info-pkl strictly, and its detector."""
+    detector, cfg, _ = load_checkpoint(args.checkpoint, args)
+    if args.split:
+        cfg.data.val_split = args.split
     if args.info_pkl or args.split:
         cfg.data.info_pkl_val = args.info_pkl        # a stored config's pkl belongs to its own split
     cfg.data.on_bad_sample = "error"
-    detector, _ = load_detector_from_checkpoint(path, args.device, cfg)
     return cfg, detector
 
 
-def _dataset(cfg: Config, args: argparse.Namespace) -> NuScenesDataset:
+def _dataset(cfg: Config) -> NuScenesDataset:
     try:
         return build_dataset(cfg, cfg.data.val_split, train=False)
     except (ValueError, FileNotFoundError) as error:    # root, version, split, info pkl
-        raise PredictError(str(error)) from None
+        raise CommandError(str(error)) from None
 
 
 def _select(dataset: NuScenesDataset, tokens: list[str], samples: int | None) -> list[int]:
@@ -100,11 +82,11 @@ def _select(dataset: NuScenesDataset, tokens: list[str], samples: int | None) ->
         index = {info["token"]: i for i, info in enumerate(dataset.infos)}
         unknown = [t for t in tokens if t not in index]
         if unknown:
-            raise PredictError(f"sample token(s) {unknown} are not in the split ({len(index)} samples of "
+            raise CommandError(f"sample token(s) {unknown} are not in the split ({len(index)} samples of "
                                f"{dataset.root})")
         return [index[t] for t in dict.fromkeys(tokens)]
     if samples is not None and samples <= 0:
-        raise PredictError(f"--samples must be > 0, got {samples}")
+        raise CommandError(f"--samples must be > 0, got {samples}")
     return list(range(len(dataset)))[:samples]
 
 

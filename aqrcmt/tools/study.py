@@ -1,6 +1,6 @@
 """``aqrcmt study``: the AQR fine-tuning study (see :mod:`aqrcmt.study`).
 
-    aqrcmt study --out study/            # the full study (about an hour on 2 CPU cores)
+    aqrcmt study --out study/            # the full study (docs/aqr_study.md)
     aqrcmt study --out study/ --quick    # every arm for a few steps (the end-to-end check)
     aqrcmt study --out study/ --arms control recommended
 """
@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from aqrcmt.checkpoint.io import CheckpointError
-from aqrcmt.config import ConfigError
 from aqrcmt.study import ARM_NAMES, StudyPlan, run_study
+from aqrcmt.tools.errors import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,18 +25,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     unknown = [a for a in args.arms if a not in ARM_NAMES]
     if unknown:
-        print(f"error: unknown study arm(s) {unknown}; known arms: {', '.join(ARM_NAMES)}", file=sys.stderr)
-        return 2
+        raise CommandError(f"unknown study arm(s) {unknown}; known arms: {', '.join(ARM_NAMES)}")
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
-        print(f"error: --out {out}: cannot write there ({existing} is not a writable folder)", file=sys.stderr)
-        return 2
+        raise CommandError(f"--out {out}: cannot write there ({existing} is not a writable folder)")
     plan = StudyPlan.quick(out, tuple(args.arms)) if args.quick else StudyPlan(out=out, arms=tuple(args.arms))
-    try:
-        report = run_study(plan)
-    except (CheckpointError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = run_study(plan)
     print(f"report: {report}")
     print(f"plot:   {out / 'map_vs_step.png'}")
     return 0

@@ -3,6 +3,7 @@
 Layout of a run directory::
 
     run_dir/config.json                      resolved config of the run
+    run_dir/metrics_history.json             every evaluation of the run (step, epoch, mAP, NDS)
     run_dir/checkpoints/step_00000120/       one checkpoint
         model.safetensors                    weights (metadata: config JSON, step, epoch)
         training_state.pt                    optimizer, schedule, scaler, counters (tensors and plain values)
@@ -12,8 +13,9 @@ Layout of a run directory::
     run_dir/checkpoints/latest               name of the newest complete checkpoint
     run_dir/best/                            copy of the checkpoint with the best NDS
 
-A checkpoint is assembled in a temporary directory and renamed into place; only then is ``latest``
-rewritten (atomically). A crash at any point leaves ``latest`` naming a complete checkpoint.
+A checkpoint is assembled in a staged directory (:func:`aqrcmt.atomic.staged_directory`) and renamed into
+place; only then is ``latest`` rewritten (atomically). A crash at any point leaves ``latest`` naming a complete
+checkpoint.
 
 Reading is checked: every file listed in ``checksums.json`` must have its recorded sha256 (a corrupted or
 modified file is refused, naming it), and the ``.pt`` files are loaded with ``torch.load(weights_only=True)``,
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import shutil
 from contextlib import contextmanager
@@ -34,8 +35,9 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from aqrcmt.checkpoint.io import (CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors_atomic,
-                                  sha256_of, torch_save_atomic)
+from aqrcmt.atomic import atomic_write_bytes, staged_directory
+from aqrcmt.checkpoint.io import (CheckpointError, load_safetensors, save_safetensors_atomic, sha256_of,
+                                  torch_save_atomic)
 
 LATEST = "latest"
 CHECKSUMS = "checksums.json"
@@ -105,20 +107,14 @@ def write_checkpoint(run_dir: Path, *, model_state: dict[str, torch.Tensor], tra
     rng_states: one RNG state per process (index = process rank), written as ``rng_rank{K}.pt``.
     """
     ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / checkpoint_name(progress.step)
-    tmp = ckpt_root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     metadata = {"config": config_json, "step": str(progress.step), "epoch": str(progress.epoch), "format": "aqrcmt"}
-    save_safetensors_atomic(model_state, tmp / "model.safetensors", metadata)
-    torch_save_atomic({**training_state, "progress": dataclasses.asdict(progress)}, tmp / "training_state.pt")
-    for rank, state in enumerate(rng_states):
-        torch_save_atomic(state, tmp / rng_file_name(rank))
-    _write_checksums(tmp, num_processes=len(rng_states))   # last: its presence marks a complete checkpoint
-    if final.exists():  # the same step written again: move the old copy aside first, delete it after the swap
-        os.replace(final, ckpt_root / f".{final.name}.old-{os.getpid()}")
-    os.replace(tmp, final)
+    with staged_directory(final, replace=True) as staging:   # the same step written again replaces the old copy
+        save_safetensors_atomic(model_state, staging / "model.safetensors", metadata)
+        torch_save_atomic({**training_state, "progress": dataclasses.asdict(progress)}, staging / "training_state.pt")
+        for rank, state in enumerate(rng_states):
+            torch_save_atomic(state, staging / rng_file_name(rank))
+        _write_checksums(staging, num_processes=len(rng_states))   # last: its presence marks a complete checkpoint
     atomic_write_bytes(ckpt_root / LATEST, final.name.encode())
     _prune(ckpt_root, keep_last, protect=final.name)
     return final
@@ -131,7 +127,7 @@ def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
     for old in complete[:-keep_last]:
         if old.name != protect:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in [*ckpt_root.glob(".step_*.tmp-*"), *ckpt_root.glob(".step_*.old-*")]:  # left by a crash
+    for stale in [*ckpt_root.glob(".step_*.partial"), *ckpt_root.glob(".step_*.replaced")]:  # left by a crash
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -225,14 +221,12 @@ def write_metrics(ckpt_dir: Path, metrics: dict) -> None:
     atomic_write_bytes(ckpt_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
 
 
+def write_metrics_history(run_dir: Path, history: list[dict]) -> None:
+    """run_dir/metrics_history.json: every evaluation of the run (step, epoch, mAP, NDS; oldest first)."""
+    atomic_write_bytes(run_dir / "metrics_history.json", json.dumps(history, indent=2).encode())
+
+
 def update_best(run_dir: Path, ckpt_dir: Path) -> None:
     """Copy `ckpt_dir` to run_dir/best (assembled beside it, then swapped in)."""
-    tmp = run_dir / f".best.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt_dir, tmp)
-    old = run_dir / f".best.old-{os.getpid()}"
-    best = run_dir / "best"
-    if best.exists():
-        os.replace(best, old)
-    os.replace(tmp, best)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_directory(run_dir / "best", replace=True) as staging:
+        shutil.copytree(ckpt_dir, staging, dirs_exist_ok=True)

@@ -24,7 +24,6 @@ each evaluation; :func:`act_on_alarms` delivers them and applies ``model.aqr.mon
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -343,7 +342,7 @@ def evaluate_checkpoint(run: Run, path: Path) -> None:
     _with_evaluation(progress, metrics)
     if accelerator.is_main_process:
         ckpt.write_metrics(path, {**metrics, "checkpoint": path.name})
-        (run.run_dir / "metrics_history.json").write_text(json.dumps(progress.history, indent=2))
+        ckpt.write_metrics_history(run.run_dir, progress.history)
         if is_best:
             ckpt.update_best(run.run_dir, path)
     accelerator.wait_for_everyone()

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from aqrcmt.checkpoint.io import atomic_write_bytes, load_safetensors_metadata
+from aqrcmt.atomic import atomic_write_bytes
+from aqrcmt.checkpoint.io import load_safetensors_metadata
 from aqrcmt.config import Config, ConfigError, config_from_dict
 from aqrcmt.errors import AqrcmtError
 
