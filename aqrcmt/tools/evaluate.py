@@ -20,13 +20,13 @@ from pathlib import Path
 
 from aqrcmt.checkpoint.io import CheckpointError
 from aqrcmt.checkpoint.weights import stored_config, weights_file
-from aqrcmt.config import apply_overrides
 from aqrcmt.data import build_dataloader
 from aqrcmt.eval.nuscenes_eval import EvaluationError, evaluate_results_file, format_metrics
 from aqrcmt.data.corruptions import CORRUPTIONS, SEVERITIES, parse_corruptions
 from aqrcmt.eval.robustness import (
     CLEAN, evaluate_corruptions, evaluate_robustness, format_corruptions, format_robustness, plot_corruptions,
 )
+from aqrcmt.overrides import apply_overrides
 from aqrcmt.presets import load_config
 
 

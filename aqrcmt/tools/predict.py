@@ -19,13 +19,14 @@ from torch.utils.data import DataLoader, Subset
 
 from aqrcmt.checkpoint.io import CheckpointError
 from aqrcmt.checkpoint.weights import stored_config, weights_file
-from aqrcmt.config import Config, ConfigError, apply_overrides
+from aqrcmt.config import Config, ConfigError
 from aqrcmt.data.collate import collate
 from aqrcmt.data.files import staged_directory
 from aqrcmt.data.nuscenes_dataset import BadSampleError, NuScenesDataset, build_dataset
 from aqrcmt.eval.nuscenes_eval import EvaluationError, detections_to_results, write_results
 from aqrcmt.eval.visualize import predict_with_pictures, save_png
 from aqrcmt.models.detector import CmtDetector, load_detector_from_checkpoint
+from aqrcmt.overrides import apply_overrides
 from aqrcmt.presets import load_config
 from aqrcmt.structures import Detections, SampleMeta
 
