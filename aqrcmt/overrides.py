@@ -15,7 +15,7 @@ import json
 import math
 import types
 import typing
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from aqrcmt.config import MOVED_KEYS, Config, ConfigError
 
@@ -27,20 +27,26 @@ def _unknown_key(key: str, context: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}' {context}")
 
 
+def _first_fit(members: tuple, convert: Callable[[Any], Any], error: str) -> Any:
+    """`convert` by the first non-None member of a Union that takes the value; ConfigError(error) when none does."""
+    for member in members:
+        if member is type(None):
+            continue
+        try:
+            return convert(member)
+        except ConfigError:
+            pass
+    raise ConfigError(error)
+
+
 def parse_value(text: str, hint: Any, key: str) -> Any:
     """Parse a command-line string into the type `hint` of field `key`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if text.lower() in ("none", "null") and type(None) in args:
             return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return parse_value(text, a, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config field '{key}': cannot parse {text!r} as {hint}")
+        return _first_fit(args, lambda a: parse_value(text, a, key),
+                          f"config field '{key}': cannot parse {text!r} as {hint}")
     if origin is Literal:
         for a in args:
             if str(a) == text:
@@ -82,14 +88,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config field '{key}': {value!r} does not fit {hint}")
+        return _first_fit(args, lambda a: coerce(value, a, key), f"config field '{key}': {value!r} does not fit {hint}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"config field '{key}': {value!r} is not one of {args}")

@@ -137,15 +137,6 @@ class Run:
 # ------------------------------------------------------------------------------------------------------
 # Setup
 # ------------------------------------------------------------------------------------------------------
-def _mixed_precision(cfg: Config) -> str:
-    """An `accelerate launch --mixed_precision` / `accelerate config` setting wins over the config's."""
-    return os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.train.mixed_precision
-
-
-def _should_compile(cfg: Config, device: torch.device) -> bool:
-    return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
-
-
 def check_val_split(cfg: Config) -> None:
     """Fail before training when ``data.val_split`` cannot be evaluated: it must exist, hold samples and its first
     sample must load (the RNG streams are left as they were)."""
@@ -159,17 +150,6 @@ def check_val_split(cfg: Config) -> None:
     except (ValueError, LookupError, OSError, RuntimeError) as error:
         raise ValidationSplitError(f"data.val_split {split!r} cannot be evaluated: {error} (checked before "
                                    f"training, so that no trained epoch is lost to it)") from error
-
-
-def _resume_checkpoint(run_dir: Path, cfg: Config, options: TrainOptions) -> Optional[Path]:
-    """The checkpoint to resume from, with its checksums and (unless eval_only) stored config checked."""
-    if not options.resume:
-        return None
-    ckpt_dir = ckpt.resolve_resume(run_dir, options.resume)
-    ckpt.verify_checkpoint(ckpt_dir)
-    if not options.eval_only:
-        run_dirs.check_resume_config(ckpt_dir, cfg)
-    return ckpt_dir
 
 
 def _with_evaluation(progress: ckpt.TrainingProgress, metrics: dict) -> None:
@@ -186,6 +166,8 @@ def _resumed_progress(ckpt_dir: Path, state: dict) -> ckpt.TrainingProgress:
     if metrics is not None and all(entry["step"] != metrics["step"] for entry in progress.history):
         _with_evaluation(progress, metrics)
     return progress
+
+
 def adopt_required_settings(cfg: Config, options: TrainOptions) -> None:
     """Set in `cfg` what the ``--load-from`` weights record that they need (a converted AQR-fork checkpoint:
     its tanh generator without type embeddings), before the model is built and config.json written."""
@@ -204,9 +186,15 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
     # ---- run directory and resumed checkpoint: checked before anything is written ----
     run_dir = Path(cfg.train.output_dir)
     run_dirs.check_run_dir(run_dir, resume=options.resume, overwrite=options.overwrite, eval_only=options.eval_only)
-    resume_dir = _resume_checkpoint(run_dir, cfg, options)
-    # cpu=True without CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=cfg.train.tracker,
+    resume_dir = ckpt.resolve_resume(run_dir, options.resume) if options.resume else None
+    if resume_dir is not None:
+        ckpt.verify_checkpoint(resume_dir)
+        if not options.eval_only:
+            run_dirs.check_resume_config(resume_dir, cfg)
+    # An `accelerate launch --mixed_precision` / `accelerate config` setting wins over the config's. cpu=True without
+    # CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group.
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.train.mixed_precision
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=cfg.train.tracker,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed, device_specific=False)
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
@@ -265,8 +253,8 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
     if cfg.train.tracker:  # TensorBoard writes to <run_dir>/tensorboard
         accelerator.init_trackers(cfg.train.tracker, config={"config": cfg.to_json()})
 
-    # ---- compile and prepare (DDP, mixed precision) ----
-    if _should_compile(cfg, accelerator.device):
+    # ---- compile (default: on for CUDA) and prepare (DDP, mixed precision) ----
+    if cfg.train.compile if cfg.train.compile is not None else accelerator.device.type == "cuda":
         # Dense submodules compiled in place: state_dict keys unchanged, the sparse LiDAR part stays eager.
         detector.compile_dense()
     model, optimizer = accelerator.prepare(LossModel(detector), optimizer)
@@ -378,7 +366,7 @@ def finish_interrupted_evaluation(run: Run) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# One optimizer step
+# Parts of a step: the optimizer step, the non-finite count, logging
 # ------------------------------------------------------------------------------------------------------
 StepOutcome = Literal["stepped", "overflow", "nonfinite"]
 
@@ -573,7 +561,7 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
                 run.schedule.step()
                 bar.update(1)
 
-                # ---- logging and health checks: the loss on logged steps, the AQR signals on monitored ones ----
+                # ---- logging and health checks: the AQR signals on monitored steps, the loss on logged ones ----
                 logged = log_step(run, output, grad_norm, window, bar)
                 if output.monitor is not None or logged is not None:
                     act_on_alarms(run, step_alarms(run, output, logged))
