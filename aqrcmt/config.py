@@ -393,7 +393,7 @@ class OptimConfig:
 @dataclass
 class HealthConfig:
     """Training health of every model: the levels of the loss and evaluation checks, and what an alarm (these,
-    and the AQR signals' of ``model.aqr.monitor``) does (docs/training.md, "Health checks").
+    and the AQR signals' of ``model.aqr.monitor``) does (docs/training.md, "Evaluation and monitoring").
 
     A level of None (or a window of 0) switches its check off. on_alarm: "warn" reports only; "checkpoint" also
     saves a checkpoint and trains on; "stop" saves one and stops the run (non-zero exit). Notices never act.

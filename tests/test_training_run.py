@@ -1,8 +1,8 @@
 """The training loop end to end on the synthetic nuScenes: loss, freezing, multipliers, monitoring, exact resume,
 non-finite steps, 1 vs 2 processes, compiled vs eager.
 
-The runs use the `tiny` config with key-frame points only, small images and few queries, so that a step takes
-about a second on 2 CPU cores.
+The runs use the `tiny` config with key-frame points only, small images and few queries, so that a step is short
+on a CPU.
 """
 from __future__ import annotations
 
