@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg, TrainOptions(resume=args.resume, load_from=args.load_from,
                                          allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
                                          eval_only=args.eval_only, overwrite=args.overwrite))
-    except TrainingStopped as stop:     # the health monitor's on_alarm=stop: its own exit code
+    except TrainingStopped as stop:     # train.health.on_alarm=stop: its own exit code
         if stop.main_process:
             print(f"error: {stop}", file=sys.stderr)
         return 3
