@@ -20,10 +20,16 @@ from typing import Any, Callable, Literal
 from aqrcmt.config import MOVED_KEYS, Config, ConfigError
 
 
+def _moved_keys_error(keys: list[str], context: str) -> ConfigError:
+    """The error for dotted `keys` that moved (all in MOVED_KEYS), naming each one's new key."""
+    moved = "; ".join(f"config key '{key}' moved to '{MOVED_KEYS[key]}'" for key in keys)
+    return ConfigError(f"{moved} (rename {'it' if len(keys) == 1 else 'them'} {context})")
+
+
 def _unknown_key(key: str, context: str) -> ConfigError:
-    """The error for an unknown dotted `key`; it names the new key when `key` moved."""
+    """The error for an unknown dotted `key` (one that moved names its new key)."""
     if key in MOVED_KEYS:
-        return ConfigError(f"config key '{key}' moved to '{MOVED_KEYS[key]}'; rename it {context}")
+        return _moved_keys_error([key], context)
     return ConfigError(f"unknown config key '{key}' {context}")
 
 
@@ -123,7 +129,7 @@ def dataclass_from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     moved = [prefix + u for u in unknown if prefix + u in MOVED_KEYS]
     if moved:
-        raise _unknown_key(moved[0], "in the config mapping")
+        raise _moved_keys_error(moved, "in the config mapping")
     if unknown:
         raise ConfigError(f"unknown config field(s) {[prefix + u for u in unknown]}; known: {sorted(names)}")
     return cls(**{k: coerce(v, hints[k], prefix + k) for k, v in data.items()})
