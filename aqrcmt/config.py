@@ -3,19 +3,17 @@
 Every setting lives in a frozen-free dataclass with a type annotation. A run's config is one `Config`
 object; it travels to the modules as typed sub-configs (``cfg.model.head``, ``cfg.model.aqr.render`` ...),
 never as an untyped dict. Named presets and :func:`~aqrcmt.presets.load_config` (a preset name or a JSON file)
-live in :mod:`aqrcmt.presets`.
+live in :mod:`aqrcmt.presets`; ``key.path=value`` overrides and JSON mappings are parsed by
+:mod:`aqrcmt.overrides`.
 
-Overrides use dotted paths, e.g. ``apply_overrides(cfg, ["optim.lr=1e-4", "model.aqr.render.sigma_bev=1.0"])``:
-the value is parsed against the field's annotation and the result is validated; an unknown key or a
-value of the wrong type raises :class:`ConfigError` naming the key. Every section's ``validate(key)`` checks
-its values' ranges and names a bad value by its full dotted key (``key`` is the section's path, e.g.
-``model.head``; the default is where the section sits in a :class:`Config`).
+Every section's ``validate(key)`` checks its values' types and ranges and raises :class:`ConfigError` naming a bad
+value by its full dotted key (``key`` is the section's path, e.g. ``model.head``; the default is where the
+section sits in a :class:`Config`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -230,38 +228,27 @@ class AQRModulateConfig:
 
 @dataclass
 class AQRMonitorConfig:
-    """Training health: AQR signals every `interval` steps (map images every `image_interval`), the checks of the
-    fork's training report as alarms and notices (docs/aqr.md, "Alarms"), and what an alarm does.
-
-    The loss and validation checks (``loss_*``, ``val_*``) run whether AQR is enabled or not. A level of None
-    (or a window of 0) switches its check off. on_alarm: "warn" reports only; "checkpoint" also saves a
-    checkpoint and trains on; "stop" saves one and stops the run (non-zero exit). Notices never act.
+    """AQR health: AQR signals every `interval` steps (map images every `image_interval`) and the levels of the
+    fork training report's checks on them, as alarms and notices (docs/aqr.md, "Alarms"). A level of None
+    switches its check off; ``train.health.on_alarm`` says what an alarm does.
     """
     interval: int = 50
     image_interval: int = 500
-    on_alarm: Literal["warn", "checkpoint", "stop"] = "warn"
-    # AQR signals (alarms)
+    # alarms
     map_mean_min: Optional[float] = 0.2
     map_max_max: Optional[float] = 2.0
     relative_change_max: Optional[float] = 0.5
     modulated_rms_min: Optional[float] = 0.01          # features vanish: RMS, not mean (camera features are signed)
     energy_retention_min: Optional[float] = 0.25       # sum out^2 / sum x^2 (0.25: the RMS halved)
     query_weight_min: Optional[float] = 0.2
-    # AQR signals: the report's healthy bands (notices when left)
+    # the report's healthy bands (notices when left)
     map_mean_band: Optional[tuple[float, float]] = (0.35, 0.45)
     relative_change_band: Optional[tuple[float, float]] = (0.15, 0.30)
-    # loss and validation (alarms)
-    loss_max: Optional[float] = 10.0                   # total loss; a model trained from scratch starts higher
-    loss_window_steps: int = 500                       # the loss must fall over this many steps (0: off)
-    val_map_min: Optional[float] = 0.4
-    val_map_min_from_epoch: int = 3                    # val_map_min applies from this epoch on
-    val_nds_must_rise: bool = True                     # NDS must rise from one evaluation to the next
 
     def validate(self, key: str = "model.aqr.monitor") -> None:
         _positive(self, key, "interval", "image_interval")
-        _non_negative(self, key, "loss_window_steps", "val_map_min_from_epoch")
         for name in ("map_mean_min", "map_max_max", "relative_change_max", "modulated_rms_min",
-                     "energy_retention_min", "query_weight_min", "loss_max", "val_map_min"):
+                     "energy_retention_min", "query_weight_min"):
             value = getattr(self, name)
             _check(value is None or value >= 0, f"{key}.{name}", f"must be >= 0 or none, got {value}")
         for name in ("map_mean_band", "relative_change_band"):
@@ -404,6 +391,36 @@ class OptimConfig:
 
 
 @dataclass
+class HealthConfig:
+    """Training health of every model: the levels of the loss and evaluation checks, and what an alarm (these,
+    and the AQR signals' of ``model.aqr.monitor``) does (docs/training.md, "Evaluation and monitoring").
+
+    A level of None (or a window of 0) switches its check off. on_alarm: "warn" reports only; "checkpoint" also
+    saves a checkpoint and trains on; "stop" saves one and stops the run (non-zero exit). Notices never act.
+    """
+    on_alarm: Literal["warn", "checkpoint", "stop"] = "warn"
+    loss_max: Optional[float] = 10.0                   # total loss; a model trained from scratch starts higher
+    loss_window_steps: int = 500                       # the loss must fall over this many steps (0: off)
+    val_map_min: Optional[float] = 0.4
+    val_map_min_from_epoch: int = 3                    # val_map_min applies from this epoch on
+    val_nds_must_rise: bool = True                     # NDS must rise from one evaluation to the next
+
+    def validate(self, key: str = "train.health") -> None:
+        _non_negative(self, key, "loss_window_steps", "val_map_min_from_epoch")
+        for name in ("loss_max", "val_map_min"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, f"{key}.{name}", f"must be >= 0 or none, got {value}")
+
+
+# Keys that moved to another section: an old config.json or override using one is refused, naming the new key.
+MOVED_KEYS: dict[str, str] = {
+    f"model.aqr.monitor.{name}": f"train.health.{name}"
+    for name in ("on_alarm", "loss_max", "loss_window_steps", "val_map_min", "val_map_min_from_epoch",
+                 "val_nds_must_rise")
+}
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 20
     max_steps: int = 0                                         # >0 stops early (demos, tests)
@@ -418,8 +435,10 @@ class TrainConfig:
     log_every_steps: int = 10
     max_nonfinite_steps: int = 5
     tracker: Optional[str] = "tensorboard"
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def validate(self, key: str = "train") -> None:
+        self.health.validate(f"{key}.health")
         _positive(self, key, "epochs", "log_every_steps", "max_nonfinite_steps")
         # keep_last 0 keeps every checkpoint; max_steps / checkpoint_every_steps / eval_every_epochs 0 switch off
         _non_negative(self, key, "max_steps", "checkpoint_every_steps", "keep_last", "eval_every_epochs")
@@ -456,7 +475,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
-# Overrides, (de)serialisation
+# Validation
 # --------------------------------------------------------------------------------------------------
 def _check(ok: bool, key: str, message: str) -> None:
     """Raise ConfigError naming the full dotted `key` unless `ok`."""
@@ -511,136 +530,3 @@ def _union_members(hint: Any) -> tuple:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return typing.get_args(hint)
     return (hint,)
-
-
-def _parse_value(text: str, hint: Any, key: str) -> Any:
-    """Parse a command-line string into the type `hint` of field `key`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null") and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _parse_value(text, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"config field '{key}': cannot parse {text!r} as {hint}")
-    if origin is Literal:
-        for a in args:
-            if str(a) == text:
-                return a
-        raise ConfigError(f"config field '{key}': {text!r} is not one of {args}")
-    if hint is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"config field '{key}': expected a bool, got {text!r}")
-    if hint in (int, float, str):
-        if hint is str:
-            return text
-        try:
-            value = hint(text)
-        except ValueError:
-            raise ConfigError(f"config field '{key}': expected {hint.__name__}, got {text!r}") from None
-        if hint is float and not math.isfinite(value):
-            raise ConfigError(f"config field '{key}': expected a finite number, got {text!r}")
-        return value
-    if origin in (tuple, list, dict):
-        try:
-            value = json.loads(text.replace("(", "[").replace(")", "]"))
-        except json.JSONDecodeError:
-            raise ConfigError(f"config field '{key}': expected JSON for {hint}, got {text!r}") from None
-        return _coerce(value, hint, key)
-    raise ConfigError(f"config field '{key}': unsupported type {hint}")
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Coerce a JSON-like value (from a file or an override) into `hint`, checking types."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config field '{key}': expected a mapping, got {type(value).__name__}")
-        return _dataclass_from_dict(hint, value, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config field '{key}': {value!r} does not fit {hint}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"config field '{key}': {value!r} is not one of {args}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config field '{key}': expected a sequence, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(args) != len(value):
-            raise ConfigError(f"config field '{key}': expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    if origin is list:
-        return [_coerce(v, args[0], key) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config field '{key}': expected a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if hint is Any:
-        return tuple(value) if isinstance(value, list) else value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and type(value) is hint:
-        return value
-    raise ConfigError(f"config field '{key}': expected {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def _dataclass_from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config field(s) {[prefix + u for u in unknown]}; known: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def config_from_dict(data: dict) -> Config:
-    """Build and validate a Config from a (possibly partial) nested mapping, e.g. a saved config.json."""
-    return _dataclass_from_dict(Config, data).validate()
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``key.path=value`` overrides in place and re-validate. Raises ConfigError naming a bad key."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        path, text = item.split("=", 1)
-        parts = path.strip().split(".")
-        target: Any = cfg
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(target, dict):
-                raise ConfigError(f"override '{path}': '{'.'.join(parts[:i + 1])}' is a mapping leaf")
-            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
-                raise ConfigError(f"unknown config key '{'.'.join(parts[:i + 1])}' in override '{item}'")
-            target = getattr(target, part)
-        leaf = parts[-1]
-        if isinstance(target, dict):  # e.g. optim.lr_mults.img_backbone=0
-            target[leaf] = _parse_value(text, float, path)
-            continue
-        if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-            raise ConfigError(f"unknown config key '{path}' in override '{item}'")
-        hint = typing.get_type_hints(type(target))[leaf]
-        if dataclasses.is_dataclass(hint):
-            raise ConfigError(f"config key '{path}' is a section; set one of its fields")
-        setattr(target, leaf, _parse_value(text, hint, path))
-    return cfg.validate()

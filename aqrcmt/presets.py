@@ -14,8 +14,8 @@ from typing import Callable, Optional
 from aqrcmt.config import (
     AQRConfig, AQRGeneratorConfig, AQRModulateConfig, AQRRenderConfig, AugmentConfig, CameraConfig, Config,
     ConfigError, DataConfig, HeadConfig, LidarConfig, ModelConfig, OptimConfig, TrainConfig, VoxelConfig,
-    apply_overrides, config_from_dict,
 )
+from aqrcmt.overrides import apply_overrides, config_from_dict
 
 _PRESETS: dict[str, Callable[[], Config]] = {}
 
@@ -226,13 +226,12 @@ def tiny() -> Config:
     )
     # From scratch the total loss starts far above 10 and a synthetic scene is not held to the report's mAP 0.4:
     # the loss level only catches divergence, the mAP level is off.
-    cfg.model.aqr.monitor.loss_max, cfg.model.aqr.monitor.val_map_min = 1000.0, None
+    cfg.train.health.loss_max, cfg.train.health.val_map_min = 1000.0, None
     return cfg
 
 
 def _tiny_with_aqr(aqr: AQRConfig) -> Config:
     cfg = tiny()
-    aqr.monitor = cfg.model.aqr.monitor      # the tiny levels
     cfg.model.aqr = aqr
     cfg.model.aqr.generator.ffn_dim = 128
     cfg.model.aqr.generator.num_heads = 4

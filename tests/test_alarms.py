@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from aqrcmt.config import AQRModulateConfig, AQRMonitorConfig, AQRRenderConfig
+from aqrcmt.config import AQRModulateConfig, AQRMonitorConfig, AQRRenderConfig, HealthConfig
 from aqrcmt.models.aqr.diagnose import measure, random_scene, reference_settings
 from aqrcmt.presets import load_config
 from aqrcmt.training import checkpointing as ckpt
@@ -23,18 +23,18 @@ SMALL = ["data.sweeps=1", "model.camera.image_size=(64,160)", "model.head.num_qu
 
 
 def test_loss_above_its_level_and_not_decreasing_over_the_window():
-    trend = LossTrend(AQRMonitorConfig(loss_max=10.0, loss_window_steps=8))
+    trend = LossTrend(HealthConfig(loss_max=10.0, loss_window_steps=8))
     falling = [trend.check(step, 9.0 - 0.5 * step) for step in range(1, 13)]
     assert all(a == [] for a in falling)
     flat = [a for step in range(13, 25) for a in trend.check(step, 3.0 + 0.01 * (step % 2))]
     # steps 12..20: the loss fell to 3.0 at step 12 and stayed there; one verdict, then a new window starts
     assert [a.meaning for a in flat] == ["loss not decreasing"] and flat[0].step == 20
     assert [a.signal for a in trend.check(25, 12.5)] == ["loss/total"]                     # 12.5 > 10
-    assert LossTrend(AQRMonitorConfig(loss_max=None, loss_window_steps=0)).check(1, 1e6) == []
+    assert LossTrend(HealthConfig(loss_max=None, loss_window_steps=0)).check(1, 1e6) == []
 
 
 def test_map_and_nds_alarms_on_evaluation_histories():
-    cfg = AQRMonitorConfig()
+    cfg = HealthConfig()
     history = [{"step": 100, "epoch": 1, "mAP": 0.30, "NDS": 0.40}]
     assert check_evaluations(history, cfg) == []                   # mAP 0.30 before epoch 3: no alarm
     history.append({"step": 200, "epoch": 2, "mAP": 0.135, "NDS": 0.31})   # the report's epoch 2
@@ -94,7 +94,7 @@ def test_the_map_mean_alarm_stops_a_run_at_its_first_monitored_step_and_resume_c
     run = tmp_path / "run"
     overrides = [f"data.root={synthetic_root}", f"train.output_dir={run}", *SMALL, "train.epochs=1",
                  "train.max_steps=2", "model.aqr.monitor.interval=1"]
-    code = main(["--config", "tiny_aqr", "--set", *overrides, "model.aqr.monitor.on_alarm=stop"])
+    code = main(["--config", "tiny_aqr", "--set", *overrides, "train.health.on_alarm=stop"])
     assert code == 3
     alarms = read_alarms(run / "alarms.jsonl")
     assert any(a.signal == "bev_map_mean" and a.level == "alarm" and a.step == 1 for a in alarms)
@@ -109,7 +109,7 @@ def test_stop_message_names_the_alarm_step_and_checkpoint(synthetic_root, tmp_pa
     run = tmp_path / "run"
     args = ["--config", "tiny_aqr", "--no-compile", "--set", f"data.root={synthetic_root}",
             f"train.output_dir={run}", *SMALL, "data.batch_size=1", "train.epochs=1", "train.max_steps=2",
-            "model.aqr.monitor.interval=1", "model.aqr.monitor.on_alarm=stop"]
+            "model.aqr.monitor.interval=1", "train.health.on_alarm=stop"]
     proc = _train_main(args, [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                               "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
     assert proc.returncode != 0, proc.stderr[-3000:]

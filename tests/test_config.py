@@ -55,6 +55,9 @@ BAD_VALUES = [
     ("model.aqr.monitor.interval", "0"),
     ("model.aqr.monitor.image_interval", "0"),
     ("model.aqr.monitor.map_mean_min", "-0.1"),
+    ("train.health.loss_max", "-1"),
+    ("train.health.loss_window_steps", "-1"),
+    ("train.health.on_alarm", "pause"),
     ("model.aqr.render.clamp_max", "0"),
     ("model.aqr.render.sigma_bev", "0"),
     ("model.aqr.render.threshold", "-0.01"),
@@ -106,4 +109,17 @@ def test_json_file_with_a_bad_value_names_the_key(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"train": {"log_every_steps": 0}}))
     with pytest.raises(ConfigError, match=r"'train\.log_every_steps'"):
+        load_config(str(path))
+
+
+def test_health_levels_moved_to_train_health_and_the_old_keys_name_the_new_ones(tmp_path):
+    cfg = load_config("tiny", ["train.health.loss_max=5", "train.health.on_alarm=stop"])
+    assert cfg.train.health.loss_max == 5.0 and cfg.train.health.on_alarm == "stop"
+    with pytest.raises(ConfigError, match=r"'model\.aqr\.monitor\.loss_max' moved to 'train\.health\.loss_max'"):
+        load_config("tiny", ["model.aqr.monitor.loss_max=5"])
+    old = get_preset("tiny").to_dict()
+    old["model"]["aqr"]["monitor"]["on_alarm"] = old["train"].pop("health")["on_alarm"]
+    path = tmp_path / "old_config.json"
+    path.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"'model\.aqr\.monitor\.on_alarm' moved to 'train\.health\.on_alarm'"):
         load_config(str(path))

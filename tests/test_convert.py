@@ -105,7 +105,7 @@ def test_manifest_totals_match_the_official_model(name):
 # Conversion into the aqrcmt model, and back
 # --------------------------------------------------------------------------------------------------
 def test_r50_converts_loads_strictly_and_reverses_exactly(r50_source, tmp_path):
-    from aqrcmt.config import config_from_dict
+    from aqrcmt.overrides import config_from_dict
     from aqrcmt.models import build_model
     from aqrcmt.presets import get_preset
 

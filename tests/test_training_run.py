@@ -98,16 +98,16 @@ def test_training_lowers_the_loss_freezes_modules_applies_multipliers_and_monito
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(synthetic_root, tmp_path):
     """Bitwise on CPU, with augmentation on: the RNG streams, sampler epoch and schedule continue exactly.
 
-    Run B stops after step 5 and resumes from the mid-epoch checkpoint at step 4; run C stops after step 7 and
-    resumes from the epoch-end checkpoint at step 6 (6 steps per epoch)."""
-    common = ("train.epochs=2", "train.max_steps=8", "train.checkpoint_every_steps=4", "train.tracker=none",
-              "model.head.dropout=0.1")
-    reference = train(_config(synthetic_root, tmp_path / "a", *common), TrainOptions())
+    Run B ends at train.max_steps=5 (mid-epoch) and run C at max_steps=6 (an epoch end: 6 steps per epoch); each
+    is then resumed with max_steps=8, the reference's length (the tiny schedule's 20-step warm-up spans all 8 steps,
+    so the shorter runs' learning rates are the reference's)."""
+    common = ("train.epochs=2", "train.checkpoint_every_steps=4", "train.tracker=none", "model.head.dropout=0.1")
+    reference = train(_config(synthetic_root, tmp_path / "a", *common, "train.max_steps=8"), TrainOptions())
     expected = _weights(reference.last_checkpoint)
-    for name, stop, resumed_from in (("b", 5, 4), ("c", 7, 6)):
-        cfg = _config(synthetic_root, tmp_path / name, *common)
-        train(cfg, TrainOptions(stop_after_steps=stop))
-        assert ckpt.resolve_resume(tmp_path / name, "latest").name == ckpt.checkpoint_name(resumed_from)
+    for name, stop in (("b", 5), ("c", 6)):
+        train(_config(synthetic_root, tmp_path / name, *common, f"train.max_steps={stop}"), TrainOptions())
+        assert ckpt.resolve_resume(tmp_path / name, "latest").name == ckpt.checkpoint_name(stop)
+        cfg = _config(synthetic_root, tmp_path / name, *common, "train.max_steps=8")
         resumed = train(cfg, TrainOptions(resume="latest"))
         assert resumed.progress.step == 8
         got = _weights(resumed.last_checkpoint)

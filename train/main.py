@@ -37,7 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                help="torch.compile the model (default: on for CUDA)")
     compile_group.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--eval-only", action="store_true", help="evaluate the (loaded/resumed) model and exit")
-    p.add_argument("--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS)
     add_debug_flag(p)
     return p.parse_args(argv)
 
@@ -64,9 +63,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, TrainOptions(resume=args.resume, load_from=args.load_from,
                                          allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
-                                         eval_only=args.eval_only, overwrite=args.overwrite,
-                                         stop_after_steps=args.stop_after_steps))
-    except TrainingStopped as stop:     # the health monitor's on_alarm=stop: its own exit code
+                                         eval_only=args.eval_only, overwrite=args.overwrite))
+    except TrainingStopped as stop:     # train.health.on_alarm=stop: its own exit code
         if stop.main_process:
             print(f"error: {stop}", file=sys.stderr)
         return 3

@@ -129,7 +129,7 @@ def load_weights(model: nn.Module, path: PathLike, *, allow_missing: Sequence[st
 
 def stored_config(path: PathLike) -> "Config":
     """The config a training run or ``aqrcmt convert`` stored in the weights' metadata (tensors not read)."""
-    from aqrcmt.config import config_from_dict
+    from aqrcmt.overrides import config_from_dict
 
     file = weights_file(path)
     metadata = load_safetensors_metadata(file)
@@ -153,7 +153,7 @@ def apply_required_settings(cfg: "Config", path: PathLike) -> list[str]:
 def apply_settings(cfg: "Config", settings: dict[str, Any]) -> list[str]:
     """Set `settings` (dotted config key -> value) on `cfg`; returns one note per field changed ("key: old -> new").
     Raises ConfigError when a key is not a config field."""
-    from aqrcmt.config import apply_overrides
+    from aqrcmt.overrides import apply_overrides
 
     notes = []
     for key, value in settings.items():

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aqrcmt.checkpoint.weights import stored_config, weights_file
-from aqrcmt.config import Config, apply_overrides
+from aqrcmt.config import Config
+from aqrcmt.overrides import apply_overrides
 from aqrcmt.presets import load_config
 
 if TYPE_CHECKING:

@@ -1,6 +1,7 @@
 """Training-health checks (the fork training report's checklist) as alarms and notices, and their delivery.
 
-Checks, each at a level of :class:`~aqrcmt.config.AQRMonitorConfig` (docs/aqr.md, "Alarms"):
+Checks, each at a level of :class:`~aqrcmt.config.AQRMonitorConfig` (the AQR signals, docs/aqr.md, "Alarms") or
+:class:`~aqrcmt.config.HealthConfig` (``train.health``: the loss and the evaluations):
 
 - AQR signals (:mod:`aqrcmt.models.aqr.monitor`) of a monitored step: every rendered map's mean and max (BEV,
   all cameras, each camera view), the features' relative change, vanishing (RMS) and energy retention, the
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
-from aqrcmt.config import AQRMonitorConfig
+from aqrcmt.config import AQRMonitorConfig, HealthConfig
 
 Level = Literal["alarm", "notice"]
 
@@ -83,7 +84,7 @@ class LossTrend:
     ``loss_window_steps`` earlier (compared as means of the first and the last quarter of the window, so single
     noisy batches do not decide). Its history restarts with the process (a resumed run waits a new window)."""
 
-    def __init__(self, cfg: AQRMonitorConfig):
+    def __init__(self, cfg: HealthConfig):
         self.cfg = cfg
         self.history: list[tuple[int, float]] = []
 
@@ -108,7 +109,7 @@ class LossTrend:
         return alarms
 
 
-def check_evaluations(history: Sequence[dict], cfg: AQRMonitorConfig) -> list[Alarm]:
+def check_evaluations(history: Sequence[dict], cfg: HealthConfig) -> list[Alarm]:
     """Alarms of the latest evaluation in `history` (dicts with step, epoch, mAP, NDS; oldest first): mAP below
     ``val_map_min`` from epoch ``val_map_min_from_epoch`` on; NDS not above the previous evaluation's."""
     if not history:

@@ -1,25 +1,30 @@
 """The Accelerate training loop: data -> model.loss -> backward -> clip -> step, checkpoints, evaluation.
 
-`train/main.py` parses the command line and calls :func:`train`. One optimizer step reads
-``optim.grad_accumulation`` batches per process; its effective batch is that times ``data.batch_size`` times
-the number of processes. The loop's state that a resumed run continues from is
+`train/main.py` parses the command line and calls :func:`train`, which reads top to bottom in the order a run
+goes. One optimizer step reads ``optim.grad_accumulation`` batches per process; its effective batch is that
+times ``data.batch_size`` times the number of processes. The loop's state that a resumed run continues from is
 :class:`~aqrcmt.training.checkpointing.TrainingProgress` plus the weights, optimizer, schedule, loss scaler and
 every process's RNG states; with ``data.num_workers = 0`` a resumed run repeats the uninterrupted one exactly.
 
-The phases, in the order :func:`train` runs them:
+The phases of :func:`train`:
 
 1. :func:`setup`: run-directory checks (:mod:`aqrcmt.training.run_dir`), the resumed checkpoint's checksums
    and config, accelerator, model (``--load-from``, frozen modules), optimizer, data (and
    :func:`check_val_split`), schedule, resumed state; only then config.json; ``accelerator.prepare`` -> a
    :class:`Run`;
-2. per epoch :func:`train_epoch`: forward/backward per batch, :func:`optimizer_step` (clip, non-finite guard)
-   per accumulation group, :func:`log_step`, mid-epoch checkpoints;
-3. at the end of an epoch :func:`save_checkpoint`, then - every ``train.eval_every_epochs``, after the
-   epochs of ``train.eval_at_epochs`` and at the end - :func:`evaluate_checkpoint` (metrics.json beside the
-   checkpoint, best/ by NDS, metrics_history.json): the epoch is on disk before the evaluation runs.
+2. per batch forward and backward; per accumulation group the optimizer step (:func:`optimizer_step`: clip,
+   non-finite guard), the schedule, :func:`log_step`, the health checks, a mid-epoch checkpoint when due;
+3. at the end of an epoch (or of the run) :func:`save_checkpoint`, then - every ``train.eval_every_epochs``,
+   after the epochs of ``train.eval_at_epochs`` and at the end - :func:`evaluate_checkpoint` (metrics.json
+   beside the checkpoint, best/ by NDS, metrics_history.json): the epoch is on disk before the evaluation runs.
 
-Health checks (:mod:`aqrcmt.training.alarms`) run on monitored steps (AQR signals), logged steps (loss) and after
-each evaluation; :func:`act_on_alarms` delivers them and applies ``model.aqr.monitor.on_alarm``.
+The run's length is ``train.epochs`` epochs, cut at ``train.max_steps`` when that is set; the learning-rate
+schedule spans that length. A resumed run may change both: it continues to the new length, on the schedule
+re-planned for it (the steps already taken keep the rates they had).
+
+Health checks (:mod:`aqrcmt.training.alarms`) run on monitored steps (AQR signals, ``model.aqr.monitor``), logged
+steps (loss) and after each evaluation (``train.health``); :func:`act_on_alarms` delivers them and applies
+``train.health.on_alarm``.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import torch
 from accelerate import Accelerator, PartialState, skip_first_batches
@@ -63,7 +68,6 @@ class TrainOptions:
     allow_unexpected: list[str] = field(default_factory=list)
     eval_only: bool = False
     overwrite: bool = False                    # replace a run in output_dir (renamed aside, not deleted)
-    stop_after_steps: int = 0                  # simulate an interruption (tests): stop, keep checkpoints
 
 
 @dataclass
@@ -98,28 +102,28 @@ class ValidationSplitError(AqrcmtError, ValueError):
 class Run:
     """The objects of one training run, built by :func:`setup`, and the loop's running state."""
     cfg: Config
-    options: TrainOptions
-    run_dir: Path
     accelerator: Accelerator
     detector: CmtDetector                      # unwrapped (what is saved, evaluated and monitored)
     model: nn.Module                           # LossModel(detector) as prepared by Accelerate (DDP when multi-process)
     optimizer: torch.optim.Optimizer
-    schedule: Schedule
+    schedule: Schedule                         # spans the run's length: total_steps
     loader: EpochDataLoader
-    steps_per_epoch: int
-    total_steps: int
+    batches_per_epoch: int                     # batches of an epoch that are used (whole accumulation groups only)
     progress: ckpt.TrainingProgress
+    loss_trend: LossTrend
+    alarms: AlarmDelivery
+    resumed_from: Optional[Path]               # the checkpoint this run was resumed from
     resumed_rng: Optional[dict[str, Any]]      # this process's RNG state to continue from (resume), used once
-    resumed_from: Optional[Path] = None        # the checkpoint this run was resumed from
     last_checkpoint: Optional[Path] = None
     metrics: Optional[dict] = None             # of the last evaluation
-    loss_trend: Optional[LossTrend] = None     # health checks (start_health_checks)
-    alarm_delivery: Optional[AlarmDelivery] = None
 
     @property
-    def batches_per_epoch(self) -> int:
-        """Batches of an epoch that are used (whole accumulation groups only)."""
-        return self.steps_per_epoch * self.cfg.optim.grad_accumulation
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
 
     @property
     def done(self) -> bool:
@@ -132,15 +136,6 @@ class Run:
 # ------------------------------------------------------------------------------------------------------
 # Setup
 # ------------------------------------------------------------------------------------------------------
-def _mixed_precision(cfg: Config) -> str:
-    """An `accelerate launch --mixed_precision` / `accelerate config` setting wins over the config's."""
-    return os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.train.mixed_precision
-
-
-def _should_compile(cfg: Config, device: torch.device) -> bool:
-    return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
-
-
 def check_val_split(cfg: Config) -> None:
     """Fail before training when ``data.val_split`` cannot be evaluated: it must exist, hold samples and its first
     sample must load (the RNG streams are left as they were)."""
@@ -154,17 +149,6 @@ def check_val_split(cfg: Config) -> None:
     except (ValueError, LookupError, OSError, RuntimeError) as error:
         raise ValidationSplitError(f"data.val_split {split!r} cannot be evaluated: {error} (checked before "
                                    f"training, so that no trained epoch is lost to it)") from error
-
-
-def _resume_checkpoint(run_dir: Path, cfg: Config, options: TrainOptions) -> Optional[Path]:
-    """The checkpoint to resume from, with its checksums and (unless eval_only) stored config checked."""
-    if not options.resume:
-        return None
-    ckpt_dir = ckpt.resolve_resume(run_dir, options.resume)
-    ckpt.verify_checkpoint(ckpt_dir)
-    if not options.eval_only:
-        run_dirs.check_resume_config(ckpt_dir, cfg)
-    return ckpt_dir
 
 
 def _with_evaluation(progress: ckpt.TrainingProgress, metrics: dict) -> None:
@@ -181,6 +165,8 @@ def _resumed_progress(ckpt_dir: Path, state: dict) -> ckpt.TrainingProgress:
     if metrics is not None and all(entry["step"] != metrics["step"] for entry in progress.history):
         _with_evaluation(progress, metrics)
     return progress
+
+
 def adopt_required_settings(cfg: Config, options: TrainOptions) -> None:
     """Set in `cfg` what the ``--load-from`` weights record that they need (a converted AQR-fork checkpoint:
     its tanh generator without type embeddings), before the model is built and config.json written."""
@@ -199,9 +185,15 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
     # ---- run directory and resumed checkpoint: checked before anything is written ----
     run_dir = Path(cfg.train.output_dir)
     run_dirs.check_run_dir(run_dir, resume=options.resume, overwrite=options.overwrite, eval_only=options.eval_only)
-    resume_dir = _resume_checkpoint(run_dir, cfg, options)
-    # cpu=True without CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=cfg.train.tracker,
+    resume_dir = ckpt.resolve_resume(run_dir, options.resume) if options.resume else None
+    if resume_dir is not None:
+        ckpt.verify_checkpoint(resume_dir)
+        if not options.eval_only:
+            run_dirs.check_resume_config(resume_dir, cfg)
+    # An `accelerate launch --mixed_precision` / `accelerate config` setting wins over the config's. cpu=True without
+    # CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group.
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.train.mixed_precision
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=cfg.train.tracker,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed, device_specific=False)
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
@@ -243,6 +235,9 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
         if not options.eval_only:
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
+            if state["schedule"]["total_steps"] != total_steps:
+                accelerator.print(f"the run's length changed from {state['schedule']['total_steps']} to "
+                                  f"{total_steps} steps: the learning-rate schedule is re-planned for it")
             progress = _resumed_progress(resume_dir, state)
             resumed_scaler = state.get("scaler")
             resumed_rng = ckpt.read_rng_state(resume_dir, accelerator.process_index)
@@ -257,15 +252,17 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
     if cfg.train.tracker:  # TensorBoard writes to <run_dir>/tensorboard
         accelerator.init_trackers(cfg.train.tracker, config={"config": cfg.to_json()})
 
-    # ---- compile and prepare (DDP, mixed precision) ----
-    if _should_compile(cfg, accelerator.device):
+    # ---- compile (default: on for CUDA) and prepare (DDP, mixed precision) ----
+    if cfg.train.compile if cfg.train.compile is not None else accelerator.device.type == "cuda":
         # Dense submodules compiled in place: state_dict keys unchanged, the sparse LiDAR part stays eager.
         detector.compile_dense()
     model, optimizer = accelerator.prepare(LossModel(detector), optimizer)
     if resumed_scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(resumed_scaler)
-    return Run(cfg, options, run_dir, accelerator, accelerator.unwrap_model(model).detector, model, optimizer,
-               schedule, loader, steps_per_epoch, total_steps, progress, resumed_rng, resumed_from=resume_dir)
+    return Run(cfg, accelerator, accelerator.unwrap_model(model).detector, model, optimizer, schedule, loader,
+               steps_per_epoch * accumulation, progress, LossTrend(cfg.train.health),
+               alarm_delivery(accelerator, cfg.train.tracker, run_dir), resumed_from=resume_dir,
+               resumed_rng=resumed_rng)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -368,7 +365,7 @@ def finish_interrupted_evaluation(run: Run) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# One optimizer step
+# Parts of a step: the optimizer step, the non-finite count, logging
 # ------------------------------------------------------------------------------------------------------
 StepOutcome = Literal["stepped", "overflow", "nonfinite"]
 
@@ -446,40 +443,35 @@ def log_step(run: Run, output: LossOutput, grad_norm: torch.Tensor, window: Thro
 # ------------------------------------------------------------------------------------------------------
 # Health checks: alarms and what they do
 # ------------------------------------------------------------------------------------------------------
-def start_health_checks(run: Run) -> None:
-    """The loss history and the alarm delivery (active on the main process: printed line, alarms.jsonl in the
-    run directory, TensorBoard counts and text)."""
-    accelerator = run.accelerator
-    run.loss_trend = LossTrend(run.cfg.model.aqr.monitor)
-
+def alarm_delivery(accelerator: Accelerator, tracker: Optional[str], run_dir: Path) -> AlarmDelivery:
+    """The delivery of the run's alarms (active on the main process: printed line, alarms.jsonl in the run
+    directory, TensorBoard counts and text)."""
     def log_text(tag: str, text: str, step: int) -> None:
-        if run.cfg.train.tracker == "tensorboard":
+        if tracker == "tensorboard":
             accelerator.get_tracker("tensorboard", unwrap=True).add_text(tag, text, global_step=step)
 
-    run.alarm_delivery = AlarmDelivery(run.run_dir / "alarms.jsonl", active=accelerator.is_main_process,
-                                       print_line=tqdm.write,
-                                       log_scalars=lambda values, step: accelerator.log(values, step=step),
-                                       log_text=log_text)
+    return AlarmDelivery(run_dir / "alarms.jsonl", active=accelerator.is_main_process, print_line=tqdm.write,
+                         log_scalars=lambda values, step: accelerator.log(values, step=step), log_text=log_text)
 
 
 def step_alarms(run: Run, output: LossOutput, logged: Optional[dict[str, float]]) -> list[Alarm]:
     """The checks of this step: AQR signals when it was monitored, the loss when it was logged."""
-    cfg, step = run.cfg.model.aqr.monitor, run.progress.step
-    alarms = check_aqr_signals(output.monitor, cfg, step) if output.monitor is not None else []
+    step = run.progress.step
+    alarms = check_aqr_signals(output.monitor, run.cfg.model.aqr.monitor, step) if output.monitor is not None else []
     if logged is not None:
         alarms += run.loss_trend.check(step, logged["loss/total"])
     return alarms
 
 
 def act_on_alarms(run: Run, alarms: list[Alarm]) -> None:
-    """Deliver `alarms` and act on those of level "alarm" per ``model.aqr.monitor.on_alarm`` ("checkpoint": save
+    """Deliver `alarms` and act on those of level "alarm" per ``train.health.on_alarm`` ("checkpoint": save
     and go on; "stop": save, then raise TrainingStopped naming the alarm, its step and the checkpoint).
 
     Collective (every process calls it at the same steps): the main process's alarms decide (the AQR signals
     differ between processes), so every process saves and stops together.
     """
-    accelerator, mode = run.accelerator, run.cfg.model.aqr.monitor.on_alarm
-    run.alarm_delivery.deliver(alarms)
+    accelerator, mode = run.accelerator, run.cfg.train.health.on_alarm
+    run.alarms.deliver(alarms)
     if mode == "warn":
         return
     first = next((a.line() for a in alarms if a.level == "alarm"), None)
@@ -492,84 +484,33 @@ def act_on_alarms(run: Run, alarms: list[Alarm]) -> None:
         saved = save_checkpoint(run)
     if mode == "stop":
         accelerator.end_training()   # trackers flushed: the alarm's TensorBoard entries are on disk
-        raise TrainingStopped(f"training stopped by the health monitor (model.aqr.monitor.on_alarm=stop): {first}. "
+        raise TrainingStopped(f"training stopped by the health monitor (train.health.on_alarm=stop): {first}. "
                               f"Checkpoint: {saved}; continue with --resume {saved}",
                               main_process=accelerator.is_main_process)
-    accelerator.print(f"checkpoint {saved} saved for the alarm (model.aqr.monitor.on_alarm=checkpoint)")
+    accelerator.print(f"checkpoint {saved} saved for the alarm (train.health.on_alarm=checkpoint)")
 
 
 # ------------------------------------------------------------------------------------------------------
-# The epoch loop
+# The run
 # ------------------------------------------------------------------------------------------------------
-def train_epoch(run: Run, bar: tqdm, window: ThroughputWindow) -> bool:
-    """Train the rest of the current epoch (from ``progress.batches_in_epoch``: a mid-epoch resume skips the
-    batches already seen, without loading them). Returns False when ``stop_after_steps`` was reached."""
-    accelerator, cfg, progress = run.accelerator, run.cfg, run.progress
-    accumulation = cfg.optim.grad_accumulation
-    run.loader.set_epoch(progress.epoch)   # sampler order, GT paste fade-out, worker seeds of this epoch
-    skip = progress.batches_in_epoch
+def epoch_batches(run: Run) -> Iterable[Batch]:
+    """The rest of the current epoch's batches: the sampler set to the epoch (its order, the GT paste fade-out, the
+    workers' seeds); on a mid-epoch resume the batches already trained on skipped without loading them, and the
+    interrupted run's RNG streams restored right before the first batch."""
+    run.loader.set_epoch(run.progress.epoch)
+    skip = run.progress.batches_in_epoch
     batches = skip_first_batches(run.loader, skip) if skip else run.loader
-    if run.resumed_rng is not None:  # continue the random streams where the interrupted run saved them
+    if run.resumed_rng is not None:
         ckpt.set_rng_state(run.resumed_rng)
         run.resumed_rng = None
-    run.model.train()                # the detector keeps its frozen modules' BatchNorm in eval mode
-    losses_finite = True
-    for batch in batches:
-        if progress.batches_in_epoch >= run.batches_per_epoch:
-            break  # a tail of batches too short for a whole accumulation group
-
-        # ---- forward and backward (gradients are synchronised on the group's last batch only) ----
-        batch = batch.to(accelerator.device, non_blocking=True)
-        sync = (progress.batches_in_epoch + 1) % accumulation == 0
-        monitored = sync and progress.step % cfg.model.aqr.monitor.interval == 0
-        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
-            output = run.model(batch, monitor=monitored)
-            loss = sum(output.losses.values())
-            accelerator.backward(loss / accumulation)
-        losses_finite = losses_finite and bool(torch.isfinite(loss.detach()))
-        progress.batches_in_epoch += 1
-        window.samples += batch.batch_size * accelerator.num_processes
-        if not sync:
-            continue
-
-        # ---- the optimizer step ----
-        outcome, grad_norm = optimizer_step(run, losses_finite, loss)
-        losses_finite = True
-        if outcome == "overflow":
-            continue
-        if outcome == "nonfinite":
-            count_nonfinite_step(run)
-            continue
-        progress.nonfinite_in_a_row = 0
-        progress.step += 1
-        progress.last_healthy_step = progress.step
-        run.schedule.step()
-        bar.update(1)
-        logged = log_step(run, output, grad_norm, window, bar)
-        if output.monitor is not None or logged is not None:
-            act_on_alarms(run, step_alarms(run, output, logged))
-
-        # ---- mid-epoch checkpoints (the epoch's last step is saved by train(), with the epoch counted) ----
-        epoch_ends = progress.batches_in_epoch >= run.batches_per_epoch
-        every = cfg.train.checkpoint_every_steps
-        if every and progress.step % every == 0 and not epoch_ends and progress.step < run.total_steps:
-            save_checkpoint(run)
-        if run.options.stop_after_steps and progress.step >= run.options.stop_after_steps:
-            return False
-        if progress.step >= run.total_steps:
-            break
-    if progress.batches_in_epoch >= run.batches_per_epoch:
-        progress.epoch += 1
-        progress.batches_in_epoch = 0
-    return True
+    return batches
 
 
 def train(cfg: Config, options: TrainOptions) -> TrainResult:
     """Train (or, with ``options.eval_only``, evaluate) `cfg` in ``cfg.train.output_dir``; see the module doc."""
     adopt_required_settings(cfg, options)
     run = setup(cfg, options)
-    accelerator = run.accelerator
-    start_health_checks(run)
+    accelerator, progress, accumulation = run.accelerator, run.progress, cfg.optim.grad_accumulation
 
     if options.eval_only:
         run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
@@ -578,18 +519,67 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
         accelerator.end_training()
         return run.result()
 
-    bar = tqdm(total=run.total_steps, initial=run.progress.step, disable=not accelerator.is_main_process,
+    bar = tqdm(total=run.total_steps, initial=progress.step, disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
     window = ThroughputWindow()
     finish_interrupted_evaluation(run)
     with contextlib.closing(bar):
         while not run.done:
-            if not train_epoch(run, bar, window):
-                accelerator.end_training()       # stop_after_steps: as if interrupted, checkpoints kept
-                return TrainResult(run.run_dir, run.progress, run.last_checkpoint, None)
-            path = save_checkpoint(run)          # the epoch is on disk before anything can fail in evaluation
+            batches = epoch_batches(run)
+            run.model.train()            # the detector keeps its frozen modules' BatchNorm in eval mode
+            losses_finite = True
+            for batch in batches:
+                if progress.batches_in_epoch >= run.batches_per_epoch:
+                    break                # a tail of batches too short for a whole accumulation group
+
+                # ---- forward and backward (gradients are synchronised on the group's last batch only) ----
+                batch = batch.to(accelerator.device, non_blocking=True)
+                sync = (progress.batches_in_epoch + 1) % accumulation == 0
+                monitored = sync and progress.step % cfg.model.aqr.monitor.interval == 0
+                with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
+                    output = run.model(batch, monitor=monitored)
+                    loss = sum(output.losses.values())
+                    accelerator.backward(loss / accumulation)
+                losses_finite = losses_finite and bool(torch.isfinite(loss.detach()))
+                progress.batches_in_epoch += 1
+                window.samples += batch.batch_size * accelerator.num_processes
+                if not sync:
+                    continue
+
+                # ---- the optimizer step: clip, then step unless a process saw a non-finite loss or gradient ----
+                outcome, grad_norm = optimizer_step(run, losses_finite, loss)
+                losses_finite = True
+                if outcome == "overflow":    # fp16: the loss scaler skipped the step and lowered its scale
+                    continue
+                if outcome == "nonfinite":   # skipped and counted; raises after train.max_nonfinite_steps in a row
+                    count_nonfinite_step(run)
+                    continue
+                progress.nonfinite_in_a_row = 0
+                progress.step += 1
+                progress.last_healthy_step = progress.step
+                run.schedule.step()
+                bar.update(1)
+
+                # ---- logging and health checks: the AQR signals on monitored steps, the loss on logged ones ----
+                logged = log_step(run, output, grad_norm, window, bar)
+                if output.monitor is not None or logged is not None:
+                    act_on_alarms(run, step_alarms(run, output, logged))
+
+                # ---- a mid-epoch checkpoint (the epoch's last step is saved below, with the epoch counted) ----
+                epoch_ends = progress.batches_in_epoch >= run.batches_per_epoch
+                every = cfg.train.checkpoint_every_steps
+                if every and progress.step % every == 0 and not epoch_ends and progress.step < run.total_steps:
+                    save_checkpoint(run)
+                if progress.step >= run.total_steps:
+                    break
+
+            # ---- the end of an epoch (or of the run): checkpoint, then evaluation when due ----
+            if progress.batches_in_epoch >= run.batches_per_epoch:
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
+            path = save_checkpoint(run)      # the epoch is on disk before anything can fail in evaluation
             if evaluation_due(run):
                 evaluate_checkpoint(run, path)
-                act_on_alarms(run, check_evaluations(run.progress.history, cfg.model.aqr.monitor))
+                act_on_alarms(run, check_evaluations(progress.history, cfg.train.health))
     accelerator.end_training()
     return run.result()

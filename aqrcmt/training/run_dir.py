@@ -20,18 +20,19 @@ from typing import Any, Optional
 
 from aqrcmt.atomic import atomic_write_bytes
 from aqrcmt.checkpoint.io import load_safetensors_metadata
-from aqrcmt.config import Config, ConfigError, config_from_dict
+from aqrcmt.config import Config, ConfigError
 from aqrcmt.errors import AqrcmtError
+from aqrcmt.overrides import config_from_dict
 
 # Fields a resumed run may change (fnmatch patterns over dotted keys): the run's length, where it lives and what
 # it logs, how often it checkpoints/evaluates and on which data it evaluates, how it loads data, and the
-# monitor's measurement and alarm levels. Everything else (model, optimizer, schedule, training data,
+# health checks' measurement, levels and actions. Everything else (model, optimizer, schedule, training data,
 # augmentation, batch size, seed, precision) shapes the trained state and must stay as the run began.
 CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "train.epochs", "train.max_steps", "train.output_dir", "train.tracker", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.keep_last", "train.eval_*", "train.compile", "train.max_nonfinite_steps",
     "data.root", "data.index_cache_dir", "data.val_split", "data.info_pkl_val", "data.num_workers", "data.pin_memory",
-    "model.aqr.monitor.*",
+    "train.health.*", "model.aqr.monitor.*",
 )
 
 

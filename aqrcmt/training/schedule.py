@@ -72,5 +72,7 @@ class Schedule:
         return {"step_count": self.step_count, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count, self.total_steps = int(state["step_count"]), int(state["total_steps"])
+        """Continue from `state`'s step count. The length stays this schedule's own: a resumed run whose length
+        changed (``train.epochs``, ``train.max_steps``) continues on the schedule re-planned for its new length."""
+        self.step_count = int(state["step_count"])
         self._apply()
