@@ -8,13 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aqrcmt.data.corruptions import AIRLIGHT, CORRUPTIONS, SEVERITIES, SensorCorruption, line_kernel, parse_corruptions
+from aqrcmt.data.corruptions import (
+    AIRLIGHT, CORRUPTIONS, FAILURES, SEVERITIES, SensorCorruption, line_kernel, parse_corruptions,
+)
 from aqrcmt.data.transforms import Sample
 
 SPLIT = "mini_val"
 LIDAR = [name for name, kind in CORRUPTIONS.items() if kind.sensor == "lidar"]
 CAMERA = [name for name, kind in CORRUPTIONS.items() if kind.sensor == "camera"]
 INDEX = 3      # a sample with three earlier key frames in its scene
+GRADED = [name for name, kind in CORRUPTIONS.items() if len(set(kind.levels)) == len(SEVERITIES)]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def test_each_corruption_changes_its_sensor_only(dataset, name: str) -> None:
 def _measure(sample: Sample, name: str, clean: Sample) -> float:
     """A number each corruption moves in one direction as its severity grows (sign: larger = more corrupted)."""
     points, images = sample.points, sample.images.astype(np.float64)
-    if name in ("beam_reduction", "points_reduction", "lidar_fog"):
+    if name in ("beam_reduction", "points_reduction", "lidar_fog", "limited_fov", "object_failure"):
         return -len(points)
     if name == "snow":
         return -points[:, 3].sum()
@@ -71,14 +74,14 @@ def _measure(sample: Sample, name: str, clean: Sample) -> float:
         return -float(np.abs(np.diff(images, axis=2)).mean() + np.abs(np.diff(images, axis=1)).mean())
     if name == "brightness":
         return float(images.mean())
-    if name in ("darkness", "missing_cameras"):
+    if name in ("darkness", "missing_cameras", "view_drop"):
         return -float(images.mean())
     if name == "camera_fog":      # every pixel moves towards the airlight: |I - A| = |J - A| t
         return -float(np.abs(images - 255 * AIRLIGHT).mean())
     raise AssertionError(f"no measure for {name}")
 
 
-@pytest.mark.parametrize("name", list(CORRUPTIONS))
+@pytest.mark.parametrize("name", GRADED)
 def test_severity_is_monotone(dataset, name: str) -> None:
     clean = dataset.load_sample(INDEX)
     values = [_measure(clean, name, clean)] + [_measure(_corrupt(dataset, name, s), name, clean) for s in SEVERITIES]
@@ -92,7 +95,7 @@ def test_deterministic_per_seed_sample_and_severity(dataset, name: str) -> None:
     assert _same(first.lidar2cam, again.lidar2cam)
     other = _corrupt(dataset, name, 2, seed=1)
     deterministic = ("beam_reduction", "brightness", "camera_fog", "temporal_misalignment_lidar",
-                     "temporal_misalignment_camera")      # no random draw at all
+                     "temporal_misalignment_camera", "lidar_drop", "camera_drop", "limited_fov")  # nothing drawn
     if name not in deterministic:
         assert not (_same(first.points, other.points) and _same(first.images, other.images)
                     and _same(first.lidar2cam, other.lidar2cam))
@@ -144,6 +147,64 @@ def test_missing_sensors_blank_the_stated_amount(dataset) -> None:
     assert all_gone.shape == points.shape and not all_gone.any()          # 360 deg: the ModalityDrop input
     half = _corrupt(dataset, "missing_lidar", 2).points
     assert 0.2 < (~half.any(axis=1)).mean() < 0.8
+
+
+def test_failure_scenarios_drop_their_sensor(dataset) -> None:
+    assert set(FAILURES) <= set(CORRUPTIONS) and "beam_reduction" in FAILURES
+    assert [c.name for c in parse_corruptions(["failures"], [1])] == list(FAILURES)
+    for severity in SEVERITIES:
+        assert _corrupt(dataset, "lidar_drop", severity).points.shape == (0, 5)
+        assert not _corrupt(dataset, "camera_drop", severity).images.any()          # all six black
+    blank = [[not view.any() for view in _corrupt(dataset, "view_drop", s).images] for s in (1, 3)]
+    assert [sum(b) for b in blank] == [1, 3]
+    assert all(b3 for b1, b3 in zip(*blank) if b1)                                    # nested: the 1 is among the 3
+
+
+def test_beam_reduction_keeps_16_8_4_of_32_rings() -> None:
+    rings = np.repeat(np.arange(32), 10)
+    points = np.concatenate([np.random.default_rng(0).normal(size=(len(rings), 4)), rings[:, None]], axis=1)
+
+    class Frames:
+        def rings(self) -> np.ndarray:
+            return rings
+
+    for severity, beams in zip(SEVERITIES, (16, 8, 4)):
+        sample = Sample(token="t", points=points.copy(), gt_boxes=np.zeros((0, 9)), gt_labels=np.zeros(0, np.int64),
+                        lidar2global=np.eye(4))
+        kept = SensorCorruption("beam_reduction", severity)(sample, Frames()).points
+        assert len(np.unique(kept[:, 4])) == beams and len(kept) == 10 * beams
+
+
+def test_limited_fov_keeps_the_front_60_degrees(dataset) -> None:
+    clean = dataset.load_sample(INDEX).points
+    kept = _corrupt(dataset, "limited_fov", 2).points                     # the field's +-60 deg
+    off_heading = np.degrees(np.arctan2(kept[:, 0], kept[:, 1]))        # LIDAR_TOP: x right, y forward
+    assert len(kept) and np.abs(off_heading).max() <= 60.0
+    outside = np.abs(np.degrees(np.arctan2(clean[:, 0], clean[:, 1]))) > 60.0
+    assert outside.any() and len(kept) == (~outside).sum()
+    from pyquaternion import Quaternion
+
+    heading = Quaternion(dataset.infos[INDEX]["lidar2ego_rotation"]).rotation_matrix[0, :2]   # ego x in LiDAR
+    assert np.allclose(heading, [0.0, 1.0], atol=1e-6)
+    cosine = kept[:, :2] @ heading / np.linalg.norm(kept[:, :2], axis=1)
+    assert cosine.min() >= np.cos(np.radians(60.0)) - 1e-6                    # the ego's front, not its side
+
+
+def test_object_failure_removes_the_points_of_half_the_boxes(dataset) -> None:
+    from aqrcmt.data.box_geometry import points_in_boxes
+
+    clean = dataset.load_sample(INDEX)
+    corrupted = _corrupt(dataset, "object_failure", 2)
+    assert _same(corrupted.gt_boxes, clean.gt_boxes)
+    before = points_in_boxes(clean.points[:, :3], clean.gt_boxes).sum(axis=0)
+    after = points_in_boxes(corrupted.points[:, :3], clean.gt_boxes).sum(axis=0)
+    assert len(before) >= 4 and (before > 0).all()
+    emptied = after == 0
+    assert emptied.sum() == round(len(before) / 2)
+    assert _same(after[~emptied], before[~emptied])                        # the other boxes keep their points
+    outside = ~points_in_boxes(clean.points[:, :3], clean.gt_boxes).any(axis=1)
+    assert _same(corrupted.points[~points_in_boxes(corrupted.points[:, :3], clean.gt_boxes).any(axis=1)],
+                 clean.points[outside])                                   # points outside the boxes untouched
 
 
 def test_motion_blur_kernel() -> None:

@@ -26,6 +26,7 @@ from typing import Callable, Literal, Optional, Protocol
 import cv2
 import numpy as np
 
+from aqrcmt.data.box_geometry import points_in_boxes
 from aqrcmt.data.transforms import Sample
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3)
@@ -104,6 +105,17 @@ def lidar_snow(points: np.ndarray, flake_fraction: float, intensity_loss: float,
     near = MIN_RETURN_RANGE + flake_range[flakes] * np.maximum(distance - MIN_RETURN_RANGE, 0.0)
     out[flakes] = _along_ray(points[flakes], np.minimum(near, distance), flake_intensity[flakes])
     return out
+
+
+def limit_fov(points: np.ndarray, half_width_deg: float) -> np.ndarray:
+    """Points within +-`half_width_deg` of the ego's heading, the rest removed. The points are in nuScenes'
+    LIDAR_TOP frame (x to the ego's right, y forward, z up), so the angle from the heading is atan2(x, y)."""
+    return points[np.abs(np.degrees(np.arctan2(points[:, 0], points[:, 1]))) <= half_width_deg]
+
+
+def drop_objects(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Points outside every box of `boxes` (n, >= 7): the LiDAR returns of those objects removed."""
+    return points[~points_in_boxes(points[:, :3], boxes).any(axis=1)]
 
 
 def blank_sector(points: np.ndarray, start_deg: float, width_deg: float) -> np.ndarray:
@@ -262,12 +274,6 @@ class FrameSource(Protocol):
 Apply = Callable[..., None]   # (sample, rng, frames, *parameters) -> None, changes the sample in place
 
 
-def _needs_images(sample: Sample, name: str) -> None:
-    if sample.images is None or sample.lidar2cam is None:
-        raise ValueError(f"corruption {name!r} changes the cameras but sample {sample.token} has no images "
-                         "(data.load_images=false?)")
-
-
 def _beams(sample: Sample, rng: np.random.Generator, frames: FrameSource, keep_every: float) -> None:
     sample.points = drop_beams(sample.points, frames.rings(), int(keep_every))
 
@@ -285,39 +291,46 @@ def _snow(sample: Sample, rng: np.random.Generator, frames: FrameSource, flake_f
     sample.points = lidar_snow(sample.points, flake_fraction, intensity_loss, rng)
 
 
+def _drop_lidar(sample: Sample, rng: np.random.Generator, frames: FrameSource) -> None:
+    sample.points = sample.points[:0]
+
+
+def _limited_fov(sample: Sample, rng: np.random.Generator, frames: FrameSource, half_width_deg: float) -> None:
+    sample.points = limit_fov(sample.points, half_width_deg)
+
+
+def _object_failure(sample: Sample, rng: np.random.Generator, frames: FrameSource, fraction: float) -> None:
+    failed = rng.permutation(len(sample.gt_boxes))[: round(fraction * len(sample.gt_boxes))]
+    sample.points = drop_objects(sample.points, sample.gt_boxes[failed])
+
+
 def _lidar_sector(sample: Sample, rng: np.random.Generator, frames: FrameSource, width_deg: float) -> None:
     sample.points = blank_sector(sample.points, rng.uniform(0.0, 360.0), width_deg)
 
 
 def _spatial(sample: Sample, rng: np.random.Generator, frames: FrameSource, rotation_deg: float,
              translation_m: float) -> None:
-    _needs_images(sample, "spatial_misalignment")
     axes, directions = _unit_vectors(rng, len(sample.lidar2cam)), _unit_vectors(rng, len(sample.lidar2cam))
     sample.lidar2cam = perturb_extrinsics(sample.lidar2cam, axes, directions, rotation_deg, translation_m)
 
 
 def _blur(sample: Sample, rng: np.random.Generator, frames: FrameSource, length_px: float) -> None:
-    _needs_images(sample, "motion_blur")
     sample.images = motion_blur(sample.images, length_px, rng.uniform(0.0, math.pi, len(sample.images)))
 
 
 def _brightness(sample: Sample, rng: np.random.Generator, frames: FrameSource, stops: float) -> None:
-    _needs_images(sample, "brightness")
     sample.images = exposure(sample.images, stops)
 
 
 def _darkness(sample: Sample, rng: np.random.Generator, frames: FrameSource, stops: float) -> None:
-    _needs_images(sample, "darkness")
     sample.images = darken(sample.images, stops, rng)
 
 
 def _camera_fog(sample: Sample, rng: np.random.Generator, frames: FrameSource, visibility: float) -> None:
-    _needs_images(sample, "camera_fog")
     sample.images = camera_fog(sample.images, sample.intrinsics, sample.lidar2cam, visibility)
 
 
-def _missing_cameras(sample: Sample, rng: np.random.Generator, frames: FrameSource, count: float) -> None:
-    _needs_images(sample, "missing_cameras")
+def _blank_cameras(sample: Sample, rng: np.random.Generator, frames: FrameSource, count: float) -> None:
     images = sample.images.copy()
     images[rng.permutation(len(images))[: int(count)]] = 0          # black, as ModalMask3D / ModalityDrop
     sample.images = images
@@ -354,8 +367,22 @@ CORRUPTIONS: dict[str, CorruptionKind] = {
     "darkness": CorruptionKind("camera", ((2.0,), (3.0,), (4.0,)), "under-exposure (stops), with sensor noise",
                                _darkness),
     "camera_fog": CorruptionKind("camera", ((600.0,), (300.0,), (150.0,)), "visibility (m)", _camera_fog),
-    "missing_cameras": CorruptionKind("camera", ((1,), (3,), (6,)), "cameras blanked", _missing_cameras),
+    "missing_cameras": CorruptionKind("camera", ((1,), (3,), (6,)), "cameras blanked", _blank_cameras),
+    # The sensor failures of nuScenes-R (see FAILURES).
+    "lidar_drop": CorruptionKind("lidar", ((), (), ()), "every point removed (the same at every severity)",
+                                 _drop_lidar),
+    "camera_drop": CorruptionKind("camera", ((6,), (6,), (6,)), "cameras blanked: all six at every severity",
+                                  _blank_cameras),
+    "view_drop": CorruptionKind("camera", ((1,), (2,), (3,)), "cameras blanked (the field's 1 and 3: severities "
+                                "1 and 3)", _blank_cameras),
+    "limited_fov": CorruptionKind("lidar", ((90.0,), (60.0,), (30.0,)), "points kept within +-deg of the ego's "
+                                  "heading (the field's +-60: severity 2)", _limited_fov),
+    "object_failure": CorruptionKind("lidar", ((0.25,), (0.5,), (0.75,)), "fraction of the GT boxes whose points "
+                                     "are removed (the field's half: severity 2)", _object_failure),
 }
+# The sensor-failure scenarios of nuScenes-R (``--corruptions failures``); beam_reduction is its "beam reduction".
+FAILURES: tuple[str, ...] = ("lidar_drop", "camera_drop", "view_drop", "beam_reduction", "limited_fov",
+                             "object_failure")
 
 
 @dataclass(frozen=True)
@@ -394,11 +421,15 @@ class SensorCorruption:
     def __call__(self, sample: Sample, frames: FrameSource) -> Sample:
         """Corrupt a sample loaded (with :meth:`delay` applied) and not yet transformed, in place; returns it."""
         if self.kind.apply is not None:
+            if self.kind.sensor == "camera" and (sample.images is None or sample.lidar2cam is None):
+                raise ValueError(f"corruption {self.name!r} changes the cameras but sample {sample.token} has no "
+                                 "images (data.load_images=false?)")
             self.kind.apply(sample, self.rng(sample.token), frames, *self.parameters)
         return sample
 
 
 def parse_corruptions(names: list[str], severities: list[int], seed: int = 0) -> list[SensorCorruption]:
-    """SensorCorruptions of the named corruptions (``["all"]``: every one) at each severity, in that order."""
-    chosen = list(CORRUPTIONS) if names == ["all"] else names
+    """SensorCorruptions of the named corruptions (``["all"]``: every one, ``["failures"]``: :data:`FAILURES`) at
+    each severity, in that order."""
+    chosen = list(CORRUPTIONS) if names == ["all"] else list(FAILURES) if names == ["failures"] else names
     return [SensorCorruption(name, severity, seed) for name in chosen for severity in severities]

@@ -2,7 +2,8 @@
 
     aqrcmt evaluate --results results_nusc.json --root data/nuscenes --version v1.0-trainval --eval-set val
     aqrcmt evaluate --checkpoint runs/tiny/best [--config tiny] [--split mini_val] [--robustness]
-    aqrcmt evaluate --checkpoint CKPT --corruptions all|NAME... [--severities 1 2 3] [--compare CKPT2] [--out DIR]
+    aqrcmt evaluate --checkpoint CKPT --corruptions all|failures|NAME... [--severities 1 2 3] [--compare CKPT2]
+                    [--out DIR]
 
 A checkpoint is a ``.safetensors`` file of aqrcmt weights (``aqrcmt convert`` makes one from an official
 ``.pth``) or a training checkpoint directory holding ``model.safetensors``. Its config comes from ``--config``
@@ -21,7 +22,7 @@ from pathlib import Path
 from aqrcmt.atomic import atomic_write_bytes
 from aqrcmt.data import build_dataloader
 from aqrcmt.eval.nuscenes_eval import EvaluationError, evaluate_results_file, format_metrics
-from aqrcmt.data.corruptions import CORRUPTIONS, SEVERITIES, parse_corruptions
+from aqrcmt.data.corruptions import CORRUPTIONS, FAILURES, SEVERITIES, parse_corruptions
 from aqrcmt.eval.robustness import (
     CLEAN, evaluate_corruptions, evaluate_robustness, format_corruptions, format_robustness, plot_corruptions,
 )
@@ -40,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     benchmark.add_argument("--robustness", action="store_true",
                            help="with --checkpoint: also evaluate with the LiDAR, all cameras and each camera dropped")
     benchmark.add_argument("--corruptions", nargs="+", metavar="NAME",
-                           help=f"with --checkpoint: sensor corruptions, 'all' or some of: {', '.join(CORRUPTIONS)}")
+                           help="with --checkpoint: sensor corruptions, 'all', 'failures' (the sensor failures: "
+                                f"{', '.join(FAILURES)}) or some of: {', '.join(CORRUPTIONS)}")
     parser.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES),
                         help="corruption severities (default: 1 2 3)")
     parser.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruptions' random draws")
