@@ -288,14 +288,17 @@ def test_evaluate_cli_corruptions_compare(tmp_path: Path) -> None:
                                 {"config": cfg.to_json()})
     out = tmp_path / "bench"
     assert main(["evaluate", "--checkpoint", str(tmp_path / "cmt"), "--compare", str(tmp_path / "aqr"),
-                 "--corruptions", "points_reduction", "darkness", "--severities", "1", "3", "--out", str(out)]) == 0
+                 "--corruptions", "points_reduction", "darkness", "--severities", "1", "3", "--out", str(out),
+                 "--condition", "clear"]) == 0        # the synthetic descriptions name no condition: the whole split
     report = json.loads((out / "robustness.json").read_text())
     assert list(report["models"]) == ["cmt", "aqr"] and report["severities"] == [1, 3]
+    assert report["condition"] == "clear" and report["models"]["cmt"]["clean"]["mAP"] >= 0.0
     table = report["models"]["cmt"]
     assert list(table["corruptions"]) == ["points_reduction", "darkness"]
     assert list(table["corruptions"]["darkness"]["severities"]) == ["1", "3"]
     assert (out / "cmt" / "darkness_s3" / "metrics.json").is_file()
     assert "| points_reduction | 3 |" in (out / "robustness.md").read_text()
+    assert (out / "robustness.md").read_text().startswith("# Robustness (mini_val, clear scenes")
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

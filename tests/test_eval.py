@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from nuscenes.eval.detection.utils import category_to_detection_name
 from pyquaternion import Quaternion
 
 from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES
-from aqrcmt.data.splits import sample_tokens_of_split
+from aqrcmt.data.splits import conditions_of, sample_tokens_of_split
 from aqrcmt.eval.nuscenes_eval import (
     EvaluationError, attribute_name, detections_to_results, evaluate_detections, evaluate_results_file,
     format_metrics, write_results,
@@ -33,11 +34,16 @@ def _pose(record: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ground_truth(synthetic_root: Path) -> tuple[list[Detections], list[SampleMeta]]:
-    """The val split's annotations as perfect Detections in each key frame's LiDAR frame (aqrcmt.structures).
-    Annotations without LiDAR points are left out: the devkit drops them from the ground truth."""
+    """The val split's annotations as perfect Detections (:func:`_perfect_detections`)."""
     nusc = NuScenes(VERSION, str(synthetic_root), verbose=False)
+    return _perfect_detections(nusc, sample_tokens_of_split(nusc, SPLIT))
+
+
+def _perfect_detections(nusc: NuScenes, tokens: list[str]) -> tuple[list[Detections], list[SampleMeta]]:
+    """The annotations of the samples `tokens` as perfect Detections in each key frame's LiDAR frame
+    (aqrcmt.structures). Annotations without LiDAR points are left out: the devkit drops them from the GT."""
     detections, metas = [], []
-    for token in sample_tokens_of_split(nusc, SPLIT):
+    for token in tokens:
         sd = nusc.get("sample_data", nusc.get("sample", token)["data"]["LIDAR_TOP"])
         lidar2global = _pose(nusc.get("ego_pose", sd["ego_pose_token"])) @ _pose(
             nusc.get("calibrated_sensor", sd["calibrated_sensor_token"]))
@@ -325,3 +331,107 @@ def test_evaluate_cli_on_a_checkpoint(tmp_path: Path) -> None:
     table = json.loads((tmp_path / "eval" / "robustness.json").read_text())
     assert list(table)[:3] == ["clean", "no LiDAR", "no cameras"] and len(table) == 9
     assert all(0.0 <= m["NDS"] <= 1.0 for m in table.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# `--condition`: the scenes whose description names night, rain, fog (or none: clear)
+# --------------------------------------------------------------------------------------------------
+TRAIN = "mini_train"      # the default synthetic root's split with two scenes
+
+
+@pytest.fixture
+def night_root(synthetic_root: Path, tmp_path: Path) -> Path:
+    """A copy of the synthetic root (its sensor folders linked) whose first mini_train scene is described as
+    nuScenes describes a night drive in the rain."""
+    root = tmp_path / "night_root"
+    shutil.copytree(synthetic_root / VERSION, root / VERSION)
+    for folder in ("maps", "samples", "sweeps"):
+        (root / folder).symlink_to(synthetic_root / folder)
+    scenes = json.loads((root / VERSION / "scene.json").read_text())
+    train = sample_tokens_of_split(NuScenes(VERSION, str(synthetic_root), verbose=False), TRAIN)
+    assert len(train) > 0 and all(scene["description"].startswith("synthetic") for scene in scenes)
+    night = next(scene for scene in scenes if scene["first_sample_token"] in train)
+    night["description"] = "Night, RAIN, parked cars"
+    (root / VERSION / "scene.json").write_text(json.dumps(scenes))
+    return root
+
+
+def _scene_tokens(nusc: NuScenes, scene_name: str) -> list[str]:
+    return [s["token"] for s in nusc.sample if nusc.get("scene", s["scene_token"])["name"] == scene_name]
+
+
+def test_condition_words_of_descriptions() -> None:
+    assert conditions_of("Night, rain, parked cars") == {"night", "rain"}
+    assert conditions_of("FOG at the harbour") == {"fog"}
+    assert conditions_of("Nightlife district, rainy-ish, sunny") == set()      # whole words only
+    assert conditions_of("synthetic (train), seed 0") == set()
+
+
+def test_condition_selects_the_scenes_its_description_names(night_root: Path) -> None:
+    from aqrcmt.data.splits import scenes_with_condition
+
+    nusc = NuScenes(VERSION, str(night_root), verbose=False)
+    night_scene = next(s["name"] for s in nusc.scene if s["description"].startswith("Night"))
+    other = [s["name"] for s in nusc.scene if s["name"] != night_scene and _scene_tokens(nusc, s["name"])[0]
+             in sample_tokens_of_split(nusc, TRAIN)]
+    assert len(other) == 1
+    assert sample_tokens_of_split(nusc, TRAIN, "night") == _scene_tokens(nusc, night_scene)
+    assert sample_tokens_of_split(nusc, TRAIN, "rain") == _scene_tokens(nusc, night_scene)
+    assert sample_tokens_of_split(nusc, TRAIN, "clear") == _scene_tokens(nusc, other[0])
+    assert sample_tokens_of_split(nusc, TRAIN, "fog") == [] and sample_tokens_of_split(nusc, SPLIT, "night") == []
+    with pytest.raises(ValueError, match="unknown condition 'dusk'; known: night, rain, fog, clear"):
+        scenes_with_condition(nusc, [night_scene], "dusk")
+
+
+def test_conditions_need_a_description_naming_one(synthetic_root: Path) -> None:
+    from aqrcmt.data.files import DatasetError
+
+    nusc = NuScenes(VERSION, str(synthetic_root), verbose=False)
+    with pytest.raises(DatasetError, match=f"no scene description of {synthetic_root}.* names a condition"):
+        sample_tokens_of_split(nusc, SPLIT, "night")
+    assert sample_tokens_of_split(nusc, SPLIT, "clear") == sample_tokens_of_split(nusc, SPLIT)   # the whole split
+
+
+def test_a_condition_is_scored_alone(night_root: Path, tmp_path: Path) -> None:
+    """Perfect detections of the night samples score 1: the other scene's GT is not counted as missed."""
+    from aqrcmt.data import build_dataloader
+    from aqrcmt.presets import load_config
+
+    nusc = NuScenes(VERSION, str(night_root), verbose=False)
+    night = sample_tokens_of_split(nusc, TRAIN, "night")
+    detections, metas = _perfect_detections(nusc, night)
+    metrics = evaluate_detections(detections, metas, night_root, VERSION, TRAIN, tmp_path / "night",
+                                  condition="night")
+    assert metrics["mAP"] > 0.99 and metrics["num_samples"] == len(night) < len(sample_tokens_of_split(nusc, TRAIN))
+    with pytest.raises(EvaluationError, match=f"must cover exactly the {len(night)} samples of 'mini_train' "
+                                              r"\(night\): 0 missing, [1-9]"):
+        evaluate_detections(*_perfect_detections(nusc, sample_tokens_of_split(nusc, TRAIN)), night_root, VERSION,
+                            TRAIN, tmp_path / "all", condition="night")
+    cfg = load_config("tiny", [f"data.root={night_root}", "data.load_images=false"])
+    loader = build_dataloader(cfg, TRAIN, train=False, samples=night)
+    assert [info["token"] for info in loader.dataset.infos] == night
+    table = evaluate_robustness(_OracleModel(), loader, night_root, VERSION, TRAIN, tmp_path / "oracle",
+                                drops=[ModalityDrop("clean")], condition="night")
+    assert table["clean"]["mAP"] > 0.99 and table["clean"]["num_samples"] == len(night)
+
+
+def test_evaluate_cli_condition_errors(night_root: Path, synthetic_root: Path, tmp_path: Path, capsys) -> None:
+    from aqrcmt.checkpoint.io import save_safetensors_atomic
+    from aqrcmt.cli import main
+    from aqrcmt.models import build_model
+    from aqrcmt.presets import load_config
+
+    cfg = load_config("tiny", [f"data.root={synthetic_root}"])
+    save_safetensors_atomic(build_model(cfg.model).state_dict(), tmp_path / "model.safetensors",
+                            {"config": cfg.to_json()})
+    with pytest.raises(SystemExit) as exit_info:                       # argparse: usage + one error line
+        main(["evaluate", "--checkpoint", str(tmp_path), "--condition", "dusk"])
+    assert exit_info.value.code == 2 and "--condition: invalid choice: 'dusk'" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--condition", "night", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"no scene description of {synthetic_root}" in err and "names a condition" \
+        in err and len(err.strip().splitlines()) == 1
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--condition", "fog", "--root", str(night_root),
+                 "--split", TRAIN, "--corruptions", "lidar_drop", "--out", str(tmp_path / "o")]) == 2
+    assert "--condition fog: no scene of split 'mini_train'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -10,6 +10,8 @@ Randomness: one generator per (seed, sample token, corruption name), independent
 severity only scales what is drawn, so the corruption is deterministic per (seed, sample, severity) and nested
 across severities (the points dropped at severity 1 are also dropped at 2, the perturbation axis is the same,
 only larger). Each severity's parameter, in physical units, is in :data:`CORRUPTIONS` and docs/robustness.md.
+The sensor failures of nuScenes-R (:data:`FAILURES`: a sensor, some cameras, beams, field of view or objects
+missing) are corruptions too.
 
 The functions below are pure functions of arrays; :data:`CORRUPTIONS` binds each to a sample. A temporal
 misalignment is a choice of frame instead: the dataset loads the delayed sensor from an earlier key frame

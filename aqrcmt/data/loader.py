@@ -2,7 +2,8 @@
 epoch pins the sampler's order, the dataset's epoch and the worker seeds."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Collection
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -25,9 +26,10 @@ def _split_infos(data: DataConfig, split: str) -> list[dict]:
     return load_or_build_infos(data.root, data.version, split, data.sweeps, data.index_cache_dir)[0]
 
 
-def build_dataset(cfg: Config, split: str, train: bool) -> NuScenesDataset:
+def build_dataset(cfg: Config, split: str, train: bool, samples: Optional[Collection[str]] = None) -> NuScenesDataset:
     """The dataset of `split`: an official split, a custom split of the root's splits.json (see
-    :mod:`aqrcmt.data.splits`), or cfg.data.train_split/val_split read from its info pkl.
+    :mod:`aqrcmt.data.splits`), or cfg.data.train_split/val_split read from its info pkl; only the samples whose
+    tokens are in `samples` when given (e.g. a condition's: :func:`aqrcmt.data.splits.sample_tokens_of_split`).
 
     Training applies cfg.data.augment (GT paste when augment.gt_paste, from augment.gt_paste_database).
     Images are produced at cfg.model.camera.image_size; points are cut to the model's voxel range.
@@ -41,7 +43,10 @@ def build_dataset(cfg: Config, split: str, train: bool) -> NuScenesDataset:
         paste = GTPaster(data.augment.gt_paste_database)
     pipeline = Pipeline(data.augment, cfg.model.lidar.voxel.point_cloud_range, cfg.model.camera.image_size,
                         train=train, paste=paste)
-    return NuScenesDataset(_split_infos(data, split), data.root, pipeline, sweeps=data.sweeps,
+    infos = _split_infos(data, split)
+    if samples is not None:
+        infos = [info for info in infos if info["token"] in samples]
+    return NuScenesDataset(infos, data.root, pipeline, sweeps=data.sweeps,
                            load_images=data.load_images, train=train, on_bad_sample=data.on_bad_sample,
                            gt_paste_until_epoch=data.augment.gt_paste_until_epoch)
 
@@ -70,15 +75,15 @@ class EpochDataLoader(DataLoader):
 
 
 def build_dataloader(cfg: Config, split: str, train: bool, *, num_processes: int = 1, process_index: int = 0,
-                     seed: int = 0) -> EpochDataLoader:
-    """A DataLoader of Batches for this process's shard of `split`.
+                     seed: int = 0, samples: Optional[Collection[str]] = None) -> EpochDataLoader:
+    """A DataLoader of Batches for this process's shard of `split` (of its `samples` only, when given).
 
     Training: shuffled every epoch (CBGS resampling when cfg.data.cbgs), shards padded to equal length.
     Evaluation: in index order, process p gets samples p, p + P, ... (shards may differ by one sample).
     The sampler advances its epoch on every pass; ``loader.set_epoch(e)`` pins it (and the dataset's epoch
     and the worker seeds).
     """
-    dataset = build_dataset(cfg, split, train)
+    dataset = build_dataset(cfg, split, train, samples)
     sampler = ShardedSampler(len(dataset), shuffle=train, class_sets=dataset.class_sets() if train and cfg.data.cbgs
                              else None, num_processes=num_processes, process_index=process_index, seed=seed,
                              pad=train)

@@ -3,13 +3,17 @@
 A split is an official one (``nuscenes.utils.splits``: train, val, mini_train, ...; it must fit the version) or a
 custom one listed in ``<root>/<version>/splits.json`` (``{split name: [scene names]}``, the devkit's custom-split
 file), so a custom split can be loaded for training and scored alike.
+
+A condition (night, rain, fog, clear) narrows a split to the scenes whose ``scene.description`` names it
+(:func:`scenes_with_condition`), for training and scoring alike.
 """
 from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from aqrcmt.data.files import DatasetError
 
@@ -20,6 +24,8 @@ TRAIN_VAL_SPLITS: dict[str, tuple[str, str]] = {   # version -> its official (tr
 TEST_VERSION = "v1.0-test"                         # holds the one official split "test"
 VERSIONS: tuple[str, ...] = (*TRAIN_VAL_SPLITS, TEST_VERSION)
 CUSTOM_SPLITS_FILE = "splits.json"
+CONDITION_WORDS: tuple[str, ...] = ("night", "rain", "fog")    # words of nuScenes' scene descriptions
+CONDITIONS: tuple[str, ...] = (*CONDITION_WORDS, "clear")       # clear: a description naming none of them
 
 if TYPE_CHECKING:
     from nuscenes.nuscenes import NuScenes
@@ -95,8 +101,33 @@ def scenes_of_split(root: str | Path, version: str, split: str) -> list[str]:
     return custom[split]
 
 
-def sample_tokens_of_split(nusc: NuScenes, split: str) -> list[str]:
-    """Sample tokens of every sample of `split` in the devkit index `nusc`, in the index's order."""
-    scene_names = set(scenes_of_split(nusc.dataroot, nusc.version, split))
+def conditions_of(description: str) -> set[str]:
+    """The CONDITION_WORDS that `description` names as words, any case ("Night, rain, parked cars" -> night, rain)."""
+    return set(re.findall(r"[a-z]+", description.lower())) & set(CONDITION_WORDS)
+
+
+def scenes_with_condition(nusc: NuScenes, scene_names: list[str], condition: str) -> list[str]:
+    """The scenes of `scene_names` whose description names `condition` (clear: names none of CONDITION_WORDS).
+
+    A night/rain/fog selection needs some scene of the index to name a condition at all (the synthetic
+    benchmark's do not): otherwise a DatasetError naming the root. On such a dataset clear is every scene.
+    """
+    if condition not in CONDITIONS:
+        raise DatasetError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
+    named = {scene["name"]: conditions_of(scene["description"]) for scene in nusc.scene}
+    if condition != "clear" and not any(named.values()):
+        raise DatasetError(f"no scene description of {nusc.dataroot} ({nusc.version}) names a condition "
+                           f"({', '.join(CONDITION_WORDS)}), so none is {condition!r}")
+    return [name for name in scene_names
+            if (condition in named.get(name, set()) if condition != "clear" else not named.get(name))]
+
+
+def sample_tokens_of_split(nusc: NuScenes, split: str, condition: Optional[str] = None) -> list[str]:
+    """Sample tokens of every sample of `split` (of its scenes with `condition`, if given) in the devkit index
+    `nusc`, in the index's order."""
+    scene_names = scenes_of_split(nusc.dataroot, nusc.version, split)
+    if condition is not None:
+        scene_names = scenes_with_condition(nusc, scene_names, condition)
+    scene_names = set(scene_names)
     scene_of = {s["token"]: s["name"] for s in nusc.scene}
     return [s["token"] for s in nusc.sample if scene_of[s["scene_token"]] in scene_names]

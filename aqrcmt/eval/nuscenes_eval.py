@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -118,22 +119,25 @@ def write_results(results: dict[str, list[dict[str, Any]]], path: str | Path, us
 
 
 def evaluate_results_file(result_path: str | Path, root: str | Path, version: str, eval_set: str,
-                          output_dir: str | Path, verbose: bool = False) -> dict[str, Any]:
+                          output_dir: str | Path, verbose: bool = False,
+                          condition: Optional[str] = None) -> dict[str, Any]:
     """Run DetectionEval on a results JSON; write ``metrics_summary.json``, ``metrics_details.json`` and
-    ``metrics.json`` (the flat dict returned here) to `output_dir`."""
+    ``metrics.json`` (the flat dict returned here) to `output_dir`. `condition`: score only the samples of the
+    split's scenes with that condition (:func:`aqrcmt.data.splits.scenes_with_condition`)."""
     result_path, output_dir = Path(result_path), Path(output_dir)
     submission = read_results_file(result_path)
+    scored = eval_set if condition is None else f"{eval_set!r} ({condition})"
     try:
         nusc = open_nuscenes(root, version)
-        expected = set(sample_tokens_of_split(nusc, eval_set))
+        expected = set(sample_tokens_of_split(nusc, eval_set, condition))
     except (DatasetError, FileNotFoundError) as error:
         raise EvaluationError(str(error)) from None
     if not expected:
-        raise EvaluationError(f"split {eval_set!r} has no samples in {root} ({version})")
+        raise EvaluationError(f"split {scored} has no samples in {root} ({version})")
     given = set(submission["results"])
     if given != expected:
         raise EvaluationError(
-            f"results file {result_path} must cover exactly the {len(expected)} samples of {eval_set!r}: "
+            f"results file {result_path} must cover exactly the {len(expected)} samples of {scored}: "
             f"{len(expected - given)} missing, {len(given - expected)} not in the split")
     output_dir.mkdir(parents=True, exist_ok=True)
     if sum(len(boxes) for boxes in submission["results"].values()) == 0:
@@ -142,8 +146,11 @@ def evaluate_results_file(result_path: str | Path, root: str | Path, version: st
         from nuscenes.eval.detection.config import config_factory
         from nuscenes.eval.detection.evaluate import DetectionEval
 
-        evaluator = DetectionEval(nusc, config=config_factory(EVAL_CONFIG), result_path=str(result_path),
-                                  eval_set=eval_set, output_dir=str(output_dir), verbose=verbose)
+        if condition is None:
+            evaluator = DetectionEval(nusc, config=config_factory(EVAL_CONFIG), result_path=str(result_path),
+                                      eval_set=eval_set, output_dir=str(output_dir), verbose=verbose)
+        else:
+            evaluator = _subset_eval(nusc, submission, eval_set, expected, output_dir, verbose)
         summary_metrics, metric_data = evaluator.evaluate()
         summary = summary_metrics.serialize()
         summary["meta"] = submission["meta"]
@@ -153,6 +160,28 @@ def evaluate_results_file(result_path: str | Path, root: str | Path, version: st
     metrics["num_samples"] = len(expected)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _subset_eval(nusc: Any, submission: dict[str, Any], eval_set: str, samples: set[str], output_dir: Path,
+                 verbose: bool) -> Any:
+    """A DetectionEval of `eval_set` that scores only `samples` (they are the submission's). The devkit scores
+    whole splits: it is given the submission padded with no boxes for the split's other samples, and those
+    are removed from its GT and predictions before it computes anything."""
+    from nuscenes.eval.detection.config import config_factory
+    from nuscenes.eval.detection.evaluate import DetectionEval
+
+    padded = {"meta": submission["meta"],
+              "results": {token: submission["results"].get(token, [])
+                          for token in sample_tokens_of_split(nusc, eval_set)}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=output_dir) as file:
+        json.dump(padded, file)
+        file.flush()
+        evaluator = DetectionEval(nusc, config=config_factory(EVAL_CONFIG), result_path=file.name,
+                                  eval_set=eval_set, output_dir=str(output_dir), verbose=verbose)
+    for boxes in (evaluator.gt_boxes, evaluator.pred_boxes):
+        for token in set(boxes.sample_tokens) - samples:
+            del boxes.boxes[token]
+    return evaluator
 
 
 def read_results_file(path: str | Path) -> dict[str, Any]:
@@ -229,14 +258,16 @@ def _is_finite_number(value: Any) -> bool:
 
 def evaluate_detections(detections: Sequence[Detections], metas: Sequence[SampleMeta], root: str | Path,
                         version: str, eval_set: str, output_dir: str | Path, use_camera: bool = True,
-                        use_lidar: bool = True, verbose: bool = False) -> dict[str, Any]:
-    """Export `detections` (one per sample, LiDAR frame) to ``output_dir/results_nusc.json`` and score them.
+                        use_lidar: bool = True, verbose: bool = False,
+                        condition: Optional[str] = None) -> dict[str, Any]:
+    """Export `detections` (one per sample, LiDAR frame) to ``output_dir/results_nusc.json`` and score them
+    (the samples of `eval_set`, or of its scenes with `condition`).
 
     Returns the flat metrics dict: ``mAP``, ``NDS``, ``mATE`` .. ``mAAE``, ``AP/<class>``, ``<TP>/<class>``.
     """
     results = detections_to_results(detections, metas)
     path = write_results(results, Path(output_dir) / "results_nusc.json", use_camera=use_camera, use_lidar=use_lidar)
-    return evaluate_results_file(path, root, version, eval_set, output_dir, verbose=verbose)
+    return evaluate_results_file(path, root, version, eval_set, output_dir, verbose=verbose, condition=condition)
 
 
 def _flatten(summary: dict[str, Any]) -> dict[str, Any]:

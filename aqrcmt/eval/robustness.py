@@ -63,9 +63,13 @@ def standard_drops(with_lidar: bool, with_camera: bool) -> list[ModalityDrop]:
 
 def evaluate_robustness(model: torch.nn.Module, loader: Iterable[Batch], root: str | Path, version: str,
                         eval_set: str, output_dir: str | Path, drops: Optional[Sequence[ModalityDrop]] = None,
-                        device: torch.device | str = "cpu") -> dict[str, dict[str, Any]]:
+                        device: torch.device | str = "cpu",
+                        condition: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """Official metrics per drop (default :func:`standard_drops` of the model's modalities), each evaluation
-    written to ``output_dir/<drop name>/``. Returns {drop name: metrics dict}."""
+    written to ``output_dir/<drop name>/``. Returns {drop name: metrics dict}.
+
+    condition: the loader serves the samples of `eval_set`'s scenes with this condition, and only they are
+    scored (:func:`aqrcmt.data.splits.scenes_with_condition`); the same in :func:`evaluate_corruptions`."""
     with_lidar, with_camera = _modalities(model)
     if drops is None:
         if with_lidar is None or with_camera is None:
@@ -78,7 +82,7 @@ def evaluate_robustness(model: torch.nn.Module, loader: Iterable[Batch], root: s
             [det for _, det in predicted], [meta for meta, _ in predicted], root, version, eval_set,
             Path(output_dir) / drop.name.replace(" ", "_"),
             use_camera=with_camera is not False and len(drop.cameras) < len(CAMERA_NAMES),
-            use_lidar=with_lidar is not False and not drop.lidar)
+            use_lidar=with_lidar is not False and not drop.lidar, condition=condition)
     return table
 
 
@@ -106,7 +110,7 @@ def format_robustness(table: dict[str, dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------------
 def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[Batch], root: str | Path, version: str,
                          eval_set: str, output_dir: str | Path, corruptions: Sequence[SensorCorruption],
-                         device: torch.device | str = "cpu") -> dict[str, Any]:
+                         device: torch.device | str = "cpu", condition: Optional[str] = None) -> dict[str, Any]:
     """Official metrics clean and under each corruption (applied by the loader's dataset to every loaded sample),
     each evaluation written to ``output_dir/<name>_s<severity>/``. Returns :func:`corruption_table`'s table."""
     dataset = getattr(loader, "dataset", None)
@@ -119,7 +123,7 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[Batch], root: 
         predicted = predict_dataset(model, loader, device)
         return evaluate_detections([det for _, det in predicted], [meta for meta, _ in predicted], root, version,
                                    eval_set, output_dir / folder, use_camera=with_camera is not False,
-                                   use_lidar=with_lidar is not False)
+                                   use_lidar=with_lidar is not False, condition=condition)
 
     dataset.set_corruption(None)
     clean = evaluate("clean")

@@ -2,6 +2,7 @@
 
     aqrcmt evaluate --results results_nusc.json --root data/nuscenes --version v1.0-trainval --eval-set val
     aqrcmt evaluate --checkpoint runs/tiny/best [--config tiny] [--split mini_val] [--robustness]
+                    [--condition night|rain|fog|clear]
     aqrcmt evaluate --checkpoint CKPT --corruptions all|failures|NAME... [--severities 1 2 3] [--compare CKPT2]
                     [--out DIR]
 
@@ -11,22 +12,28 @@ or, when omitted, from the config the training run stored in the weights' metada
 
 ``--corruptions`` evaluates clean and under each sensor corruption at each severity (docs/robustness.md) and
 writes DIR/robustness.json, DIR/robustness.md (mAP, NDS, RA = NDS / NDS clean, mRA) and DIR/robustness.png;
-``--compare`` evaluates a second checkpoint the same way, side by side.
+``--compare`` evaluates a second checkpoint the same way, side by side. ``--condition`` scores only the samples
+of the split's scenes whose description names the condition (:func:`aqrcmt.data.splits.scenes_with_condition`),
+with or without the robustness benchmarks.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 from aqrcmt.atomic import atomic_write_bytes
+from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
 from aqrcmt.eval.nuscenes_eval import EvaluationError, evaluate_results_file, format_metrics
 from aqrcmt.data.corruptions import CORRUPTIONS, FAILURES, SEVERITIES, parse_corruptions
+from aqrcmt.data.splits import CONDITION_WORDS, CONDITIONS, open_nuscenes, sample_tokens_of_split
 from aqrcmt.eval.robustness import (
     CLEAN, evaluate_corruptions, evaluate_robustness, format_corruptions, format_robustness, plot_corruptions,
 )
 from aqrcmt.tools.checkpoint_options import add_config_arguments, load_checkpoint
+from aqrcmt.tools.errors import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruptions' random draws")
     parser.add_argument("--compare", metavar="CKPT2", help="with --corruptions: a second checkpoint, side by side")
     parser.add_argument("--device", default="cpu", help="torch device for --checkpoint (e.g. cuda)")
+    parser.add_argument("--condition", choices=CONDITIONS,
+                        help=f"score only the scenes whose description names the condition ({', '.join(CONDITIONS)}; "
+                             f"clear: none of {', '.join(CONDITION_WORDS)}, so the whole split on a dataset whose "
+                             "descriptions name no condition, such as the synthetic benchmark)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,8 +70,9 @@ def _evaluate_results(args: argparse.Namespace) -> int:
                                         ("--eval-set", args.eval_set)) if not value]
     if missing:
         raise EvaluationError(f"--results needs {', '.join(missing)}")
-    out = Path(args.out) if args.out else Path(args.results).parent / f"{Path(args.results).stem}_eval"
-    metrics = evaluate_results_file(args.results, args.root, args.version, args.eval_set, out)
+    out = Path(args.out) if args.out else Path(args.results).parent / f"{Path(args.results).stem}_eval{_suffix(args)}"
+    metrics = evaluate_results_file(args.results, args.root, args.version, args.eval_set, out,
+                                    condition=args.condition)
     print(format_metrics(metrics))
     print(f"metrics written to {out}")
     return 0
@@ -73,12 +85,12 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
         raise EvaluationError("--compare needs --corruptions")
     model, cfg, weights_path = load_checkpoint(args.checkpoint, args)
     split = args.eval_set or cfg.data.val_split
-    out = Path(args.out) if args.out else weights_path.parent / f"eval_{split}"
+    out = Path(args.out) if args.out else weights_path.parent / f"eval_{split}{_suffix(args)}"
 
-    loader = build_dataloader(cfg, split, train=False)
+    loader = build_dataloader(cfg, split, train=False, samples=_condition_samples(cfg, split, args.condition))
     drops = None if args.robustness else [CLEAN]
     table = evaluate_robustness(model, loader, cfg.data.root, cfg.data.version, split, out, drops=drops,
-                                device=args.device)
+                                device=args.device, condition=args.condition)
     print(format_metrics(table[CLEAN.name]))
     if args.robustness:
         print(format_robustness(table))
@@ -98,20 +110,38 @@ def _evaluate_corruptions(args: argparse.Namespace) -> int:
     for label, checkpoint in zip(labels, checkpoints):
         model, cfg, weights_path = load_checkpoint(checkpoint, args)
         split = args.eval_set or cfg.data.val_split
-        out = out or (Path(args.out) if args.out else weights_path.parent / f"robustness_{split}")
-        loader = build_dataloader(cfg, split, train=False)
+        out = out or (Path(args.out) if args.out else weights_path.parent / f"robustness_{split}{_suffix(args)}")
+        loader = build_dataloader(cfg, split, train=False, samples=_condition_samples(cfg, split, args.condition))
         tables[label] = evaluate_corruptions(model, loader, cfg.data.root, cfg.data.version, split, out / label,
-                                             corruptions, device=args.device)
+                                             corruptions, device=args.device, condition=args.condition)
         tables[label]["checkpoint"] = str(checkpoint)
-    report = {"split": split, "seed": args.corruption_seed, "severities": args.severities, "models": tables}
+    report = {"split": split, "condition": args.condition, "seed": args.corruption_seed,
+              "severities": args.severities, "models": tables}
     atomic_write_bytes(out / "robustness.json", json.dumps(report, indent=2).encode())
     markdown = format_corruptions(tables)
+    scored = split if args.condition is None else f"{split}, {args.condition} scenes"
     atomic_write_bytes(out / "robustness.md",
-                       f"# Robustness ({split}, corruption seed {args.corruption_seed})\n\n{markdown}\n".encode())
+                       f"# Robustness ({scored}, corruption seed {args.corruption_seed})\n\n{markdown}\n".encode())
     plot_corruptions(tables, out / "robustness.png")
     print(markdown)
     print(f"robustness written to {out}")
     return 0
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    """The default output folder's suffix: ``_<condition>`` with --condition."""
+    return f"_{args.condition}" if args.condition else ""
+
+
+def _condition_samples(cfg: Config, split: str, condition: Optional[str]) -> Optional[list[str]]:
+    """Sample tokens of `split`'s scenes with `condition` (None without one: every sample)."""
+    if condition is None:
+        return None
+    samples = sample_tokens_of_split(open_nuscenes(cfg.data.root, cfg.data.version), split, condition)
+    if not samples:
+        raise CommandError(f"--condition {condition}: no scene of split {split!r} under {cfg.data.root} "
+                           f"({cfg.data.version}) is {condition} by its description")
+    return samples
 
 
 def _labels(checkpoints: list[str]) -> list[str]:
