@@ -5,7 +5,7 @@ custom one listed in ``<root>/<version>/splits.json`` (``{split name: [scene nam
 file), so a custom split can be loaded for training and scored alike.
 
 A condition (night, rain, fog, clear) narrows a split to the scenes whose ``scene.description`` names it
-(:func:`scenes_with_condition`), for training and scoring alike.
+(:func:`scenes_with_condition`; ``aqrcmt evaluate --condition``).
 """
 from __future__ import annotations
 
@@ -102,8 +102,9 @@ def scenes_of_split(root: str | Path, version: str, split: str) -> list[str]:
 
 
 def conditions_of(description: str) -> set[str]:
-    """The CONDITION_WORDS that `description` names as words, any case ("Night, rain, parked cars" -> night, rain)."""
-    return set(re.findall(r"[a-z]+", description.lower())) & set(CONDITION_WORDS)
+    """The CONDITIONS of a scene description: the CONDITION_WORDS it names as words, in any case ("Night, rain,
+    parked cars" -> night, rain), or clear when it names none."""
+    return set(re.findall(r"[a-z]+", description.lower())) & set(CONDITION_WORDS) or {"clear"}
 
 
 def scenes_with_condition(nusc: NuScenes, scene_names: list[str], condition: str) -> list[str]:
@@ -115,11 +116,10 @@ def scenes_with_condition(nusc: NuScenes, scene_names: list[str], condition: str
     if condition not in CONDITIONS:
         raise DatasetError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
     named = {scene["name"]: conditions_of(scene["description"]) for scene in nusc.scene}
-    if condition != "clear" and not any(named.values()):
+    if condition != "clear" and all(conditions == {"clear"} for conditions in named.values()):
         raise DatasetError(f"no scene description of {nusc.dataroot} ({nusc.version}) names a condition "
                            f"({', '.join(CONDITION_WORDS)}), so none is {condition!r}")
-    return [name for name in scene_names
-            if (condition in named.get(name, set()) if condition != "clear" else not named.get(name))]
+    return [name for name in scene_names if condition in named.get(name, ())]
 
 
 def sample_tokens_of_split(nusc: NuScenes, split: str, condition: Optional[str] = None) -> list[str]:

@@ -126,31 +126,24 @@ def evaluate_results_file(result_path: str | Path, root: str | Path, version: st
     split's scenes with that condition (:func:`aqrcmt.data.splits.scenes_with_condition`)."""
     result_path, output_dir = Path(result_path), Path(output_dir)
     submission = read_results_file(result_path)
-    scored = eval_set if condition is None else f"{eval_set!r} ({condition})"
+    selection = f"{eval_set!r}" + (f" ({condition})" if condition else "")
     try:
         nusc = open_nuscenes(root, version)
         expected = set(sample_tokens_of_split(nusc, eval_set, condition))
     except (DatasetError, FileNotFoundError) as error:
         raise EvaluationError(str(error)) from None
     if not expected:
-        raise EvaluationError(f"split {scored} has no samples in {root} ({version})")
+        raise EvaluationError(f"split {selection} has no samples in {root} ({version})")
     given = set(submission["results"])
     if given != expected:
         raise EvaluationError(
-            f"results file {result_path} must cover exactly the {len(expected)} samples of {scored}: "
+            f"results file {result_path} must cover exactly the {len(expected)} samples of {selection}: "
             f"{len(expected - given)} missing, {len(given - expected)} not in the split")
     output_dir.mkdir(parents=True, exist_ok=True)
     if sum(len(boxes) for boxes in submission["results"].values()) == 0:
         metrics = _empty_submission_metrics()
     else:
-        from nuscenes.eval.detection.config import config_factory
-        from nuscenes.eval.detection.evaluate import DetectionEval
-
-        if condition is None:
-            evaluator = DetectionEval(nusc, config=config_factory(EVAL_CONFIG), result_path=str(result_path),
-                                      eval_set=eval_set, output_dir=str(output_dir), verbose=verbose)
-        else:
-            evaluator = _subset_eval(nusc, submission, eval_set, expected, output_dir, verbose)
+        evaluator = _detection_eval(nusc, submission, result_path, eval_set, expected, output_dir, verbose)
         summary_metrics, metric_data = evaluator.evaluate()
         summary = summary_metrics.serialize()
         summary["meta"] = submission["meta"]
@@ -162,24 +155,24 @@ def evaluate_results_file(result_path: str | Path, root: str | Path, version: st
     return metrics
 
 
-def _subset_eval(nusc: Any, submission: dict[str, Any], eval_set: str, samples: set[str], output_dir: Path,
-                 verbose: bool) -> Any:
-    """A DetectionEval of `eval_set` that scores only `samples` (they are the submission's). The devkit scores
-    whole splits: it is given the submission padded with no boxes for the split's other samples, and those
-    are removed from its GT and predictions before it computes anything."""
+def _detection_eval(nusc: Any, submission: dict[str, Any], result_path: Path, eval_set: str, scored: set[str],
+                    output_dir: Path, verbose: bool) -> Any:
+    """The devkit's DetectionEval of the `submission` (read from `result_path`), scoring the samples `scored` of
+    `eval_set`. The devkit scores whole splits: a submission of part of the split is given to it padded with no
+    boxes for the split's other samples, whose GT and predictions are removed before it computes anything."""
     from nuscenes.eval.detection.config import config_factory
     from nuscenes.eval.detection.evaluate import DetectionEval
 
-    padded = {"meta": submission["meta"],
-              "results": {token: submission["results"].get(token, [])
-                          for token in sample_tokens_of_split(nusc, eval_set)}}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=output_dir) as file:
-        json.dump(padded, file)
-        file.flush()
-        evaluator = DetectionEval(nusc, config=config_factory(EVAL_CONFIG), result_path=file.name,
+    split = sample_tokens_of_split(nusc, eval_set)
+    with tempfile.TemporaryDirectory(dir=output_dir) as folder:
+        if set(split) != scored:
+            result_path = Path(folder) / "padded_results.json"
+            result_path.write_text(json.dumps({"meta": submission["meta"], "results": {
+                token: submission["results"].get(token, []) for token in split}}))
+        evaluator = DetectionEval(nusc, config=config_factory(EVAL_CONFIG), result_path=str(result_path),
                                   eval_set=eval_set, output_dir=str(output_dir), verbose=verbose)
     for boxes in (evaluator.gt_boxes, evaluator.pred_boxes):
-        for token in set(boxes.sample_tokens) - samples:
+        for token in set(boxes.sample_tokens) - scored:
             del boxes.boxes[token]
     return evaluator
 
