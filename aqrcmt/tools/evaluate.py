@@ -71,7 +71,7 @@ def _evaluate_results(args: argparse.Namespace) -> int:
 
 def _load_checkpoint(checkpoint: str, args: argparse.Namespace):
     """(model, cfg, weights path) of `checkpoint` with --config / --override / --root / --version applied."""
-    from aqrcmt.models.detector import load_detector_from_checkpoint   # the model code only for --checkpoint
+    from aqrcmt.inference import load_detector_from_checkpoint   # the model code only for --checkpoint
 
     try:
         weights_path = weights_file(checkpoint)

@@ -25,7 +25,8 @@ from aqrcmt.data.files import staged_directory
 from aqrcmt.data.nuscenes_dataset import BadSampleError, NuScenesDataset, build_dataset
 from aqrcmt.eval.nuscenes_eval import EvaluationError, detections_to_results, write_results
 from aqrcmt.eval.visualize import predict_with_pictures, save_png
-from aqrcmt.models.detector import CmtDetector, load_detector_from_checkpoint
+from aqrcmt.inference import load_detector_from_checkpoint
+from aqrcmt.models.detector import CmtDetector
 from aqrcmt.presets import load_config
 from aqrcmt.structures import Detections, SampleMeta
 
