@@ -4,8 +4,8 @@ Parts are named by dotted prefixes at module boundaries: ``"img_backbone"`` cove
 ``img_backbone.stem.conv.weight``, but not ``img_backbone2.x``; ``""`` covers the whole module. A frozen part's
 parameters stop requiring gradients and its BatchNorm layers stay in eval mode through every ``train()``, so
 their running statistics never change. mmdet's ``norm_eval=True`` of the released image backbones is the
-BatchNorm half alone (:meth:`FreezableModule.keep_batchnorm_eval` of ``""``): statistics frozen, affine weights
-still trained.
+BatchNorm half alone over the whole backbone (``batchnorm_eval_prefixes = ("",)``): statistics frozen, affine
+weights still trained.
 """
 from __future__ import annotations
 

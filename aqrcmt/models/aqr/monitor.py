@@ -104,11 +104,6 @@ class HealthMonitor:
         self.last_stats: dict[str, float] = {}
         self.last_view: Optional[AQRView] = None
 
-    @property
-    def last_maps(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """(BEV map (H, W), camera maps (V, h, w)) of the last monitored forward's sample 0, or None."""
-        return None if self.last_view is None else (self.last_view.bev_map, self.last_view.camera_maps)
-
     def record(self, signals: dict[str, torch.Tensor], bev_map: torch.Tensor, camera_maps: torch.Tensor, *,
                features: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                queries: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> dict[str, float]:
