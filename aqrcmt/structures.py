@@ -131,6 +131,6 @@ class CameraCalibration:
 
 
 class SamplePrediction(NamedTuple):
-    """What :meth:`aqrcmt.models.detector.CmtDetector.predict_sample` returns."""
+    """What :meth:`aqrcmt.inference.Predictor.predict_sample` returns."""
     lidar: Detections                    # in the sample's LiDAR frame
     global_frame: Optional[Detections]   # moved by calibration.lidar2global, None without a pose
