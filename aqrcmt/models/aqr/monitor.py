@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from aqrcmt.config import CAMERA_NAMES
+from aqrcmt.structures import CAMERA_NAMES
 from aqrcmt.kernels import ModulationStats
 
 
