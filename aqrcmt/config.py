@@ -21,21 +21,6 @@ from typing import Any, Literal, Optional
 
 from aqrcmt.errors import AqrcmtError
 
-CLASS_NAMES: tuple[str, ...] = (
-    "car", "truck", "construction_vehicle", "bus", "trailer",
-    "barrier", "motorcycle", "bicycle", "pedestrian", "traffic_cone",
-)
-CAMERA_NAMES: tuple[str, ...] = (
-    "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT",
-)
-# (row, column) of each camera in pictures of the rig: the front cameras above the back ones, the left cameras in
-# the left column.
-CAMERA_LAYOUT: dict[str, tuple[int, int]] = {
-    "CAM_FRONT_LEFT": (0, 0), "CAM_FRONT": (0, 1), "CAM_FRONT_RIGHT": (0, 2),
-    "CAM_BACK_LEFT": (1, 0), "CAM_BACK": (1, 1), "CAM_BACK_RIGHT": (1, 2),
-}
-
-
 class ConfigError(AqrcmtError, ValueError):
     """A config key is unknown, or its value has the wrong type or is out of range."""
 
@@ -368,7 +353,7 @@ class OptimConfig:
     schedule: Literal["cyclic", "cosine", "constant"] = "cyclic"
     cyclic_target_ratio: tuple[float, float] = (8.0, 1e-4)
     cyclic_step_ratio_up: float = 0.4
-    cyclic_momentum_ratio: tuple[float, float] = (0.8947368421052632, 1.0)
+    cyclic_momentum_ratio: tuple[float, float] = (0.85 / 0.95, 1.0)     # the released configs' target_ratio
     warmup_steps: int = 0                                      # for "cosine"
     min_lr_ratio: float = 1e-3                                 # for "cosine"
     grad_clip: float = 35.0

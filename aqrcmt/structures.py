@@ -5,8 +5,8 @@ Conventions (one for the whole package):
 - Boxes: ``(x, y, z, dx, dy, dz, yaw, vx, vy)`` with (x, y, z) the **gravity centre**, dx the length along
   the heading, dy the width, dz the height, yaw in radians about +z (0 = heading along +x), velocities in
   m/s in the LiDAR frame.
-- Labels: index into :data:`aqrcmt.config.CLASS_NAMES`.
-- Cameras: the six views in :data:`aqrcmt.config.CAMERA_NAMES` order; images BGR, normalised with the
+- Labels: index into :data:`CLASS_NAMES`.
+- Cameras: the six views in :data:`CAMERA_NAMES` order; images BGR, normalised with the
   released configs' means/stds; ``lidar2img`` = K4 @ lidar2cam with every image and 3-D augmentation
   applied.
 """
@@ -17,6 +17,20 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+
+CLASS_NAMES: tuple[str, ...] = (
+    "car", "truck", "construction_vehicle", "bus", "trailer",
+    "barrier", "motorcycle", "bicycle", "pedestrian", "traffic_cone",
+)
+CAMERA_NAMES: tuple[str, ...] = (
+    "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT",
+)
+# (row, column) of each camera in pictures of the rig: the front cameras above the back ones, the left cameras in
+# the left column.
+CAMERA_LAYOUT: dict[str, tuple[int, int]] = {
+    "CAM_FRONT_LEFT": (0, 0), "CAM_FRONT": (0, 1), "CAM_FRONT_RIGHT": (0, 2),
+    "CAM_BACK_LEFT": (1, 0), "CAM_BACK": (1, 1), "CAM_BACK_RIGHT": (1, 2),
+}
 
 
 @dataclass
@@ -119,7 +133,7 @@ def transform_boxes(boxes: torch.Tensor, transform: torch.Tensor | np.ndarray) -
 
 @dataclass
 class CameraCalibration:
-    """The six cameras of one sample (:data:`aqrcmt.config.CAMERA_NAMES` order) and, optionally, its pose.
+    """The six cameras of one sample (:data:`CAMERA_NAMES` order) and, optionally, its pose.
 
     intrinsics:   (6, 3, 3) pinhole matrices K of the images as given (pixels).
     lidar2cam:    (6, 4, 4) LiDAR frame -> camera frame (x right, y down, z forward; metres).
@@ -131,6 +145,6 @@ class CameraCalibration:
 
 
 class SamplePrediction(NamedTuple):
-    """What :meth:`aqrcmt.models.detector.CmtDetector.predict_sample` returns."""
+    """What :meth:`aqrcmt.inference.Predictor.predict_sample` returns."""
     lidar: Detections                    # in the sample's LiDAR frame
     global_frame: Optional[Detections]   # moved by calibration.lidar2global, None without a pose

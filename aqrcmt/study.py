@@ -32,8 +32,9 @@ from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
 from aqrcmt.data.splits import TRAIN_VAL_SPLITS
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
+from aqrcmt.eval.visualize import render_aqr, save_png
+from aqrcmt.inference import load_detector_from_checkpoint
 from aqrcmt.models import build_model
-from aqrcmt.models.detector import load_detector_from_checkpoint
 from aqrcmt.presets import AQR_FORK_LR_MULTS, MAIN_JOB_BENCHMARK, MAIN_JOB_STEPS, SyntheticBenchmark, load_config
 from aqrcmt.training.loop import TrainOptions, train
 
@@ -228,8 +229,7 @@ def measure_signals(cfg: Config, weights: Path, num_batches: int,
             for key, value in (output.monitor or {}).items():
                 totals[key] = totals.get(key, 0.0) + float(value)
     if with_aqr and image is not None:
-        image.parent.mkdir(parents=True, exist_ok=True)
-        detector.save_monitor_images(image)
+        save_png(render_aqr(detector.pts_bbox_head.aqr.monitor.last_view), image)
     count = max(len(losses), 1)
     return {k: v / count for k, v in totals.items()}, sum(losses) / count
 

@@ -14,7 +14,7 @@ from aqrcmt.presets import load_config
 from aqrcmt.data import build_dataloader
 from aqrcmt.models import build_model
 from aqrcmt.training.loop import LossModel
-from aqrcmt.training.optim import freeze_and_build_optimizer, frozen_module_prefixes
+from aqrcmt.training.optim import freeze_and_build_optimizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -34,8 +34,7 @@ def test_tiny_train_step(benchmark, synthetic_root, preset: str, compiled: bool)
     batch = next(iter(build_dataloader(cfg, cfg.data.train_split, train=True))).to(DEVICE)
     torch.manual_seed(0)
     detector = build_model(cfg.model).to(DEVICE).train()
-    detector.freeze(frozen_module_prefixes(cfg.optim))    # what the training loop does
-    optimizer = freeze_and_build_optimizer(detector, cfg.optim)
+    optimizer = freeze_and_build_optimizer(detector, cfg.optim)    # what the training loop does
     if compiled:
         detector.compile_dense()          # what train/main.py --compile does
     model = LossModel(detector)

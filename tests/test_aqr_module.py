@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from aqrcmt.config import AQRModulateConfig, AQRRenderConfig, HeadConfig
+from aqrcmt.eval.visualize import render_aqr
 from aqrcmt.models.aqr.diagnose import ring_lidar2img
 from aqrcmt.models.aqr.module import AQRModulation
 from aqrcmt.models.cmt_head import CmtHead
@@ -112,18 +113,18 @@ def test_denoising_queries_are_not_rendered_by_default(render_dn):
     assert same != render_dn
 
 
-def test_monitor_only_when_asked(tmp_path):
+def test_monitor_only_when_asked():
     module = small_module(False)
     reference = torch.rand(2, 30, 3, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         small_call(module, reference, 0)
-        assert module.last_stats == {} and module.monitor.last_maps is None
+        assert module.last_stats == {} and module.monitor.last_view is None
         module.monitor_this_step = True
         small_call(module, reference, 0)
     stats = module.last_stats
     assert 0 < stats["bev_map_mean"] < stats["bev_map_max"] and 0 < stats["camera_weight_mean"] < 1
-    assert module.monitor.last_maps[1].shape == (6, 8, 22)
-    assert module.save_images(tmp_path / "maps").name == "maps.png"
+    assert module.monitor.last_view.camera_maps.shape == (6, 8, 22)
+    assert render_aqr(module.monitor.last_view).ndim == 3
     with pytest.raises(ValueError, match="bev_size"):
         module(torch.zeros(2, 16, 10, 10), torch.zeros(12, 16, 8, 22), query_pos=None, bev_pos=None, rv_pos=None,
                reference_points=reference, lidar2img=ring_lidar2img(IMG_SHAPE, 2), img_shape=IMG_SHAPE)

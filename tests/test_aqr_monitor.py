@@ -2,9 +2,10 @@
 import torch
 
 from aqrcmt.config import AQRModulateConfig, AQRMonitorConfig
+from aqrcmt.eval.visualize import render_aqr, save_png
 from aqrcmt.models.aqr.modulate import modulate_features
-from aqrcmt.models.aqr.monitor import (HealthMonitor, camera_map_signals, map_signals, modulation_signals,
-                                       save_weight_maps, weight_signals)
+from aqrcmt.models.aqr.monitor import (AQRView, HealthMonitor, camera_map_signals, map_signals, modulation_signals,
+                                       weight_signals)
 from aqrcmt.training.alarms import check_aqr_signals
 
 
@@ -61,6 +62,6 @@ def test_record_and_images(tmp_path):
     assert set(stats) == {"bev_map_mean", "bev_map_max", "camera_map_mean", "camera_map_max"}
     assert all(isinstance(v, float) for v in stats.values())
     assert any("bev_map_mean" in a for a in find_alarms(stats, AQRMonitorConfig()))
-    path = monitor.save_images(tmp_path / "step_00000010")
+    path = save_png(render_aqr(monitor.last_view), tmp_path / "step_00000010.png")
     assert path.suffix == ".png" and path.stat().st_size > 1000
-    assert save_weight_maps(tmp_path / "b.png", bev[0], cams[0], title="t").exists()
+    assert save_png(render_aqr(AQRView(bev[0], cams[0]), title="t"), tmp_path / "b.png").exists()

@@ -10,7 +10,7 @@ import torch
 
 from aqrcmt.checkpoint.io import CheckpointError, save_safetensors_atomic
 from aqrcmt.checkpoint.weights import load_weights, stored_config
-from aqrcmt.models.detector import load_detector_from_checkpoint
+from aqrcmt.inference import load_detector_from_checkpoint
 from aqrcmt.presets import get_preset
 
 

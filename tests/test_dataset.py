@@ -10,7 +10,8 @@ import torch
 from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 
-from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES, Config
+from aqrcmt.config import Config
+from aqrcmt.structures import CAMERA_NAMES, CLASS_NAMES
 from aqrcmt.data.box_geometry import bev_corners, boxes_overlap_bev, image_boxes, points_in_boxes
 from aqrcmt.data.dataset import NuScenesDataset, resolve_path
 from aqrcmt.data.files import BadSampleError

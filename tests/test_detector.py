@@ -10,6 +10,7 @@ import torch
 
 from aqrcmt.checkpoint.manifest import load_manifest
 from aqrcmt.data.synthetic_batch import synthetic_batch
+from aqrcmt.eval.visualize import render_aqr, save_png
 from aqrcmt.models import CmtDetector, build_model
 from aqrcmt.presets import get_preset
 from aqrcmt.structures import Batch
@@ -140,7 +141,7 @@ def test_loss_returns_the_aqr_monitor_signals_only_when_asked(tiny_model, tiny_c
     assert len(monitored.monitor) == 40 and all(isinstance(v, float) and v == v for v in monitored.monitor.values())
     assert 0.0 < monitored.monitor["bev_map_mean"] and monitored.losses.keys() == plain.losses.keys()
     assert not model.pts_bbox_head.aqr.monitor_this_step      # the next forward (e.g. an evaluation) is not monitored
-    assert model.save_monitor_images(tmp_path / "maps").is_file()
+    assert save_png(render_aqr(model.pts_bbox_head.aqr.monitor.last_view), tmp_path / "maps.png").is_file()
     assert copy.deepcopy(tiny_model).train().loss(batch, monitor=True).monitor is None   # no AQR: nothing to monitor
 
 

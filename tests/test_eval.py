@@ -14,7 +14,7 @@ from nuscenes import NuScenes
 from nuscenes.eval.detection.utils import category_to_detection_name
 from pyquaternion import Quaternion
 
-from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES
+from aqrcmt.structures import CAMERA_NAMES, CLASS_NAMES
 from aqrcmt.data.splits import conditions_of, sample_tokens_of_split
 from aqrcmt.eval.nuscenes_eval import (
     EvaluationError, attribute_name, detections_to_results, evaluate_detections, evaluate_results_file,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from aqrcmt.config import CAMERA_NAMES
+from aqrcmt.structures import CAMERA_NAMES
 from aqrcmt.checkpoint.io import load_safetensors, save_safetensors_atomic
 from aqrcmt.errors import AqrcmtError
 from aqrcmt.data.index import load_info_pkl

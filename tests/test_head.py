@@ -13,11 +13,12 @@ from aqrcmt.checkpoint.manifest import load_manifest
 from aqrcmt.config import HeadConfig
 from aqrcmt.models.assigner import focal_match_cost, hungarian_assign
 from aqrcmt.models.bbox_coder import decode_codes, decode_detections, encode_boxes
+from aqrcmt.models.camera_geometry import projection_matrices
 from aqrcmt.models.cmt_head import CmtHead
 from aqrcmt.models.denoising import prepare_denoising
 from aqrcmt.models.losses import sigmoid_focal_loss, weighted_l1_loss
 from aqrcmt.models.position_encoding import (
-    bev_grid_coords, image_ray_points, pos2embed, projection_matrices, query_ray_points, ray_depths,
+    bev_grid_coords, image_ray_points, pos2embed, query_ray_points, ray_depths,
 )
 from aqrcmt.models.task_head import GroupLayerNorm1d, SeparateTaskHead
 from aqrcmt.models.transformer import PackedAttention
@@ -163,9 +164,9 @@ def test_query_rays_visibility_and_reprojection():
     metres = torch.tensor([[[20.0, 0.0, 0.0], [-20.0, 0.0, 0.0]]])
     low, span = torch.tensor(PC_RANGE[:3]), torch.tensor(PC_RANGE[3:]) - torch.tensor(PC_RANGE[:3])
     rays, visible = query_ray_points((metres - low) / span, l2i, i2l, IMG_SHAPE, depths, PC_RANGE)
-    assert rays.shape == (1, 6, 2, 12)
-    assert visible[0, :, 0].tolist() == [True, False, False, False, False, False]
-    assert visible[0, :, 1].tolist() == [False, False, False, True, False, False]
+    assert rays.shape == (1, 2, 6, 12)                                    # (B, Nq, V, D * 3): query-major
+    assert visible[0, 0].tolist() == [True, False, False, False, False, False]
+    assert visible[0, 1].tolist() == [False, False, False, True, False, False]
     # every lifted point lies on camera 0's ray through the query: same pixel, depth d
     points = rays[0, 0, 0].unflatten(-1, (4, 3)) * span + low
     proj = F.pad(points, (0, 1), value=1.0) @ l2i[0, 0].T

@@ -10,9 +10,9 @@ import torch
 
 from aqrcmt.config import HeadConfig
 from aqrcmt.models.bbox_coder import select_topk
+from aqrcmt.models.camera_geometry import projection_matrices
 from aqrcmt.models.cmt_head import CmtHead
 from aqrcmt.models.denoising import prepare_denoising
-from aqrcmt.models.position_encoding import projection_matrices
 from parity_bundle import fp32_state_dict, load_parity
 
 pytestmark = pytest.mark.parity("head")

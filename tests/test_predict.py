@@ -1,4 +1,4 @@
-"""`aqrcmt predict`, CmtDetector.from_checkpoint / predict_sample, and the pictures (aqrcmt.eval.visualize)."""
+"""`aqrcmt predict`, the Python API (aqrcmt.inference.Predictor), and the pictures (aqrcmt.eval.visualize)."""
 from __future__ import annotations
 
 import json
@@ -18,8 +18,8 @@ from aqrcmt.data.loader import build_dataset
 from aqrcmt.eval.nuscenes_eval import detections_to_results
 from aqrcmt.eval.predict import predict_dataset
 from aqrcmt.eval.visualize import draw_boxes, project_box_edges
+from aqrcmt.inference import Predictor, load_detector_from_checkpoint
 from aqrcmt.models import build_model
-from aqrcmt.models.detector import CmtDetector
 from aqrcmt.presets import load_config
 from aqrcmt.structures import CameraCalibration
 
@@ -154,7 +154,8 @@ def test_bad_inputs_give_one_error_line_and_leave_nothing(checkpoint: Path, tmp_
 # The Python API
 # --------------------------------------------------------------------------------------------------
 def test_predict_sample_equals_the_dataset_path(checkpoint: Path, synthetic_root: Path) -> None:
-    detector = CmtDetector.from_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(checkpoint)
+    detector = predictor.detector
     cfg = load_config("tiny_aqr", [f"data.root={synthetic_root}", "data.sweeps=1"])
     dataset = build_dataset(cfg, cfg.data.val_split, train=False)
     (meta, expected), = predict_dataset(detector, [collate([dataset[2]])])
@@ -163,9 +164,9 @@ def test_predict_sample_equals_the_dataset_path(checkpoint: Path, synthetic_root
     calibration = CameraCalibration(intrinsics=raw.intrinsics[:, :3, :3], lidar2cam=raw.lidar2cam,
                                     lidar2global=raw.lidar2global)
     rgb = [view[..., ::-1] for view in raw.images]
-    found = detector.predict_sample(raw.points, rgb, calibration)
-    as_tensor = detector.predict_sample(raw.points, torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2),
-                                        calibration)
+    found = predictor.predict_sample(raw.points, rgb, calibration)
+    as_tensor = predictor.predict_sample(raw.points, torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2),
+                                         calibration)
     for got in (found.lidar, as_tensor.lidar):
         torch.testing.assert_close(got.boxes, expected.boxes)
         torch.testing.assert_close(got.scores, expected.scores)
@@ -175,12 +176,12 @@ def test_predict_sample_equals_the_dataset_path(checkpoint: Path, synthetic_root
     centres = np.array([entry["translation"] for entry in exported])
     order = np.argsort(-expected.scores.numpy(), kind="stable")
     np.testing.assert_allclose(found.global_frame.boxes[order, :3].numpy(), centres, atol=1e-3)
-    assert detector.predict_sample(raw.points, rgb, CameraCalibration(calibration.intrinsics,
-                                                                       calibration.lidar2cam)).global_frame is None
+    assert predictor.predict_sample(raw.points, rgb, CameraCalibration(calibration.intrinsics,
+                                                                        calibration.lidar2cam)).global_frame is None
     with pytest.raises(ValueError, match="points"):
-        detector.predict_sample(raw.points[:, :4], rgb, calibration)
+        predictor.predict_sample(raw.points[:, :4], rgb, calibration)
     with pytest.raises(ValueError, match="intrinsics"):
-        detector.predict_sample(raw.points, rgb, CameraCalibration(raw.intrinsics, raw.lidar2cam))
+        predictor.predict_sample(raw.points, rgb, CameraCalibration(raw.intrinsics, raw.lidar2cam))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def test_validation_pictures_go_to_tensorboard(checkpoint: Path, synthetic_root:
     accelerator = SimpleNamespace(is_main_process=True, device=torch.device("cpu"),
                                   get_tracker=lambda name, unwrap: writer)
     cfg = load_config("tiny_aqr", [f"data.root={synthetic_root}", "data.sweeps=1"])
-    run = SimpleNamespace(accelerator=accelerator, cfg=cfg, detector=CmtDetector.from_checkpoint(checkpoint),
+    run = SimpleNamespace(accelerator=accelerator, cfg=cfg, detector=load_detector_from_checkpoint(checkpoint)[0],
                           progress=SimpleNamespace(step=7))
     log_validation_pictures(run)
     assert sorted(tag for tag, *_ in added) == ["val_sample/aqr", "val_sample/bev", "val_sample/cameras"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES
+from aqrcmt.structures import CAMERA_NAMES, CLASS_NAMES
 from nuscenes import NuScenes
 from nuscenes.eval.detection.utils import category_to_detection_name
 from nuscenes.utils.data_classes import LidarPointCloud

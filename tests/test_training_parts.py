@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from aqrcmt.config import ConfigError, OptimConfig
+from aqrcmt.models.freezing import FreezableModule
 from aqrcmt.training import checkpointing as ckpt
 from aqrcmt.training.optim import freeze_and_build_optimizer, frozen_module_prefixes, group_parameters
 from aqrcmt.training.schedule import Schedule
 
 
-def _toy_detector() -> nn.Module:
-    m = nn.Module()
+def _toy_detector() -> FreezableModule:
+    m = FreezableModule()
     m.img_backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     m.img_neck = nn.Conv2d(4, 4, 1)
     m.pts_bbox_head = nn.Module()
@@ -47,6 +48,7 @@ def test_zero_multiplier_freezes_module_and_keeps_its_batchnorm_in_eval():
     cfg = OptimConfig(lr=1e-3, lr_mults={"img_backbone": 0.0, "img_neck": 0.1}, decay_mults={"img_neck": 5.0})
     opt = freeze_and_build_optimizer(model, cfg)
     assert not any(p.requires_grad for p in model.img_backbone.parameters())
+    assert not model.train().img_backbone[1].training and model.img_neck.training
     in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not any(id(p) in in_optimizer for p in model.img_backbone.parameters())
     neck_group = next(g for g in opt.param_groups if any(p is model.img_neck.weight for p in g["params"]))

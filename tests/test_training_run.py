@@ -166,27 +166,27 @@ def test_two_processes_end_equal_to_one_process_with_the_same_global_batch(synth
         out = _run_main(["--config", "tiny", "--no-compile", "--set", *overrides], launcher)
         assert ("1 process(es)" if name == "one" else "2 process(es) on cpu") in out
         assert ckpt.resolve_resume(tmp_path / name, "latest").name == "step_00000003"
-    assert _update_mismatch(tmp_path / "one", tmp_path / "two") < 2e-2
+    assert _update_mismatch(tmp_path / "one", tmp_path / "two") < 1e-2
     # the tolerance separates: the same two processes with per-process loss normalisers compute another update
     assert _update_mismatch(tmp_path / "one", tmp_path / "two_unsynced") > 0.3
 
 
 def _update_mismatch(one: Path, two: Path) -> float:
-    """||w_one - w_two|| / ||w_one(step 3) - w_one(step 1)|| over the trained weights.
+    """Median over the trained tensors of ||w_one - w_two|| / ||w_one(step 3) - w_one(step 1)||.
 
     Both runs compute the same updates up to float summation order (an all-reduce of two half-batch gradients vs one
-    full-batch backward): the weights differ by ~1e-8 after step 1, and AdamW's normalised update then turns that
-    into absolute differences that scale with the learning rate and differ by CPU and BLAS kernel (up to 2e-5 per
-    weight at lr 1e-3). Relative to how far the weights moved, that is ~0.15 %. A real mismatch changes the update
-    itself: without synced loss normalisers, or with two processes of batch 2 (global batch 4), the ratio is ~1.
+    full-batch backward). AdamW's normalised update amplifies that noise in the few elements whose gradient is itself
+    near zero (noise over eps), by an amount that depends on the CPU, the BLAS kernels and the order of the
+    projection maths: measured on one machine, the worst tensor ended 2 % apart, and 9 % once the camera projection
+    changed its row order; the whole model 0.15 % and 1.4 %; the median tensor 0.06 %. A real mismatch changes every
+    update: without synced loss normalisers the median is 0.83.
     """
     a, b = _weights(_checkpoint(one, 3)), _weights(_checkpoint(two, 3))
     start = _weights(_checkpoint(one, 1))
     trained = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], start[k])]
     assert any(k.startswith("pts_bbox_head.transformer") for k in trained)     # the comparison is not vacuous
-    difference = torch.cat([(a[k] - b[k]).flatten() for k in trained]).norm()
-    movement = torch.cat([(a[k] - start[k]).flatten() for k in trained]).norm()
-    return float(difference / movement)
+    ratios = torch.stack([(a[k] - b[k]).norm() / (a[k] - start[k]).norm() for k in trained])
+    return float(ratios.median())
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Loading aqrcmt weights into a model: the one key matcher of ``--load-from``, ``evaluate --checkpoint``,
-``diagnose``, ``predict`` and :meth:`aqrcmt.models.detector.CmtDetector.from_checkpoint`.
+``diagnose``, ``predict`` and :meth:`aqrcmt.inference.Predictor.from_checkpoint`.
 
 A weights file is a ``.safetensors`` file of aqrcmt names (``aqrcmt convert`` makes one from an official
 ``.pth``) or a training checkpoint directory holding ``model.safetensors``. Keys are matched after removing

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from aqrcmt.config import CAMERA_NAMES, CLASS_NAMES
+from aqrcmt.structures import CAMERA_NAMES, CLASS_NAMES
 from aqrcmt.data.corruptions import SensorCorruption
 from aqrcmt.data.files import BadSampleError, DatasetError, read_image
 from aqrcmt.data.index import pose_matrix

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from aqrcmt.atomic import pickle_atomic, staged_directory
-from aqrcmt.config import CLASS_NAMES
+from aqrcmt.structures import CLASS_NAMES
 from aqrcmt.data.box_geometry import image_boxes, points_in_boxes
 from aqrcmt.data.files import BadSampleError
 from aqrcmt.data.gt_paste import DATABASE_FORMAT

@@ -19,7 +19,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from aqrcmt.config import CLASS_NAMES
+from aqrcmt.structures import CLASS_NAMES
 from aqrcmt.data.box_geometry import boxes_overlap_bev, image_boxes, points_in_boxes
 from aqrcmt.data.files import DatasetError, read_pickle
 from aqrcmt.data.transforms import Sample

@@ -19,7 +19,7 @@ import numpy as np
 from pyquaternion import Quaternion
 
 from aqrcmt.atomic import pickle_atomic
-from aqrcmt.config import CAMERA_NAMES
+from aqrcmt.structures import CAMERA_NAMES
 from aqrcmt.data.files import DatasetError, read_pickle
 from aqrcmt.data.splits import TEST_VERSION, check_root, open_nuscenes, scenes_of_split, table_stamp
 

@@ -11,7 +11,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from aqrcmt.config import CAMERA_NAMES, AugmentConfig
+from aqrcmt.config import AugmentConfig
+from aqrcmt.structures import CAMERA_NAMES
 from aqrcmt.data.collate import collate
 from aqrcmt.data.transforms import Pipeline, Sample
 from aqrcmt.structures import Batch, CameraCalibration

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pyquaternion import Quaternion
 
-from aqrcmt.config import CAMERA_NAMES
+from aqrcmt.structures import CAMERA_NAMES
 from aqrcmt.atomic import staged_directory
 from aqrcmt.data.splits import TRAIN_VAL_SPLITS
 

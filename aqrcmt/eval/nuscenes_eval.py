@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pyquaternion import Quaternion
 
-from aqrcmt.config import CLASS_NAMES
+from aqrcmt.structures import CLASS_NAMES
 from aqrcmt.data.files import DatasetError
 from aqrcmt.data.splits import open_nuscenes, sample_tokens_of_split
 from aqrcmt.errors import AqrcmtError

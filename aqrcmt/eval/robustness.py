@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from aqrcmt.config import CAMERA_NAMES
+from aqrcmt.structures import CAMERA_NAMES
 from aqrcmt.data.corruptions import SensorCorruption
 from aqrcmt.data.transforms import IMAGE_MEAN_BGR, IMAGE_STD_BGR
 from aqrcmt.eval.nuscenes_eval import evaluate_detections

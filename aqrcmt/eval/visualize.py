@@ -4,7 +4,7 @@
   (dashed) and predictions (solid, a line from the centre to the front, the score), in the class colours;
   x right, y up, metres.
 - Cameras (:func:`render_cameras`): the six network inputs (test resize/crop) in the rig's layout
-  (:data:`aqrcmt.config.CAMERA_LAYOUT`), the 3-D boxes projected with the batch's ``lidar2img``: GT thin and
+  (:data:`aqrcmt.structures.CAMERA_LAYOUT`), the 3-D boxes projected with the batch's ``lidar2img``: GT thin and
   white, predictions in the class colours with a cross on the front face. Edges are clipped at a near plane
   in front of the camera (nothing behind it is drawn) and at the image border.
 - AQR (:func:`render_aqr`): the rendered BEV and camera weight maps next to the mean |feature| they modulate,
@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Polygon, Rectangle
 from PIL import Image, ImageDraw
 
-from aqrcmt.config import CAMERA_LAYOUT, CAMERA_NAMES, CLASS_NAMES
+from aqrcmt.structures import CAMERA_LAYOUT, CAMERA_NAMES, CLASS_NAMES
 from aqrcmt.data.box_geometry import bev_corners, box_corners
 from aqrcmt.data.transforms import IMAGE_MEAN_BGR, IMAGE_STD_BGR
 from aqrcmt.eval.predict import predict_dataset

@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from aqrcmt.config import AQRConfig, HeadConfig
 from aqrcmt.models.assigner import hungarian_assign, match_cost
 from aqrcmt.models.bbox_coder import box_codes, decode_detections, encode_boxes
+from aqrcmt.models.camera_geometry import projection_matrices
 from aqrcmt.models.denoising import Denoising
 from aqrcmt.models.locality import cross_attention_locality_bias
 from aqrcmt.models.losses import sigmoid_focal_loss, weighted_l1_loss
 from aqrcmt.models.position_encoding import (
-    bev_grid_coords, image_ray_points, inverse_sigmoid, pos2embed, projection_matrices, query_ray_points, ray_depths,
+    bev_grid_coords, image_ray_points, inverse_sigmoid, pos2embed, query_ray_points, ray_depths,
 )
 from aqrcmt.models.task_head import SeparateTaskHead
 from aqrcmt.models.transformer import CmtTransformer
@@ -121,7 +122,7 @@ class CmtHead(nn.Module):
         if not self.with_camera:
             return bev, None
         rays, visible = query_ray_points(reference, lidar2img, img2lidar, img_shape, self.depths, self.pc_range)
-        camera = (self.rv_embedding(rays) * visible.unsqueeze(-1)).sum(dim=1)
+        camera = (self.rv_embedding(rays) * visible.unsqueeze(-1)).sum(dim=2)
         return bev, camera
 
     # ---------------------------------------------------------------------------------------------

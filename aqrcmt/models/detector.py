@@ -16,28 +16,21 @@ compiled graphs are reused across batches with different point, voxel and GT cou
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from aqrcmt.checkpoint.io import PathLike
-from aqrcmt.checkpoint.weights import LoadReport, load_weights, stored_config
 from aqrcmt.config import ModelConfig
-from aqrcmt.data.raw_sample import RawImages, batch_from_arrays
-from aqrcmt.eval.predict import predict_dataset
 from aqrcmt.models.camera import build_image_backbone, build_image_neck
 from aqrcmt.models.cmt_head import CmtHead
 from aqrcmt.models.denoising import Denoising, prepare_denoising
+from aqrcmt.models.freezing import FreezableModule
 from aqrcmt.models.grid_mask import GridMask
 from aqrcmt.models.second import SECOND, SECONDFPN
 from aqrcmt.models.sparse_encoder import SparseEncoder
 from aqrcmt.models.voxelize import HardSimpleVFE, HardVoxelizer
-from aqrcmt.structures import Batch, CameraCalibration, Detections, SamplePrediction
-
-if TYPE_CHECKING:
-    from aqrcmt.config import Config
+from aqrcmt.structures import Batch, Detections
 
 
 class LossOutput(NamedTuple):
@@ -50,14 +43,14 @@ class LossOutput(NamedTuple):
 DENSE_MODULES: tuple[str, ...] = ("pts_backbone", "pts_neck", "pts_bbox_head", "img_backbone", "img_neck")
 
 
-class CmtDetector(nn.Module):
-    """The CMT detector (fusion, LiDAR-only or camera-only, by `cfg.lidar.enabled` / `cfg.camera.enabled`)."""
+class CmtDetector(FreezableModule):
+    """The CMT detector (fusion, LiDAR-only or camera-only, by `cfg.lidar.enabled` / `cfg.camera.enabled`);
+    ``freeze(prefixes)`` freezes parts by their state_dict prefix (models/freezing.py)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.frozen_prefixes: tuple[str, ...] = ()   # see freeze()
         self.with_lidar = cfg.lidar.enabled
         self.with_camera = cfg.camera.enabled
         # Construction order = official state_dict order: pts_* modules, head, then img_*.
@@ -169,69 +162,8 @@ class CmtDetector(nn.Module):
         """Decoded detections per sample (call in eval mode, under torch.no_grad / inference_mode)."""
         return self.pts_bbox_head.decode(self(batch))
 
-    @classmethod
-    def from_checkpoint(cls, path: PathLike, device: torch.device | str = "cpu") -> "CmtDetector":
-        """The detector of the config stored with the weights at `path` (a ``.safetensors`` file or a checkpoint
-        directory), weights loaded, on `device`, in eval mode; CheckpointError names what does not fit."""
-        return load_detector_from_checkpoint(path, device)[0]
-
-    def predict_sample(self, points, images: Optional[RawImages], calibration: CameraCalibration
-                       ) -> SamplePrediction:
-        """Detections of one sample given as raw arrays, through the evaluation's test-time preprocessing.
-
-        points: (N, 5) x, y, z (m, LiDAR frame), intensity, time lag (s); images: six (H, W, 3) uint8 RGB views
-        in CAMERA_NAMES order or a (6, 3, H, W) RGB tensor (ignored, may be None, without a camera branch);
-        calibration: intrinsics (6, 3, 3), lidar2cam (6, 4, 4), optional lidar2global (4, 4).
-        Returns the detections in the LiDAR frame and, with a pose, in the global frame.
-        """
-        batch = batch_from_arrays(points, images if self.with_camera else None, calibration,
-                                  point_cloud_range=self.cfg.lidar.voxel.point_cloud_range,
-                                  image_size=self.cfg.camera.image_size)
-        device = next(self.parameters()).device
-        (_, detections), = predict_dataset(self, [batch], device)
-        world = None if calibration.lidar2global is None else detections.transformed(calibration.lidar2global)
-        return SamplePrediction(detections, world)
-
-    def save_monitor_images(self, path: str | Path) -> Path:
-        """PNG of the AQR weight maps of the last monitored forward (sample 0); see AQRModulation.save_images."""
-        if self.pts_bbox_head.aqr is None:
-            raise RuntimeError("save_monitor_images: this model has no AQR step")
-        return self.pts_bbox_head.aqr.save_images(path)
-
-    # ------------------------------------------------------------------------------------------------------
-    # Freezing
-    # ------------------------------------------------------------------------------------------------------
-    def freeze(self, prefixes: Sequence[str]) -> None:
-        """Freeze the parts named by `prefixes` (dotted names at module boundaries: ``"img_backbone"`` covers
-        ``img_backbone.stem...``, not ``img_backbone2``): their parameters stop requiring gradients and their
-        BatchNorm layers stay in eval mode (running statistics unchanged) through every ``train()``."""
-        self.frozen_prefixes = tuple(sorted(set(prefixes)))
-        for name, parameter in self.named_parameters():
-            if self._is_frozen(name):
-                parameter.requires_grad_(False)
-        self.train(self.training)
-
-    def _is_frozen(self, name: str) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in self.frozen_prefixes)
-
-    def train(self, mode: bool = True) -> "CmtDetector":
-        super().train(mode)
-        if mode:
-            for name, module in self.named_modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and self._is_frozen(name):
-                    module.eval()
-        return self
-
 
 def build_model(cfg: ModelConfig) -> CmtDetector:
     """Build the detector of `cfg` with freshly initialised weights."""
     return CmtDetector(cfg)
 
-
-def load_detector_from_checkpoint(path: PathLike, device: torch.device | str = "cpu", cfg: "Config | None" = None,
-                                  *, missing_ok_prefixes: Sequence[str] = ()) -> tuple[CmtDetector, LoadReport]:
-    """The detector of `cfg` (default: the checkpoint's stored config) with the weights at `path` loaded, on
-    `device`, in eval mode. Every model key must be in the file unless it starts with `missing_ok_prefixes`."""
-    detector = build_model((cfg if cfg is not None else stored_config(path)).model)
-    report = load_weights(detector, path, missing_ok_prefixes=missing_ok_prefixes)
-    return detector.to(device).eval(), report

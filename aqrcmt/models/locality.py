@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from aqrcmt.models.aqr.projection import project_to_cameras
+from aqrcmt.models.camera_geometry import feature_map_pixels, project_to_images
 
 NOT_VISIBLE = -30.0   # logit offset of camera tokens on a view that does not see the query (exp(-30) ~ 1e-13)
 
@@ -42,14 +42,14 @@ def cross_attention_locality_bias(reference: Tensor, *, pc_range: tuple[float, .
         parts.append(-(offset ** 2).sum(-1) / (2 * sigma_bev ** 2))
     if lidar2img is not None:
         height, width = camera_feature_size
-        projection = project_to_cameras(reference, pc_range, lidar2img, img_shape, (height, width))
+        pixels, visible = project_to_images(reference, pc_range, lidar2img, img_shape)
         rows = torch.arange(height, device=reference.device, dtype=reference.dtype) + 0.5
         cols = torch.arange(width, device=reference.device, dtype=reference.dtype) + 0.5
-        coords = projection.coords.to(reference)                                               # (B, Q, V, 2) (y, x)
+        coords = feature_map_pixels(pixels, img_shape, (height, width)).to(reference)           # (B, Q, V, 2) (y, x)
         dy2 = (rows.view(1, 1, 1, -1, 1) - coords[..., 0, None, None]) ** 2                     # (B, Q, V, h, 1)
         dx2 = (cols.view(1, 1, 1, 1, -1) - coords[..., 1, None, None]) ** 2                     # (B, Q, V, 1, w)
         camera = -(dy2 + dx2) / (2 * sigma_camera ** 2)
-        camera = torch.where(projection.valid[..., None, None], camera, camera.new_tensor(NOT_VISIBLE))
+        camera = torch.where(visible[..., None, None], camera, camera.new_tensor(NOT_VISIBLE))
         parts.append(camera.flatten(2))
     if not parts:
         raise ValueError("cross_attention_locality_bias needs bev_coords or the camera geometry")

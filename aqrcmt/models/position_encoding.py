@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from aqrcmt.models.camera_geometry import project_to_images
+
 INVERSE_SIGMOID_EPS = 1e-5
 
 
@@ -54,14 +56,6 @@ def ray_depths(depth_num: int, max_depth: float, device: torch.device | str | No
     return 1 + torch.arange(depth_num, dtype=torch.float32, device=device) * (max_depth - 1) / depth_num
 
 
-def projection_matrices(lidar2img: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """(lidar2img, img2lidar), both (..., 4, 4) in `dtype`; the inverse is taken in float64 first."""
-    if lidar2img.shape[-2:] != (4, 4):
-        raise ValueError(f"lidar2img must have shape (..., 4, 4), got {tuple(lidar2img.shape)}")
-    inverse = torch.linalg.inv(lidar2img.double())
-    return lidar2img.to(dtype), inverse.to(dtype)
-
-
 def _normalise(points: Tensor, pc_range: tuple[float, ...]) -> Tensor:
     low = points.new_tensor(pc_range[:3])
     return (points - low) / (points.new_tensor(pc_range[3:6]) - low)
@@ -89,26 +83,16 @@ def image_ray_points(img2lidar: Tensor, feat_size: tuple[int, int], img_shape: t
 
 def query_ray_points(reference: Tensor, lidar2img: Tensor, img2lidar: Tensor, img_shape: tuple[int, int],
                      depths: Tensor, pc_range: tuple[float, ...]) -> tuple[Tensor, Tensor]:
-    """Points along the camera ray through each query, per view: ((B, V, Nq, D * 3), visible (B, V, Nq) bool).
+    """Points along the camera ray through each query, per view: ((B, Nq, V, D * 3), visible (B, Nq, V) bool).
 
     reference: (B, Nq, 3) normalised query positions; lidar2img / img2lidar: (B, V, 4, 4).
-    The query is projected into each view, divided by its detached depth (+-1e-6 away from zero, so the
-    gradient flows through the numerator only), then re-lifted at the `depths` like an image token.
-    A view sees the query when the projection lies inside the image and in front of the camera.
+    The query is projected into each view (:func:`~aqrcmt.models.camera_geometry.project_to_images`: pixel
+    (u, v, 1), gradient through the numerator only, the visibility rule), then re-lifted at the `depths` like
+    an image token.
     """
     with torch.autocast(device_type=reference.device.type, enabled=False):
-        reference = reference.float()
-        low = reference.new_tensor(pc_range[:3])
-        metres = reference * (reference.new_tensor(pc_range[3:6]) - low) + low
-        homogeneous = torch.cat((metres, torch.ones_like(metres[..., :1])), dim=-1)
-        projected = torch.einsum("bnd,bvcd->bvnc", homogeneous, lidar2img.float())   # (B, V, Nq, 4)
-        depth = projected[..., 2:3].detach()
-        in_front = depth > 0
-        uvz = projected[..., :3] / torch.where(in_front, depth + 1e-6, depth - 1e-6)
-        img_h, img_w = img_shape
-        visible = ((uvz[..., 0] >= 0) & (uvz[..., 0] < img_w) & (uvz[..., 1] >= 0) & (uvz[..., 1] < img_h)
-                   & in_front.squeeze(-1))
-        lifted = uvz.unsqueeze(-2) * depths.float()[:, None]                # (B, V, Nq, D, 3)
+        pixels, visible = project_to_images(reference, pc_range, lidar2img, img_shape)   # (B, Nq, V, 3)
+        lifted = pixels.unsqueeze(-2) * depths.float()[:, None]                        # (B, Nq, V, D, 3)
         lifted = torch.cat((lifted, torch.ones_like(lifted[..., :1])), dim=-1)
-        points = torch.einsum("bvndo,bvco->bvndc", lifted, img2lidar.float())[..., :3]
+        points = torch.einsum("bnvdo,bvco->bnvdc", lifted, img2lidar.float())[..., :3]
         return _normalise(points, pc_range).flatten(-2), visible

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from aqrcmt.models.norm_eval import NormEvalMixin
+from aqrcmt.models.freezing import FreezableModule
 
 
 class BasicBlock(nn.Module):
@@ -72,7 +72,7 @@ def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequenti
                          nn.BatchNorm2d(out_channels))
 
 
-class ResNet(NormEvalMixin):
+class ResNet(FreezableModule):
     """ResNet with a 7x7/2 conv + 3x3/2 max-pool stem and four layers of strides 1, 2, 2, 2.
 
     forward: images (N, 3, H, W) -> (layer3 (N, C3, H/16, W/16), layer4 (N, C4, H/32, W/32)) for H, W
@@ -91,7 +91,7 @@ class ResNet(NormEvalMixin):
         super().__init__()
         if len(depths) != 4 or len(widths) != 4:
             raise ValueError(f"ResNet needs 4 depths and 4 widths, got depths={depths}, widths={widths}")
-        self.frozen_bn = frozen_bn
+        self.batchnorm_eval_prefixes = ("",) if frozen_bn else ()   # mmdet norm_eval
         self.conv1 = nn.Conv2d(3, stem_channels, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_channels)
         self.relu = nn.ReLU(inplace=True)

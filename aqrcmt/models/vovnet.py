@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aqrcmt.models.norm_eval import NormEvalMixin
+from aqrcmt.models.freezing import FreezableModule
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class OSABlock(nn.Module):
         return out + x if self.residual else out
 
 
-class VoVNet(NormEvalMixin):
+class VoVNet(FreezableModule):
     """VoVNet backbone returning the stride-16 (stage4) and stride-32 (stage5) maps.
 
     forward: images (N, 3, H, W), BGR-normalised -> ((N, 768, H/16, W/16), (N, 1024, H/32, W/32)) for
@@ -95,7 +95,7 @@ class VoVNet(NormEvalMixin):
 
     def __init__(self, spec: VoVNetSpec = V99_ESE, frozen_bn: bool = True) -> None:
         super().__init__()
-        self.frozen_bn = frozen_bn
+        self.batchnorm_eval_prefixes = ("",) if frozen_bn else ()   # mmdet norm_eval
         s1, s2, s3 = spec.stem_channels
         self.stem = nn.Sequential(OrderedDict(
             _conv_bn_relu("stem_1", 3, s1, 3, stride=2)

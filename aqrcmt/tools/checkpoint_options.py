@@ -27,7 +27,7 @@ def load_checkpoint(checkpoint: str, args: argparse.Namespace) -> tuple[CmtDetec
     """(detector on ``args.device`` in eval mode, config, weights file) of `checkpoint` (a .safetensors file or a
     checkpoint directory). The config is ``--config`` or else the one stored in the weights, with ``--override``,
     ``--root`` and ``--version`` applied; CheckpointError names the file when the weights do not fit it."""
-    from aqrcmt.models.detector import load_detector_from_checkpoint   # the model code only once a checkpoint runs
+    from aqrcmt.inference import load_detector_from_checkpoint   # the model code only once a checkpoint runs
 
     path = weights_file(checkpoint)
     cfg = load_config(args.config, args.override) if args.config else \

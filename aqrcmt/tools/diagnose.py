@@ -20,9 +20,10 @@ import torch
 from aqrcmt.checkpoint.weights import AQR_PREFIX
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
+from aqrcmt.eval.visualize import render_aqr, save_png
+from aqrcmt.inference import load_detector_from_checkpoint
 from aqrcmt.models.aqr.diagnose import Scene, measure, random_scene, reference_settings, sweep_settings
-from aqrcmt.models.aqr.monitor import save_weight_maps
-from aqrcmt.models.detector import load_detector_from_checkpoint
+from aqrcmt.models.aqr.monitor import AQRView
 from aqrcmt.presets import load_config
 from aqrcmt.tools.errors import CommandError
 from aqrcmt.training.alarms import check_aqr_signals
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     for label, stem, render, modulate in reference_settings(cfg):
         stats, bev_map, camera_maps = measure(scene, render, modulate)
         rows.append((label, stats))
-        save_weight_maps(out_dir / f"maps_{stem}.png", bev_map[0], camera_maps[0], title=label)
+        save_png(render_aqr(AQRView(bev_map[0], camera_maps[0]), title=label), out_dir / f"maps_{stem}.png")
     print(debug_table(rows))
     alarms = check_aqr_signals(rows[-1][1], cfg.model.aqr.monitor, step=0)   # the last row: the config itself
     print(f"\nhealth checks of config {cfg.name} (model.aqr.monitor levels): "

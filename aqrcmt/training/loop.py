@@ -55,7 +55,7 @@ from aqrcmt.training import checkpointing as ckpt
 from aqrcmt.training import run_dir as run_dirs
 from aqrcmt.training.alarms import (Alarm, AlarmDelivery, LossTrend, TrainingStopped, check_aqr_signals,
                                     check_evaluations)
-from aqrcmt.training.optim import freeze_and_build_optimizer, frozen_module_prefixes
+from aqrcmt.training.optim import freeze_and_build_optimizer
 from aqrcmt.training.schedule import Schedule
 
 
@@ -210,7 +210,6 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
         if report.kept_init:
             accelerator.print(f"--load-from: {len(report.kept_init)} tensors (e.g. {report.kept_init[0]}) are not "
                               f"in {options.load_from}; they keep their initialisation")
-    detector.freeze(frozen_module_prefixes(cfg.optim))
     optimizer = freeze_and_build_optimizer(detector, cfg.optim)
 
     # ---- data and schedule ----
@@ -436,7 +435,9 @@ def log_step(run: Run, output: LossOutput, grad_norm: torch.Tensor, window: Thro
     if output.monitor is not None:
         accelerator.log({f"aqr/{k}": v for k, v in output.monitor.items()}, step=step)
         if accelerator.is_main_process and (step - 1) % cfg.model.aqr.monitor.image_interval == 0:
-            run.detector.save_monitor_images(run.run_dir / "aqr_maps" / f"step_{step:08d}.png")
+            from aqrcmt.eval.visualize import render_aqr, save_png
+            save_png(render_aqr(run.detector.pts_bbox_head.aqr.monitor.last_view),
+                     run.run_dir / "aqr_maps" / f"step_{step:08d}.png")
     return scalars
 
 

@@ -1,10 +1,9 @@
 """AdamW with per-module learning-rate / weight-decay multipliers, and module freezing.
 
-Multipliers are looked up by parameter-name prefix at module boundaries (``"img_backbone"`` matches
-``img_backbone.stem...`` but not ``img_backbone2.x``); the longest matching prefix wins. A learning-rate
-multiplier of 0 freezes the parameter: ``requires_grad=False`` and no optimizer state; the trainer also hands
-:func:`frozen_module_prefixes` to ``CmtDetector.freeze``, which keeps the BatchNorm layers of those modules in
-eval mode.
+Multipliers are looked up by parameter-name prefix at module boundaries (the rule of
+:func:`aqrcmt.models.freezing.is_under`); the longest matching prefix wins. A learning-rate multiplier of 0
+freezes the module: :func:`freeze_and_build_optimizer` hands those keys to ``model.freeze`` (no gradients,
+BatchNorm kept in eval mode) and gives their parameters no optimizer state.
 
 (The released mmcv configs match ``custom_keys`` by substring, longest key first; with the names used
 in this package the prefix rule selects the same parameters for every key of the released configs.)
@@ -14,18 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from aqrcmt.config import ConfigError, OptimConfig
+from aqrcmt.models.freezing import FreezableModule, is_under, longest_prefix
 
 
-def _match(name: str, table: dict[str, float]) -> tuple[str, float] | None:
-    """Longest key of `table` that is `name` itself or a dotted prefix of it."""
-    best = None
-    for key, value in table.items():
-        if (name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best[0])):
-            best = (key, value)
-    return best
+def _multiplier(name: str, table: dict[str, float]) -> float:
+    """The multiplier of the longest key of `table` that `name` lies under (1 when none)."""
+    key = longest_prefix(name, table)
+    return 1.0 if key is None else table[key]
 
 
 @dataclass
@@ -35,7 +31,7 @@ class ParamGroupSpec:
     names: list[str]
 
 
-def group_parameters(model: nn.Module, cfg: OptimConfig) -> dict[tuple[float, float], ParamGroupSpec]:
+def group_parameters(model: torch.nn.Module, cfg: OptimConfig) -> dict[tuple[float, float], ParamGroupSpec]:
     """Partition the trainable parameters by (lr multiplier, decay multiplier).
 
     Raises ConfigError when a multiplier key matches no parameter (a typo would silently train a module
@@ -44,12 +40,12 @@ def group_parameters(model: nn.Module, cfg: OptimConfig) -> dict[tuple[float, fl
     names = [n for n, _ in model.named_parameters()]
     for table_name, table in (("optim.lr_mults", cfg.lr_mults), ("optim.decay_mults", cfg.decay_mults)):
         for key in table:
-            if not any(n == key or n.startswith(key + ".") for n in names):
+            if not any(is_under(n, key) for n in names):
                 raise ConfigError(f"config field '{table_name}': key {key!r} matches no parameter of the model")
     groups: dict[tuple[float, float], ParamGroupSpec] = {}
     for name, _ in model.named_parameters():
-        lr_mult = (_match(name, cfg.lr_mults) or ("", 1.0))[1]
-        decay_mult = (_match(name, cfg.decay_mults) or ("", 1.0))[1]
+        lr_mult = _multiplier(name, cfg.lr_mults)
+        decay_mult = _multiplier(name, cfg.decay_mults)
         groups.setdefault((lr_mult, decay_mult), ParamGroupSpec(lr_mult, decay_mult, [])).names.append(name)
     return groups
 
@@ -61,25 +57,23 @@ def frozen_module_prefixes(cfg: OptimConfig) -> list[str]:
     """
     frozen = sorted(k for k, v in cfg.lr_mults.items() if v == 0)
     for key, value in cfg.lr_mults.items():
-        inside = [f for f in frozen if key.startswith(f + ".")]
+        inside = [f for f in frozen if is_under(key, f)]
         if value != 0 and inside:
             raise ConfigError(f"config field 'optim.lr_mults': key {key!r} = {value:g} lies inside the frozen "
                               f"{inside[0]!r} = 0")
     return frozen
 
 
-def freeze_and_build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """Freeze lr_mult-0 parameters and build AdamW over the rest, one param group per multiplier pair.
+def freeze_and_build_optimizer(model: FreezableModule, cfg: OptimConfig) -> torch.optim.AdamW:
+    """Freeze the lr_mult-0 modules (``model.freeze``) and build AdamW over the rest, one param group per
+    multiplier pair.
 
     Each group records its ``base_lr`` (``cfg.lr * lr_mult``) for the schedules.
     """
+    model.freeze(frozen_module_prefixes(cfg))
     params = dict(model.named_parameters())
     param_groups = []
     for spec in group_parameters(model, cfg).values():
-        if spec.lr_mult == 0:
-            for n in spec.names:
-                params[n].requires_grad_(False)
-            continue
         group_params = [params[n] for n in spec.names if params[n].requires_grad]
         if group_params:
             lr = cfg.lr * spec.lr_mult

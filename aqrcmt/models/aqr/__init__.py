@@ -4,8 +4,8 @@ See docs/aqr.md for the design, the fork's defects it avoids and the diagnose nu
 """
 from aqrcmt.models.aqr.generator import AQRWeightGenerator
 from aqrcmt.models.aqr.module import AQRModulation
-from aqrcmt.models.aqr.monitor import HealthMonitor, save_weight_maps
+from aqrcmt.models.aqr.monitor import HealthMonitor
 from aqrcmt.models.aqr.projection import Projection, project_to_bev, project_to_cameras
 
 __all__ = ["AQRModulation", "AQRWeightGenerator", "HealthMonitor", "Projection",
-           "project_to_bev", "project_to_cameras", "save_weight_maps"]
+           "project_to_bev", "project_to_cameras"]

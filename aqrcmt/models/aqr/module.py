@@ -12,7 +12,6 @@ weights would paint the GT layout into the features the matching queries see, so
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -33,7 +32,7 @@ class AQRModulation(nn.Module):
     pc_range: (x_min, y_min, z_min, x_max, y_max, z_max) metres; bev_size: (H, W) of the BEV map.
     Health signals (monitor.py) are measured only in forwards with ``monitor_this_step`` True (set for one
     forward by :meth:`monitoring`, which ``CmtDetector.loss(batch, monitor=True)`` uses); ``last_stats`` then
-    holds them as floats, ``save_images`` draws the last maps.
+    holds them as floats and ``monitor.last_view`` the last maps (drawn by ``aqrcmt.eval.visualize.render_aqr``).
     """
 
     def __init__(self, cfg: AQRConfig, *, head_cfg: HeadConfig, pc_range: tuple[float, ...],
@@ -59,10 +58,6 @@ class AQRModulation(nn.Module):
             yield self.monitor
         finally:
             self.monitor_this_step = False
-
-    def save_images(self, path: str | Path) -> Path:
-        """PNG (path + ".png" if it has no suffix) of the last monitored forward's BEV and camera maps."""
-        return self.monitor.save_images(path)
 
     def query_weights(self, x: torch.Tensor, x_img: torch.Tensor, *, query_pos: torch.Tensor,
                       bev_pos: torch.Tensor, rv_pos: torch.Tensor, reference_points: torch.Tensor,

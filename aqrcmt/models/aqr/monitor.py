@@ -1,4 +1,4 @@
-"""AQR health monitor: the signals of the fork training report's "health checklist", and map images.
+"""AQR health monitor: the signals of the fork training report's "health checklist", and the last maps seen.
 
 Signals are gathered as device tensors only on monitored forwards (``CmtDetector.loss(batch, monitor=True)``,
 which the trainer asks for every ``interval`` steps) and read back with a single host synchronisation. Names (all floats):
@@ -11,17 +11,17 @@ which the trainer asks for every ``interval`` steps) and read back with a single
 - ``{bev,camera}_modulated_{mean,std,rms,min,max}``: the modulated features; ``{bev,camera}_mean_change``:
   mean(out) - mean(x).
 
-The checks of these signals (their levels, the alarms and notices) are :mod:`aqrcmt.training.alarms`.
+The checks of these signals (their levels, the alarms and notices) are :mod:`aqrcmt.training.alarms`; the
+picture of a recorded :class:`AQRView` is :func:`aqrcmt.eval.visualize.render_aqr`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from aqrcmt.config import CAMERA_LAYOUT, CAMERA_NAMES
+from aqrcmt.structures import CAMERA_NAMES
 from aqrcmt.kernels import ModulationStats
 
 
@@ -104,11 +104,6 @@ class HealthMonitor:
         self.last_stats: dict[str, float] = {}
         self.last_view: Optional[AQRView] = None
 
-    @property
-    def last_maps(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """(BEV map (H, W), camera maps (V, h, w)) of the last monitored forward's sample 0, or None."""
-        return None if self.last_view is None else (self.last_view.bev_map, self.last_view.camera_maps)
-
     def record(self, signals: dict[str, torch.Tensor], bev_map: torch.Tensor, camera_maps: torch.Tensor, *,
                features: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                queries: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> dict[str, float]:
@@ -130,46 +125,3 @@ class HealthMonitor:
             view.bev_queries, view.camera_queries, view.camera_valid = bev[:, 0], cameras, valid
         self.last_view = view
         return self.last_stats
-
-    def save_images(self, path: str | Path, title: str = "") -> Path:
-        """Write the last recorded maps (sample 0) as a PNG; see save_weight_maps."""
-        if self.last_maps is None:
-            raise RuntimeError("no weight maps recorded yet: run a monitored forward first (loss(batch, monitor=True))")
-        path = Path(path)
-        return save_weight_maps(path if path.suffix else path.with_suffix(".png"), *self.last_maps, title=title)
-
-
-def save_weight_maps(path: str | Path, bev_map: torch.Tensor, camera_maps: torch.Tensor, title: str = "") -> Path:
-    """PNG of one sample's BEV weight map (x right, y up) and its camera maps (nuScenes layout for six views).
-
-    bev_map: (H, W); camera_maps: (V, h, w). One shared colour scale, so maps are comparable.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bev = bev_map.detach().float().cpu().numpy()
-    cams = camera_maps.detach().float().cpu().numpy()
-    vmax = max(float(bev.max()), float(cams.max()), 1e-6)
-    fig = plt.figure(figsize=(16, 5.5))
-    grid = fig.add_gridspec(2, 5)
-    ax = fig.add_subplot(grid[:, :2])
-    image = ax.imshow(bev, origin="lower", cmap="viridis", vmin=0, vmax=vmax)
-    ax.set_title(f"BEV (mean {bev.mean():.3g}, max {bev.max():.3g})")
-    ax.set_xlabel("x bin")
-    ax.set_ylabel("y bin")
-    for v in range(cams.shape[0]):
-        name = CAMERA_NAMES[v] if cams.shape[0] == len(CAMERA_NAMES) else f"view {v}"
-        row, col = CAMERA_LAYOUT.get(name, divmod(v, 3))
-        cam_ax = fig.add_subplot(grid[row, 2 + col])
-        cam_ax.imshow(cams[v], cmap="viridis", vmin=0, vmax=vmax)
-        cam_ax.set_title(f"{name} (mean {cams[v].mean():.3g})", fontsize=8)
-        cam_ax.axis("off")
-    fig.colorbar(image, ax=fig.axes, shrink=0.8)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEPTH_EPS = 1e-5  # metres; points closer to (or behind) the image plane are not visible
+from aqrcmt.models.camera_geometry import feature_map_pixels, project_to_images
 
 
 @dataclass
@@ -64,29 +64,10 @@ def project_to_cameras(reference_points: torch.Tensor, pc_range: tuple[float, ..
     reference_points: (B, Q, 3) in [0, 1]; pc_range: (x_min, y_min, z_min, x_max, y_max, z_max) in metres.
     lidar2img: (B, V, 4, 4) LiDAR -> image pixels, every image augmentation (resize, crop, flip) included.
     img_shape: (H_img, W_img) of the (padded) input images; feature_size: (h, w) of the camera feature maps.
-    A query is valid on view v when its depth is > DEPTH_EPS and its image pixel lies in [0, W_img) x [0, H_img);
-    it may be valid on several views (overlaps) or on none.
+    A query is valid on view v when camera v sees it (:mod:`aqrcmt.models.camera_geometry`: in front and inside
+    the image); it may be valid on several views (overlaps) or on none.
     """
-    _check_reference(reference_points)
-    if lidar2img.dim() != 4 or lidar2img.shape[-2:] != (4, 4) or lidar2img.shape[0] != reference_points.shape[0]:
-        raise ValueError(f"lidar2img must be (B, V, 4, 4) with B = {reference_points.shape[0]}, "
-                         f"got {tuple(lidar2img.shape)}")
-    if len(pc_range) != 6:
-        raise ValueError(f"pc_range needs 6 values (x_min, y_min, z_min, x_max, y_max, z_max), got {pc_range}")
-    img_h, img_w = img_shape
-    feat_h, feat_w = feature_size
-    # float64: the matrices carry translations of ~1e3 pixels; float32 loses sub-pixel accuracy near the borders.
-    lo = torch.tensor(pc_range[:3], dtype=torch.float64, device=reference_points.device)
-    hi = torch.tensor(pc_range[3:], dtype=torch.float64, device=reference_points.device)
-    points = reference_points.detach().double() * (hi - lo) + lo                        # (B, Q, 3) metres
-    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)        # (B, Q, 4)
-    projected = torch.einsum("bvij,bqj->bqvi", lidar2img.double(), homogeneous)          # (B, Q, V, 4)
-    depth = projected[..., 2]
-    in_front = depth > DEPTH_EPS
-    safe_depth = torch.where(in_front, depth, torch.ones_like(depth))
-    u = projected[..., 0] / safe_depth
-    v = projected[..., 1] / safe_depth
-    valid = in_front & (u >= 0) & (u < img_w) & (v >= 0) & (v < img_h)
-    coords = torch.stack([v * (feat_h / img_h), u * (feat_w / img_w)], dim=-1)
+    pixels, valid = project_to_images(reference_points.detach(), pc_range, lidar2img, img_shape)
+    coords = feature_map_pixels(pixels, img_shape, feature_size)
     coords = torch.where(valid.unsqueeze(-1), coords, torch.zeros_like(coords))          # no inf/nan downstream
-    return Projection(coords.float(), valid, (feat_h, feat_w))
+    return Projection(coords, valid, tuple(feature_size))
