@@ -28,7 +28,7 @@ test-all: install
 bench: install
 	$(PY) -m pytest bench -q --benchmark-only -m '' -o python_files='bench_*.py test_*.py'
 
-## The prepared device check (<= 8 min on one GPU; protocol in docs/benchmarks.md). Run it with a Python that has
+## The prepared device check (its time budget and protocol: docs/benchmarks.md). Run it with a Python that has
 ## CUDA torch and this package installed (`pip install -e .`), not the CPU .venv.
 gpu-check:
 	python bench/gpu_check.py --out bench/results
