@@ -1,8 +1,6 @@
 """Camera branch: VoVNet-99-eSE / ResNet-50 / tiny backbones, CP-FPN neck, GridMask."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
