@@ -40,6 +40,8 @@ def _case(tmp: Path, name: str) -> tuple[str, list[str], str]:
                                        f"{tmp / 'used'} exists and is not empty"),
         "synthetic bad scenes": ("aqrcmt", ["make-synthetic-nuscenes", "--out", str(tmp / "new"), "--scenes", "1"],
                                  "scenes must be >= 2"),
+        "synthetic bad share": ("aqrcmt", ["make-synthetic-nuscenes", "--out", str(tmp / "new"), "--rain-share", "1.5"],
+                                "the rain share must lie in [0, 1], got 1.5"),
         "gt database missing root": ("aqrcmt", ["build-gt-database", "--config", "tiny", "--root", str(tmp / "nowhere"),
                                                 "--split", "mini_val"], f"nuScenes root {tmp / 'nowhere'}"),
         "create-infos missing root": ("aqrcmt", ["create-infos", "--root", str(tmp / "nowhere"), "--version",
@@ -75,8 +77,8 @@ def _case(tmp: Path, name: str) -> tuple[str, list[str], str]:
     return cases[name]
 
 
-CASES = ["synthetic over a used root", "synthetic bad scenes", "gt database missing root", "create-infos missing root",
-         "evaluate bad results", "evaluate missing checkpoint", "evaluate bad config", "convert garbage",
+CASES = ["synthetic over a used root", "synthetic bad scenes", "synthetic bad share", "gt database missing root",
+         "create-infos missing root", "evaluate bad results", "evaluate missing checkpoint", "evaluate bad config", "convert garbage",
          "inspect garbage", "inspect depth", "diagnose unknown preset", "diagnose lone checkpoint",
          "diagnose bad query count", "diagnose unfit checkpoint",
          "train unknown preset", "train bad override", "train config not an object",
@@ -95,6 +97,7 @@ def test_bad_input_gives_one_error_line_and_exit_2(tmp_path: Path, capsys, name:
     assert expected in err, err
     assert "--allow-missing" not in err or entry == "train"   # no command suggests an option it lacks
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()   # a refused demo writes nothing
+    assert not (tmp_path / "new").exists()                                         # nor a refused generator
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

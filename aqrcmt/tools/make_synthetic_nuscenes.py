@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from aqrcmt.data.splits import TRAIN_VAL_SPLITS
-from aqrcmt.data.synthetic import DEFAULT_IMAGE_SIZE, make_synthetic_nuscenes
+from aqrcmt.data.synthetic import DEFAULT_IMAGE_SIZE, ConditionShares, make_synthetic_nuscenes
+from aqrcmt.data.synthetic.world import CONDITIONS
 from aqrcmt.tools.errors import CommandError
 
 
@@ -20,13 +21,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, nargs=2, default=list(DEFAULT_IMAGE_SIZE), metavar=("W", "H"),
                         help="camera image size; 1600 900 is the real one")
+    defaults = ConditionShares()
+    for name in CONDITIONS:
+        parser.add_argument(f"--{name}-share", type=float, default=getattr(defaults, name), metavar="P",
+                            help=f"share of {name} scenes, in [0, 1] (drawn per scene, independently of the other "
+                                 "conditions; the first scene of each split stays clear; default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         root = make_synthetic_nuscenes(args.out, version=args.version, scenes=args.scenes,
                                        samples_per_scene=args.samples_per_scene, seed=args.seed,
-                                       image_size=tuple(args.image_size), overwrite=args.overwrite)
+                                       image_size=tuple(args.image_size), overwrite=args.overwrite,
+                                       conditions=ConditionShares(args.night_share, args.rain_share, args.fog_share))
     except ValueError as error:   # the generator's checks of --version, --scenes, ... (raised before writing)
         raise CommandError(str(error)) from error
     print(f"wrote a synthetic nuScenes ({args.version}, {args.scenes} scenes x {args.samples_per_scene} samples) "
