@@ -273,23 +273,23 @@ def test_synthetic_over_an_existing_root_is_refused_and_overwrite_replaces_it(tm
 
 
 def test_a_failed_synthetic_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
-    from aqrcmt.data import synthetic
+    from aqrcmt.data.synthetic import writer
 
     def disk_full(self, version: str) -> None:
         raise OSError(28, "No space left on device", str(self.root / version / "sample.json"))
 
-    monkeypatch.setattr(synthetic._Writer, "write_tables", disk_full)
+    monkeypatch.setattr(writer._Writer, "write_tables", disk_full)
     with pytest.raises(OSError, match="No space left"):
         make_synthetic_nuscenes(tmp_path / "root", **SMALL)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_overwrite_keeps_the_old_root(tmp_path: Path, monkeypatch) -> None:
-    from aqrcmt.data import synthetic
+    from aqrcmt.data.synthetic import writer
 
     root = make_synthetic_nuscenes(tmp_path / "root", **SMALL)
     before = _hashes(root)
-    monkeypatch.setattr(synthetic._Writer, "write_tables", lambda self, version: 1 / 0)
+    monkeypatch.setattr(writer._Writer, "write_tables", lambda self, version: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         make_synthetic_nuscenes(root, overwrite=True, seed=5, **SMALL)
     assert _hashes(root) == before and sorted(p.name for p in tmp_path.iterdir()) == ["root"]
