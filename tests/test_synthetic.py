@@ -189,6 +189,8 @@ def test_points_per_object_fall_with_range_and_every_ring_is_used() -> None:
               (_object("car", d, d / 4, yaw=0.5) for d in (6.0, 12.0, 24.0, 36.0, 48.0))]
     assert counts == sorted(counts, reverse=True) and counts[0] > 8 * counts[-1] > 0
     points, _ = _scan_alone([_object("bus", 4.0, yaw=math.pi / 2)])     # tall enough for the upward beams
+    ground_only, visibility = _scan_alone([])
+    assert len(ground_only) > 1000 and len(visibility) == 0 and np.abs(ground_only[:, 2] + 1.84).max() < 0.2
     assert set(np.unique(points[:, 4]).astype(int)) == set(range(32))
 
 

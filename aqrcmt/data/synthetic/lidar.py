@@ -114,7 +114,8 @@ def scan(rng: np.random.Generator, parts: np.ndarray, owners: np.ndarray, intens
     ranges = ray_distance[returned] + rng.normal(0.0, RANGE_NOISE_M, size=len(returned))
     xyz = directions.reshape(-1, 3)[returned] * ranges[:, None]
     owner = np.where(spurious[returned], -2, flat_owner[returned])
-    intensity = np.where(owner >= 0, intensities[np.maximum(owner, 0)], 0.0) + rng.normal(0, 5.0, len(returned))
+    object_intensity = np.append(intensities, 0.0)[np.where(owner >= 0, owner, len(intensities))]   # no objects: ok
+    intensity = object_intensity + rng.normal(0, 5.0, len(returned))
     intensity = np.where(owner == -1, rng.uniform(*_GROUND_INTENSITY, size=len(returned)), intensity)
     intensity = np.where(owner == -2, rng.uniform(0.0, 3.0, size=len(returned)), intensity)
     if conditions.rain:
