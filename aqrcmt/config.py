@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from aqrcmt.errors import AqrcmtError
+from aqrcmt.structures import FAILURES
 
 class ConfigError(AqrcmtError, ValueError):
     """A config key is unknown, or its value has the wrong type or is out of range."""
@@ -250,12 +251,41 @@ class AQRConfig:
     modulate: AQRModulateConfig = field(default_factory=AQRModulateConfig)
     monitor: AQRMonitorConfig = field(default_factory=AQRMonitorConfig)
     render_dn_queries: bool = False                        # True leaks noised GT into the features in training
+    # Identity start: the generator's output layer starts at zero and weights are 2 * sigmoid(logit), so every
+    # query weight is exactly 1 at step 0; with a renderer and a modulation that map weight 1 to the identity,
+    # AQR-CMT then predicts exactly what the CMT it starts from predicts (the output layer still gets gradient).
+    identity_start: bool = False
+    # Router supervision (off at 0): weight of an MSE loss pulling each query's weight of a failed modality to 0
+    # and of an intact one to 1, with targets from the sample's known sensor state (aqrcmt.models.aqr.routing).
+    router_loss_weight: float = 0.0
 
     def validate(self, key: str = "model.aqr") -> None:
         self.generator.validate(f"{key}.generator")
         self.render.validate(f"{key}.render")
         self.modulate.validate(f"{key}.modulate")
         self.monitor.validate(f"{key}.monitor")
+        _non_negative(self, key, "router_loss_weight")
+        if self.identity_start and self.enabled:
+            self._check_identity(key)
+
+    def _check_identity(self, key: str) -> None:
+        """Identity start needs weight 1 -> map 1 -> out = x: refuse the settings that break one of the two."""
+        render, modulate = self.render, self.modulate
+        why = "identity_start needs weight 1 to render as map 1 and map 1 to leave the features unchanged"
+        _check(self.generator.activation == "sigmoid", f"{key}.generator.activation",
+               f"{why}: must be 'sigmoid' (scaled to 2 * sigmoid), got {self.generator.activation!r}")
+        _check(render.kernel_norm == "normalized", f"{key}.render.kernel_norm",
+               f"{why}: must be 'normalized' (a weighted mean of the weights), got {render.kernel_norm!r}")
+        _check(render.fill == 1.0, f"{key}.render.fill", f"{why}: must be 1 (the map far from every query), "
+               f"got {render.fill}")
+        _check(render.normalize == "none", f"{key}.render.normalize", f"{why}: must be 'none', got "
+               f"{render.normalize!r}")
+        _check(render.threshold <= 1.0, f"{key}.render.threshold", f"{why}: must be <= 1, got {render.threshold}")
+        _check(render.clamp_max is None or render.clamp_max >= 1.0, f"{key}.render.clamp_max",
+               f"{why}: must be >= 1 or none, got {render.clamp_max}")
+        _check(not modulate.prenormalize, f"{key}.modulate.prenormalize", f"{why}: must be false")
+        _check(modulate.residual_form == "convex", f"{key}.modulate.residual_form",
+               f"{why}: must be 'convex' (additive gives (1 + r) x at map 1), got {modulate.residual_form!r}")
 
 
 @dataclass
@@ -273,6 +303,11 @@ class ModelConfig:
         self.aqr.validate(f"{key}.aqr")
         if self.aqr.enabled:
             _check(self.lidar.enabled and self.camera.enabled, f"{key}.aqr.enabled", "AQR needs both modalities")
+        else:
+            _check(self.aqr.router_loss_weight == 0, f"{key}.aqr.router_loss_weight",
+                   f"router supervision needs AQR (model.aqr.enabled=true), got {self.aqr.router_loss_weight}")
+            _check(not self.aqr.identity_start, f"{key}.aqr.identity_start",
+                   "identity start needs AQR (model.aqr.enabled=true)")
         head = self.head
         if head.locality_enabled:
             _check(head.locality_sigma_bev > 0 or not self.lidar.enabled, f"{key}.head.locality_sigma_bev",
@@ -301,6 +336,9 @@ class AugmentConfig:
     image_resize_range: tuple[float, float] = (0.94, 1.25)
     image_flip: bool = True
     modality_drop: bool = True                                 # ModalMask3D: 25 % camera drop, 25 % LiDAR drop
+    # Failure-aware training: {nuScenes-R failure scenario: probability per sample} (at most one per sample,
+    # severity uniform over 1-3; see aqrcmt.data.corruptions), applied as the sample is loaded, before GT paste.
+    failures: dict[str, float] = field(default_factory=dict)
     gt_paste: bool = False                                     # needs a database built by `aqrcmt build-gt-database`
     gt_paste_database: Optional[str] = None
     gt_paste_until_epoch: int = 0                              # >0: paste only in epochs < this ("15e+5e": 15)
@@ -312,6 +350,12 @@ class AugmentConfig:
         _ordered_range(self, key, "global_scale_range", positive=True)
         _ordered_range(self, key, "image_resize_range", positive=True)
         _non_negative(self, key, "global_translation_std", "gt_paste_until_epoch")
+        for name, probability in self.failures.items():
+            _check(name in FAILURES, f"{key}.failures.{name}",
+                   f"unknown failure scenario; known: {', '.join(FAILURES)}")
+            _check(0.0 <= probability <= 1.0, f"{key}.failures.{name}", f"must lie in [0, 1], got {probability}")
+        total = sum(self.failures.values())
+        _check(total <= 1.0, f"{key}.failures", f"probabilities sum to {total:g} > 1 (at most one per sample)")
 
 
 @dataclass
@@ -358,6 +402,9 @@ class OptimConfig:
     min_lr_ratio: float = 1e-3                                 # for "cosine"
     grad_clip: float = 35.0
     grad_accumulation: int = 1
+    # Train the AQR module only: everything else frozen (no gradients, BatchNorm in eval mode), whatever lr_mults
+    # say; needs model.aqr.enabled. False: end to end, as lr_mults say.
+    train_only_aqr: bool = False
 
     def validate(self, key: str = "optim") -> None:
         _positive(self, key, "lr", "grad_accumulation")
@@ -449,6 +496,8 @@ class Config:
         self.data.validate("data")
         self.optim.validate("optim")
         self.train.validate("train")
+        _check(self.model.aqr.enabled or not self.optim.train_only_aqr, "optim.train_only_aqr",
+               "training AQR only needs AQR (model.aqr.enabled=true)")
         _check_literals(self, "")
         return self
 

@@ -42,6 +42,58 @@ class SampleMeta:
     scene_name: str = ""
 
 
+# The sensor-failure scenarios of nuScenes-R as the field names them (MoME, MetaBEV): evaluation corruptions
+# (aqrcmt.data.corruptions) and training augmentations (``data.augment.failures``) alike.
+FAILURES: tuple[str, ...] = ("lidar_drop", "camera_drop", "view_drop", "beam_reduction", "limited_fov",
+                             "object_failure")
+
+# What a sample's sensors went through, per sensor (LiDAR) or camera view: the router's supervision targets.
+SENSOR_INTACT, SENSOR_DROPPED, SENSOR_DEGRADED = 0, 1, 2     # degraded: changed in a way with no 0/1 target
+
+
+@dataclass
+class SensorState:
+    """The known state of one sample's sensors, set where a failure or corruption is applied.
+
+    lidar:         SENSOR_INTACT / SENSOR_DROPPED / SENSOR_DEGRADED.
+    lidar_front:   (2,) unit vector (x, y) of the LiDAR's forward direction in the sample's current frame (moved by
+                   the 3-D augmentations; nuScenes' LIDAR_TOP looks along +y).
+    lidar_fov:     half-width (rad) of the azimuth sector about `lidar_front` that still returns points (pi: all).
+    views:         (V,) int8 state of each camera view.
+    """
+    lidar: int = SENSOR_INTACT
+    lidar_front: np.ndarray = field(default_factory=lambda: np.array([0.0, 1.0]))
+    lidar_fov: float = float(np.pi)
+    views: np.ndarray = field(default_factory=lambda: np.zeros(len(CAMERA_NAMES), dtype=np.int8))
+
+
+@dataclass
+class SensorStates:
+    """The SensorState of each sample of a batch, as tensors.
+
+    lidar: (B,) int8; lidar_fov: (B, 3) float32 (front x, front y, half-width in rad); views: (B, V) int8.
+    """
+    lidar: torch.Tensor
+    lidar_fov: torch.Tensor
+    views: torch.Tensor
+
+    @classmethod
+    def intact(cls, batch_size: int, views: int = len(CAMERA_NAMES)) -> "SensorStates":
+        return cls.stack([SensorState(views=np.zeros(views, dtype=np.int8)) for _ in range(batch_size)])
+
+    @classmethod
+    def stack(cls, states: list[SensorState]) -> "SensorStates":
+        return cls(torch.tensor([s.lidar for s in states], dtype=torch.int8),
+                   torch.tensor(np.array([[*s.lidar_front, s.lidar_fov] for s in states]), dtype=torch.float32),
+                   torch.from_numpy(np.stack([s.views.astype(np.int8) for s in states])))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SensorStates":
+        return SensorStates(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+
+    def pin_memory(self) -> "SensorStates":
+        return SensorStates(*(getattr(self, f.name).pin_memory() for f in fields(self)))
+
+
 @dataclass
 class Batch:
     """A collated batch of B samples.
@@ -53,6 +105,7 @@ class Batch:
     gt_boxes:   list of B tensors (n_i, 9) float32 (see module docstring); empty (0, 9) allowed.
     gt_labels:  list of B tensors (n_i,) int64.
     metas:      list of B SampleMeta.
+    sensors:    what each sample's sensors went through (failure augmentations, corruptions), or None (intact).
     """
     points: list[torch.Tensor]
     images: Optional[torch.Tensor]
@@ -61,6 +114,7 @@ class Batch:
     gt_boxes: list[torch.Tensor]
     gt_labels: list[torch.Tensor]
     metas: list[SampleMeta] = field(default_factory=list)
+    sensors: Optional[SensorStates] = None
 
     @property
     def batch_size(self) -> int:
@@ -69,7 +123,7 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """Move every tensor to `device` (metas stay on the CPU)."""
         def move(x):
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, (torch.Tensor, SensorStates)):
                 return x.to(device, non_blocking=non_blocking)
             if isinstance(x, list):
                 return [move(v) for v in x]
@@ -80,7 +134,7 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True) on custom batch types."""
         def pin(x):
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, (torch.Tensor, SensorStates)):
                 return x.pin_memory()
             if isinstance(x, list):
                 return [pin(v) for v in x]

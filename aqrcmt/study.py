@@ -1,24 +1,34 @@
-"""The AQR fine-tuning study: does AQR keep a pretrained CMT's accuracy, and which AQR settings collapse it?
+"""The AQR study: does AQR earn its place over a pretrained CMT, under sensor failures and in clean weather?
 
     run_study(StudyPlan(out=Path("study")))       # `aqrcmt study --out study [--quick]`
 
-1. The synthetic benchmark (train scenes / held-out val scenes) is written to ``out/data``.
-2. A plain tiny CMT is pretrained on the train scenes, written in the official ``.pth`` layout and brought back
-   with the converter (``out/pretrained``): the path a user takes with the released weights.
-3. Every arm fine-tunes that model for the same number of steps with the same seed, data order and the AQR fork's
-   learning-rate multipliers (frozen backbones): plain CMT continued (the control), the fork's original AQR, the
-   fix its training report proposes, the recommended AQR, and the recommended AQR with denoising queries rendered.
-4. Each arm is evaluated on the val scenes (official DetectionEval) at 0, 1/4, 1/2 and all of its budget, and its
-   AQR health signals are measured on val batches at the same checkpoints.
-5. ``out/report.md``, ``out/map_vs_step.png`` and each arm's rendered maps summarise it.
+1. The synthetic benchmark (train scenes / held-out val scenes) is written to ``out/data``, and a second one of
+   another seed with many night and rain scenes to ``out/conditions`` (none of it is trained on).
+2. A plain tiny CMT is pretrained with ModalMask3D (as the released fusion model is), written in the official
+   ``.pth`` layout and brought back with the converter (``out/pretrained``): the path a user takes with the
+   released weights. It is evaluated like every arm (``out/pretrained/evaluation.json``).
+3. Every arm fine-tunes that model for the same number of steps, seeds and data order, with failure-aware training
+   (ModalMask3D plus the failure scenarios of :data:`TRAIN_FAILURES`): plain CMT continued (the control), the
+   fork's original AQR (the collapse), the recommended AQR end to end, with identity start, and with router
+   supervision on a frozen base and end to end.
+4. Each (arm, seed) is scored on the clean val scenes (official DetectionEval), under every failure scenario of
+   :data:`EVAL_FAILURES` (those not trained on are the held-out failures), on the night / rain / clear scenes of
+   the conditions benchmark, and its routing is measured: the mean query weight of a failed modality on failed
+   entries against intact ones (:class:`aqrcmt.models.aqr.routing.RoutingEvidence`).
+5. The corruption mRA of the control and the best AQR arm, rendered maps of the best arm under LiDAR and view
+   drop, and ``out/report.md`` with mean +- standard deviation over seeds.
 
-Finished pieces are kept: re-running on a partly done ``out`` resumes (the benchmark, the pretrained weights and
-every finished arm are reused; an unfinished arm restarts).
+Finished pieces are kept: re-running on a partly done ``out`` resumes (benchmarks, pretrained weights, every
+finished (arm, seed) and evaluation are reused; an unfinished run restarts).
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import shutil
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,78 +40,98 @@ from aqrcmt.checkpoint.convert import convert
 from aqrcmt.checkpoint.weights import AQR_PREFIX, load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
-from aqrcmt.data.splits import TRAIN_VAL_SPLITS
+from aqrcmt.data.corruptions import CORRUPTIONS, FAILURES, SensorCorruption
+from aqrcmt.data.splits import CUSTOM_SPLITS_FILE, TRAIN_VAL_SPLITS, open_nuscenes, sample_tokens_of_split
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
+from aqrcmt.data.synthetic.world import ConditionShares
+from aqrcmt.eval.nuscenes_eval import evaluate_detections
+from aqrcmt.eval.predict import predict_dataset
+from aqrcmt.eval.robustness import corruption_table
 from aqrcmt.eval.visualize import render_aqr, save_png
 from aqrcmt.inference import load_detector_from_checkpoint
 from aqrcmt.models import build_model
+from aqrcmt.models.aqr.routing import RoutingEvidence
+from aqrcmt.models.detector import CmtDetector
 from aqrcmt.presets import AQR_FORK_LR_MULTS, MAIN_JOB_BENCHMARK, MAIN_JOB_STEPS, SyntheticBenchmark, load_config
 from aqrcmt.training.loop import TrainOptions, train
+
+# Failure-aware training: ModalMask3D drops whole modalities (LiDAR drop, camera drop); these are drawn on top.
+TRAIN_FAILURE_PROBABILITIES: dict[str, float] = {"view_drop": 0.15, "limited_fov": 0.15}
+TRAIN_FAILURES: tuple[str, ...] = ("lidar_drop", "camera_drop", *TRAIN_FAILURE_PROBABILITIES)
+# (scenario, severity, label) of each failure evaluation; the field's settings (docs/robustness.md).
+EVAL_FAILURES: tuple[tuple[str, int, str], ...] = (
+    ("lidar_drop", 1, "LiDAR drop"), ("camera_drop", 1, "camera drop"), ("view_drop", 1, "1 view dropped"),
+    ("view_drop", 3, "3 views dropped"), ("limited_fov", 2, "front +-60 deg FOV"),
+    ("beam_reduction", 1, "16 beams"), ("beam_reduction", 2, "8 beams"), ("beam_reduction", 3, "4 beams"),
+    ("object_failure", 2, "object failure (half)"),
+)
+assert {name for name, _, _ in EVAL_FAILURES} == set(FAILURES) and set(TRAIN_FAILURES) <= set(FAILURES)
+FAILURE_SPLIT = "val_failures"          # custom split of the benchmark: the val scenes the failures are scored on
+CONDITIONS_SPLIT = "all"                # custom split of the conditions benchmark: every scene
+SCORED_CONDITIONS = ("night", "rain", "clear")
+METRICS = ("mAP", "NDS", "mATE", "mAOE")
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One fine-tuning run: a preset and the overrides that make it differ from the others."""
+    """One fine-tuning recipe: a preset and the overrides that make it differ from the others."""
     name: str
     preset: str
     description: str
     overrides: tuple[str, ...] = ()
 
 
+IDENTITY = "model.aqr.identity_start=true"
 ARMS: tuple[Arm, ...] = (
     Arm("control", "tiny", "plain CMT, fine-tuned on (no AQR)"),
     Arm("fork_original", "tiny_aqr_fork_original",
         "the fork's collapsed run: tanh, sum kernel s2, /max over views, invisible at (0,0), DN rendered, "
         "min-max, additive r 0.1"),
-    Arm("report_fix", "tiny_aqr", "the report's fix: sum kernel s1, threshold 0.01, clamp 1.5, additive r 0.7"),
-    Arm("recommended", "tiny_aqr_recommended", "recommended: normalized kernel s2 (fill 1), convex r 0.5"),
-    Arm("recommended_dn_rendered", "tiny_aqr_recommended", "recommended, denoising queries rendered too",
-        ("model.aqr.render_dn_queries=true",)),
+    Arm("recommended", "tiny_aqr_recommended", "recommended (normalized kernel s2, convex r 0.5), end to end"),
+    Arm("recommended_identity", "tiny_aqr_recommended", "recommended with identity start", (IDENTITY,)),
+    Arm("supervised_frozen", "tiny_aqr_recommended", "identity start + router supervision, AQR trained alone",
+        (IDENTITY, "model.aqr.router_loss_weight={router}", "optim.train_only_aqr=true")),
+    Arm("supervised_e2e", "tiny_aqr_recommended", "identity start + router supervision, end to end",
+        (IDENTITY, "model.aqr.router_loss_weight={router}")),
 )
 ARM_NAMES = tuple(arm.name for arm in ARMS)
 
 
 @dataclass(frozen=True)
 class StudyPlan:
-    """What the study runs. Steps are optimizer steps; the same for every arm."""
+    """What the study runs. Steps are optimizer steps; the same for every arm and seed."""
     out: Path
     arms: tuple[str, ...] = ARM_NAMES
+    seeds: tuple[int, ...] = (0, 1, 2)
     benchmark: SyntheticBenchmark = MAIN_JOB_BENCHMARK
+    conditions_benchmark: SyntheticBenchmark = SyntheticBenchmark("v1.0-trainval", scenes=6, samples_per_scene=6,
+                                                                  seed=1)
+    condition_shares: ConditionShares = ConditionShares(night=0.6, rain=0.4, fog=0.0)
+    failure_scenes: int = 4              # val scenes the failure scenarios are scored on
     pretrain_steps: int = MAIN_JOB_STEPS
-    finetune_steps: int = 200
+    finetune_steps: int = 120
     finetune_lr: float = 2e-4            # the fork's base learning rate, with its multipliers
-    eval_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
-    signal_batches: int = 4              # val batches whose AQR signals are averaged at each evaluation
-    seed: int = 0
+    aqr_lr_mult: float = 5.0             # the AQR module's multiplier (the fork's: 1)
+    router_loss_weight: float = 1.0
+    robustness_corruptions: tuple[str, ...] = tuple(c for c in CORRUPTIONS if c not in FAILURES)
+    robustness_severity: int = 2
 
     @classmethod
     def quick(cls, out: Path, arms: tuple[str, ...] = ARM_NAMES) -> "StudyPlan":
         """Every arm for a few steps on a small benchmark: the end-to-end check (minutes)."""
-        return cls(out=out, arms=arms, benchmark=SyntheticBenchmark("v1.0-mini", scenes=3, samples_per_scene=2, seed=0),
-                   pretrain_steps=4, finetune_steps=4, signal_batches=1)
+        return cls(out=out, arms=arms, seeds=(0,),
+                   benchmark=SyntheticBenchmark("v1.0-mini", scenes=3, samples_per_scene=2, seed=0),
+                   conditions_benchmark=SyntheticBenchmark("v1.0-mini", scenes=3, samples_per_scene=2, seed=1),
+                   condition_shares=ConditionShares(night=1.0, rain=1.0, fog=0.0), failure_scenes=1,
+                   pretrain_steps=4, finetune_steps=4, robustness_corruptions=("brightness",))
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arms if a not in ARM_NAMES]
         if unknown:
             raise ValueError(f"unknown study arm(s) {unknown}; known arms: {list(ARM_NAMES)}")
-        if self.finetune_steps < 4 or self.pretrain_steps < 1:
-            raise ValueError(f"finetune_steps must be >= 4 and pretrain_steps >= 1, got {self.finetune_steps}, "
-                             f"{self.pretrain_steps}")
-
-
-@dataclass
-class ArmResult:
-    name: str
-    description: str
-    evaluations: list[dict] = field(default_factory=list)   # {step, mAP, NDS, signals, loss}
-
-    @property
-    def before(self) -> dict:
-        return self.evaluations[0]
-
-    @property
-    def after(self) -> dict:
-        return self.evaluations[-1]
+        if self.finetune_steps < 1 or self.pretrain_steps < 1 or not self.seeds:
+            raise ValueError(f"finetune_steps and pretrain_steps must be >= 1 and seeds not empty, got "
+                             f"{self.finetune_steps}, {self.pretrain_steps}, {self.seeds}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -109,31 +139,66 @@ class ArmResult:
 # ------------------------------------------------------------------------------------------------------
 def run_study(plan: StudyPlan, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) the study of `plan`; returns the path of report.md."""
-    out = plan.out
-    out.mkdir(parents=True, exist_ok=True)
-    data_root = prepare_benchmark(plan, log)
+    start = time.perf_counter()
+    plan.out.mkdir(parents=True, exist_ok=True)
+    data_root, conditions_root = prepare_benchmarks(plan, log)
     weights, pretrain_cfg = pretrain(plan, data_root, log)
-    results = [finetune_arm(plan, arm, data_root, weights, log) for arm in ARMS if arm.name in plan.arms]
-    return write_report(plan, pretrain_cfg, results)
+    pretrained = evaluate_once(plan.out / "pretrained" / "evaluation.json", log, "pretrained model",
+                               lambda: evaluate_model(plan, pretrain_cfg, weights, data_root, conditions_root,
+                                                      plan.out / "pretrained" / "eval", with_condition_drops=True))
+    results = [run_arm(plan, arm, seed, data_root, conditions_root, weights, log)
+               for arm in ARMS if arm.name in plan.arms for seed in plan.seeds]
+    best = best_aqr_arm(results)
+    robustness = {}
+    for name in dict.fromkeys(n for n in ("control", best) if n in plan.arms and n is not None):
+        robustness[name] = evaluate_once(plan.out / "arms" / name / "robustness.json", log, f"{name} robustness",
+                                         lambda n=name: corruption_mra(plan, n, data_root))
+    if best is not None:
+        draw_failure_maps(plan, best, data_root)
+    minutes = (time.perf_counter() - start) / 60
+    return write_report(plan, pretrain_cfg, pretrained, results, robustness, best, minutes)
 
 
-def prepare_benchmark(plan: StudyPlan, log: Callable[[str], None]) -> Path:
-    root = plan.out / "data"
-    if not (root / plan.benchmark.version / "sample.json").is_file():
-        log(f"[study] writing the synthetic benchmark to {root}")
-        make_synthetic_nuscenes(root, **asdict(plan.benchmark))
-    return root
+def prepare_benchmarks(plan: StudyPlan, log: Callable[[str], None]) -> tuple[Path, Path]:
+    """The benchmark (out/data, with its failure split) and the conditions benchmark (out/conditions)."""
+    roots = []
+    for folder, benchmark, shares, splits in (
+            ("data", plan.benchmark, ConditionShares(), _failure_split(plan)),
+            ("conditions", plan.conditions_benchmark, plan.condition_shares, _all_scenes)):
+        root = plan.out / folder
+        tables = root / benchmark.version
+        if not (tables / "sample.json").is_file():
+            log(f"[study] writing the synthetic benchmark {folder} to {root}")
+            make_synthetic_nuscenes(root, **asdict(benchmark), conditions=shares, overwrite=root.exists())
+        if not (tables / CUSTOM_SPLITS_FILE).is_file():
+            atomic_write_bytes(tables / CUSTOM_SPLITS_FILE, json.dumps(splits(root, benchmark)).encode())
+        roots.append(root)
+    return roots[0], roots[1]
 
 
-def _base_overrides(plan: StudyPlan, data_root: Path, run_dir: Path) -> list[str]:
+def _failure_split(plan: StudyPlan) -> Callable[[Path, SyntheticBenchmark], dict]:
+    def splits(root: Path, benchmark: SyntheticBenchmark) -> dict:
+        nusc = open_nuscenes(root, benchmark.version)
+        val = TRAIN_VAL_SPLITS[benchmark.version][1]
+        val_scenes = sorted({nusc.get("scene", nusc.get("sample", t)["scene_token"])["name"]
+                             for t in sample_tokens_of_split(nusc, val)})
+        return {FAILURE_SPLIT: val_scenes[: plan.failure_scenes]}
+    return splits
+
+
+def _all_scenes(root: Path, benchmark: SyntheticBenchmark) -> dict:
+    return {CONDITIONS_SPLIT: sorted(scene["name"] for scene in open_nuscenes(root, benchmark.version).scene)}
+
+
+def _base_overrides(plan: StudyPlan, data_root: Path, run_dir: Path, seed: int) -> list[str]:
     train_split, val_split = TRAIN_VAL_SPLITS[plan.benchmark.version]
     return [f"data.root={data_root}", f"data.version={plan.benchmark.version}", f"data.train_split={train_split}",
-            f"data.val_split={val_split}", f"train.output_dir={run_dir}", f"train.seed={plan.seed}",
-            "train.epochs=100000", "train.eval_every_epochs=0"]
+            f"data.val_split={val_split}", f"train.output_dir={run_dir}", f"train.seed={seed}",
+            "train.epochs=100000", "train.eval_every_epochs=0", "data.augment.modality_drop=true"]
 
 
 def pretrain(plan: StudyPlan, data_root: Path, log: Callable[[str], None]) -> tuple[Path, Config]:
-    """Plain tiny CMT on the train scenes -> official .pth layout -> converted back to safetensors."""
+    """Plain tiny CMT with ModalMask3D on the train scenes -> official .pth layout -> converted back."""
     run_dir, folder = plan.out / "pretrain", plan.out / "pretrained"
     official, converted = folder / "cmt_tiny_official.pth", folder / "cmt_tiny.safetensors"
     cfg_path = run_dir / "config.json"
@@ -144,8 +209,9 @@ def pretrain(plan: StudyPlan, data_root: Path, log: Callable[[str], None]) -> tu
         return converted, cfg
     if run_dir.exists():
         shutil.rmtree(run_dir)                       # an unfinished pretraining restarts
-    cfg = load_config("tiny", [*_base_overrides(plan, data_root, run_dir), f"train.max_steps={plan.pretrain_steps}"])
-    log(f"[study] pretraining plain tiny CMT for {plan.pretrain_steps} steps in {run_dir}")
+    cfg = load_config("tiny", [*_base_overrides(plan, data_root, run_dir, seed=0),
+                               f"train.max_steps={plan.pretrain_steps}"])
+    log(f"[study] pretraining plain tiny CMT with ModalMask3D for {plan.pretrain_steps} steps in {run_dir}")
     result = train(cfg, TrainOptions())
     folder.mkdir(parents=True, exist_ok=True)
     for path in (official, converted):
@@ -156,170 +222,331 @@ def pretrain(plan: StudyPlan, data_root: Path, log: Callable[[str], None]) -> tu
     return converted, cfg
 
 
-def finetune_arm(plan: StudyPlan, arm: Arm, data_root: Path, weights: Path,
-                 log: Callable[[str], None]) -> ArmResult:
-    """Fine-tune one arm from `weights` and evaluate it at plan.eval_fractions of its budget."""
-    run_dir = plan.out / "arms" / arm.name
-    done = run_dir / "arm_result.json"
+def arm_config(plan: StudyPlan, arm: Arm, seed: int, data_root: Path, run_dir: Path) -> Config:
+    """The fine-tuning config of (arm, seed): failure-aware data, the fork's multipliers, the arm's settings."""
+    with_aqr = load_config(arm.preset).model.aqr.enabled
+    lr_mults = {k: v for k, v in AQR_FORK_LR_MULTS.items() if with_aqr or not (k + ".").startswith(AQR_PREFIX)}
+    if with_aqr:
+        lr_mults[AQR_PREFIX.rstrip(".")] = plan.aqr_lr_mult
+    overrides = [o.format(router=plan.router_loss_weight) for o in arm.overrides]
+    return load_config(arm.preset, [*_base_overrides(plan, data_root, run_dir, seed),
+                                    f"data.augment.failures={json.dumps(TRAIN_FAILURE_PROBABILITIES)}",
+                                    f"train.max_steps={plan.finetune_steps}", f"optim.lr={plan.finetune_lr}",
+                                    f"optim.lr_mults={json.dumps(lr_mults)}", *overrides])
+
+
+def run_arm(plan: StudyPlan, arm: Arm, seed: int, data_root: Path, conditions_root: Path, weights: Path,
+            log: Callable[[str], None]) -> dict:
+    """Fine-tune (arm, seed) from `weights` and evaluate it; the record is kept in ``result.json``."""
+    run_dir = plan.out / "arms" / arm.name / f"seed_{seed}"
+    done = run_dir / "result.json"
     if done.is_file():
-        log(f"[study] arm {arm.name}: finished earlier, reusing {done}")
-        return ArmResult(**json.loads(done.read_text()))
+        log(f"[study] {arm.name} seed {seed}: finished earlier, reusing {done}")
+        return json.loads(done.read_text())
     if run_dir.exists():
-        shutil.rmtree(run_dir)                       # an unfinished arm restarts
-    steps = plan.finetune_steps
-    eval_steps = sorted({round(f * steps) for f in plan.eval_fractions})
-    every = max(1, eval_steps[1] if len(eval_steps) > 1 else steps)
-    with_aqr = load_config(arm.preset, list(arm.overrides)).model.aqr.enabled
-    lr_mults = json.dumps({k: v for k, v in AQR_FORK_LR_MULTS.items() if with_aqr or not (k + ".").startswith(AQR_PREFIX)})
-    cfg = load_config(arm.preset, [*_base_overrides(plan, data_root, run_dir), f"train.max_steps={steps}",
-                                   f"optim.lr={plan.finetune_lr}", f"optim.lr_mults={lr_mults}",
-                                   # every epoch end saves too: keep them all, the evaluated ones are among them
-                                   f"train.checkpoint_every_steps={every}", "train.keep_last=100000",
-                                   *arm.overrides])
-    log(f"[study] arm {arm.name} ({arm.description}): {steps} steps from {weights}")
-    final = train(cfg, TrainOptions(load_from=str(weights)))       # evaluates its last step itself
-    result = ArmResult(arm.name, arm.description)
-    for step in eval_steps:
-        metrics = final.metrics if step == steps else None
-        result.evaluations.append(evaluate_step(cfg, run_dir, step, weights, plan.signal_batches, metrics))
-        e = result.evaluations[-1]
-        log(f"[study] arm {arm.name} step {step}: mAP {e['mAP']:.4f} NDS {e['NDS']:.4f}")
-    atomic_write_bytes(done, json.dumps(asdict(result), indent=1).encode())
+        shutil.rmtree(run_dir)                       # an unfinished run restarts
+    cfg = arm_config(plan, arm, seed, data_root, run_dir)
+    log(f"[study] {arm.name} seed {seed} ({arm.description}): {plan.finetune_steps} steps from {weights}")
+    start = time.perf_counter()
+    final = train(cfg, TrainOptions(load_from=str(weights)))          # evaluates its last step on clean val
+    record = {"arm": arm.name, "seed": seed, "description": arm.description,
+              "clean": {k: final.metrics[k] for k in METRICS},
+              "train_minutes": (time.perf_counter() - start) / 60}
+    record.update(evaluate_model(plan, cfg, final.last_checkpoint / "model.safetensors", data_root,
+                                 conditions_root, run_dir / "eval", clean=False))
+    if seed == plan.seeds[0]:                        # step 0: the pretrained weights with the arm's AQR switched on
+        record["step0"] = evaluate_clean(cfg, weights, data_root, run_dir / "eval" / "step0")
+    record["minutes"] = (time.perf_counter() - start) / 60
+    atomic_write_bytes(done, json.dumps(record, indent=1).encode())
+    log(f"[study] {arm.name} seed {seed}: clean mAP {record['clean']['mAP']:.4f}, LiDAR drop NDS "
+        f"{record['failures']['lidar_drop_s1']['NDS']:.4f}, camera drop NDS "
+        f"{record['failures']['camera_drop_s1']['NDS']:.4f} ({record['minutes']:.1f} min)")
+    return record
+
+
+def evaluate_once(path: Path, log: Callable[[str], None], what: str, evaluate: Callable[[], dict]) -> dict:
+    """`evaluate()` kept in `path` (reused by a rerun)."""
+    if path.is_file():
+        log(f"[study] {what}: evaluated earlier, reusing {path}")
+        return json.loads(path.read_text())
+    result = evaluate()
+    atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     return result
 
 
-def evaluate_step(cfg: Config, run_dir: Path, step: int, weights: Path, signal_batches: int,
-                  metrics: Optional[dict] = None) -> dict:
-    """Official metrics (unless given), val loss and AQR signals of the arm's model after `step` steps."""
-    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
-    if metrics is None:
-        eval_dir = run_dir / "eval" / f"step_{step:08d}"
-        options = TrainOptions(eval_only=True, load_from=str(weights)) if step == 0 else \
-            TrainOptions(eval_only=True, resume=str(checkpoint))
-        eval_cfg = load_config(str(run_dir / "config.json"), [f"train.output_dir={eval_dir}", "train.tracker=none"])
-        metrics = train(eval_cfg, options).metrics
-    signals, loss = measure_signals(cfg, weights if step == 0 else checkpoint / "model.safetensors",
-                                    signal_batches, image=run_dir / "maps" / f"step_{step:08d}.png")
-    return {"step": step, "mAP": metrics["mAP"], "NDS": metrics["NDS"], "loss": loss, "signals": signals}
-
-
 # ------------------------------------------------------------------------------------------------------
-# Measurements beyond mAP/NDS, and the report
+# Evaluations
 # ------------------------------------------------------------------------------------------------------
-# Signals of the report's debug table, per modality (monitor names): weight mean -> map mean / max -> change.
-TABLE_SIGNALS = ("weight_mean", "map_mean", "map_max", "relative_change", "energy_retention")
-
-
-def measure_signals(cfg: Config, weights: Path, num_batches: int,
-                    image: Optional[Path] = None) -> tuple[dict[str, float], float]:
-    """(AQR health signals averaged over `num_batches` val batches ({} without AQR), mean val loss).
-
-    The model is in eval mode (no denoising queries); `image`: where to draw the last batch's weight maps.
-    """
+def _load(cfg: Config, weights: Path) -> CmtDetector:
     detector, _ = load_detector_from_checkpoint(weights, cfg=cfg, missing_ok_prefixes=(AQR_PREFIX,))
-    with_aqr = detector.pts_bbox_head.aqr is not None
-    totals: dict[str, float] = {}
-    losses = []
-    with torch.no_grad():
-        for index, batch in enumerate(build_dataloader(cfg, cfg.data.val_split, train=False)):
-            if index >= num_batches:
-                break
-            output = detector.loss(batch, monitor=with_aqr)
-            losses.append(float(sum(output.losses.values())))
-            for key, value in (output.monitor or {}).items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-    if with_aqr and image is not None:
-        save_png(render_aqr(detector.pts_bbox_head.aqr.monitor.last_view), image)
-    count = max(len(losses), 1)
-    return {k: v / count for k, v in totals.items()}, sum(losses) / count
+    return detector
 
 
-def _table_row(cells: list[str]) -> str:
+def _score(detector: CmtDetector, cfg: Config, root: Path, version: str, split: str, folder: Path,
+           corruption: Optional[SensorCorruption] = None,
+           conditions: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """({"all" or each condition: metrics}, routing summary) of `detector` on `split` under `corruption`."""
+    loader = build_dataloader(cfg, split, train=False)
+    loader.dataset.set_corruption(corruption)
+    evidence = RoutingEvidence()
+    aqr = detector.pts_bbox_head.aqr
+
+    def visit(batch, _):
+        if aqr is not None:
+            evidence.add(aqr.last_routing, batch.sensors)
+
+    predicted = predict_dataset(detector, loader, on_batch=visit)
+    scores = {}
+    nusc = open_nuscenes(root, version) if conditions else None
+    for condition in conditions or (None,):
+        tokens = set(sample_tokens_of_split(nusc, split, condition)) if condition else None
+        chosen = [(m, d) for m, d in predicted if tokens is None or m.sample_token in tokens]
+        if not chosen:
+            continue
+        metrics = evaluate_detections([d for _, d in chosen], [m for m, _ in chosen], root, version, split,
+                                      folder / (condition or "all"), condition=condition)
+        scores[condition or "all"] = {k: metrics[k] for k in METRICS}
+    return scores, evidence.summary()
+
+
+def evaluate_clean(cfg: Config, weights: Path, data_root: Path, folder: Path) -> dict:
+    """Metrics on the clean val scenes of the model of `cfg` with `weights` (AQR weights may be missing)."""
+    return _score(_load(cfg, weights), cfg, data_root, cfg.data.version, cfg.data.val_split, folder)[0]["all"]
+
+
+def evaluate_model(plan: StudyPlan, cfg: Config, weights: Path, data_root: Path, conditions_root: Path,
+                   folder: Path, clean: bool = True, with_condition_drops: bool = False) -> dict:
+    """Clean val (when `clean`), every failure scenario, the conditions benchmark by condition (also with LiDAR
+    or cameras dropped when `with_condition_drops`) and the routing evidence of each."""
+    detector = _load(cfg, weights)
+    version = cfg.data.version
+    record: dict = {"failures": {}, "conditions": {}, "routing": {}}
+    if clean:
+        record["clean"] = _score(detector, cfg, data_root, version, cfg.data.val_split, folder / "clean")[0]["all"]
+    for name, severity, _ in EVAL_FAILURES:
+        key = f"{name}_s{severity}"
+        scores, routing = _score(detector, cfg, data_root, version, FAILURE_SPLIT, folder / key,
+                                 SensorCorruption(name, severity))
+        record["failures"][key], record["routing"][key] = scores["all"], routing
+    conditions_cfg = copy.deepcopy(cfg)
+    conditions_cfg.data.root, conditions_cfg.data.version = str(conditions_root), plan.conditions_benchmark.version
+    drops = [("clean", None)] + ([("lidar_drop", SensorCorruption("lidar_drop", 1)),
+                                  ("camera_drop", SensorCorruption("camera_drop", 1))] if with_condition_drops else [])
+    for label, corruption in drops:
+        scores, routing = _score(detector, conditions_cfg, conditions_root, plan.conditions_benchmark.version,
+                                 CONDITIONS_SPLIT, folder / f"conditions_{label}", corruption, SCORED_CONDITIONS)
+        record["conditions"][label] = scores
+        if label == "clean":
+            record["routing"]["conditions_clean"] = routing
+    return record
+
+
+def corruption_mra(plan: StudyPlan, arm_name: str, data_root: Path) -> dict:
+    """Clean and corrupted NDS (each corruption at plan.robustness_severity) of (arm, first seed) on the failure
+    split: :func:`aqrcmt.eval.robustness.corruption_table`, RA = NDS corrupted / NDS clean, mRA their mean."""
+    run_dir = plan.out / "arms" / arm_name / f"seed_{plan.seeds[0]}"
+    cfg = load_config(str(run_dir / "config.json"))
+    detector = _load(cfg, _final_weights(run_dir))
+    folder = run_dir / "eval" / "robustness"
+    clean = _score(detector, cfg, data_root, cfg.data.version, FAILURE_SPLIT, folder / "clean")[0]["all"]
+    corrupted = {}
+    for name in plan.robustness_corruptions:
+        corruption = SensorCorruption(name, plan.robustness_severity)
+        corrupted[name] = {plan.robustness_severity: _score(detector, cfg, data_root, cfg.data.version,
+                                                            FAILURE_SPLIT, folder / name, corruption)[0]["all"]}
+    return corruption_table(clean, corrupted)
+
+
+def _final_weights(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+
+
+def draw_failure_maps(plan: StudyPlan, arm_name: str, data_root: Path) -> list[Path]:
+    """The rendered weight maps of (arm, first seed) on the first failure-split batch under LiDAR drop and under
+    3 views dropped: ``out/maps_<arm>_<scenario>.png``."""
+    run_dir = plan.out / "arms" / arm_name / f"seed_{plan.seeds[0]}"
+    cfg = load_config(str(run_dir / "config.json"))
+    detector = _load(cfg, _final_weights(run_dir))
+    paths = []
+    for name, severity in (("lidar_drop", 1), ("view_drop", 3)):
+        loader = build_dataloader(cfg, FAILURE_SPLIT, train=False)
+        loader.dataset.set_corruption(SensorCorruption(name, severity))
+        with torch.no_grad():
+            detector.loss(next(iter(loader)), monitor=True)
+        path = plan.out / f"maps_{arm_name}_{name}.png"
+        save_png(render_aqr(detector.pts_bbox_head.aqr.monitor.last_view,
+                            title=f"{arm_name}: {name} (severity {severity})"), path)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------
+# Summaries and the report
+# ------------------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value) of `values`."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(values: list[Optional[float]], digits: int = 3) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} +- {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def by_arm(results: list[dict]) -> dict[str, list[dict]]:
+    arms: dict[str, list[dict]] = {}
+    for record in results:
+        arms.setdefault(record["arm"], []).append(record)
+    return arms
+
+
+def failure_score(records: list[dict], key: str, metric: str = "NDS") -> list[float]:
+    return [r["failures"][key][metric] for r in records]
+
+
+def best_aqr_arm(results: list[dict]) -> Optional[str]:
+    """The AQR arm (not the fork's collapse) with the highest mean NDS over LiDAR drop and camera drop."""
+    candidates = {name: records for name, records in by_arm(results).items()
+                  if name not in ("control", "fork_original")}
+    if not candidates:
+        return None
+    return max(candidates, key=lambda n: statistics.fmean(
+        failure_score(candidates[n], "lidar_drop_s1") + failure_score(candidates[n], "camera_drop_s1")))
+
+
+def separation(best: list[float], control: list[float]) -> Optional[float]:
+    """(mean best - mean control) / pooled standard deviation of the two arms (None with fewer than 2 seeds or no
+    spread)."""
+    if len(best) < 2 or len(control) < 2:
+        return None
+    pooled = math.sqrt((statistics.variance(best) + statistics.variance(control)) / 2)
+    return (statistics.fmean(best) - statistics.fmean(control)) / pooled if pooled > 0 else None
+
+
+def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def pretrained_metrics(plan: StudyPlan) -> dict:
-    """Val metrics of the pretrained model (the pretraining run's final evaluation)."""
-    return json.loads((plan.out / "pretrain" / "metrics_history.json").read_text())[-1]
-
-
-def _relative(value: float, reference: float) -> str:
-    return f"{(value - reference) / reference:+.1%}" if reference > 0 else "n/a"
-
-
-def report_markdown(plan: StudyPlan, pretrain_cfg: Config, pretrained: dict, results: list[ArmResult]) -> str:
-    """The report: the fork report's first table (before/after per arm, change vs the pretrained model) and its
-    debug table (signals). `pretrained`: the pretrained model's val metrics (mAP, NDS)."""
-    benchmark = plan.benchmark
+def report_markdown(plan: StudyPlan, pretrain_cfg: Config, pretrained: dict, results: list[dict],
+                    robustness: dict, best: Optional[str], minutes: float) -> str:
+    arms = by_arm(results)
+    b, c = plan.benchmark, plan.conditions_benchmark
+    trained = [label for name, _, label in EVAL_FAILURES if name in TRAIN_FAILURES]
+    held_out = [label for name, _, label in EVAL_FAILURES if name not in TRAIN_FAILURES]
     lines = [
-        "# AQR fine-tuning study", "",
-        f"Benchmark: synthetic nuScenes {benchmark.version}, {benchmark.scenes} scenes x "
-        f"{benchmark.samples_per_scene} samples (seed {benchmark.seed}); scored on the val scenes with the official "
-        "DetectionEval.",
-        f"Pretrained: plain `{pretrain_cfg.name}` CMT, {plan.pretrain_steps} steps, written as an official `.pth` and "
-        "converted back. Every arm: the same seed and data order, "
-        f"{plan.finetune_steps} steps at lr {plan.finetune_lr:g} with the AQR fork's multipliers (backbones frozen).",
-        f"Pretrained model on val: mAP {pretrained['mAP']:.4f}, NDS {pretrained['NDS']:.4f}. 'Before' is each arm "
-        "at step 0 (the pretrained weights with the arm's AQR switched on).",
-        "", "## Accuracy before and after fine-tuning", "",
-        _table_row(["arm", "settings", "mAP before", "mAP after", "after vs pretrained", "NDS before", "NDS after",
-                    "val loss before", "val loss after"]),
-        _table_row(["---"] * 9),
+        "# AQR study", "",
+        f"Benchmark: synthetic nuScenes {b.version}, {b.scenes} scenes x {b.samples_per_scene} samples (seed "
+        f"{b.seed}); clean scores on its val scenes, failure scores on its first {plan.failure_scenes} val scenes "
+        f"(split `{FAILURE_SPLIT}`), condition scores on a second benchmark ({c.scenes} scenes x "
+        f"{c.samples_per_scene} samples, seed {c.seed}, night share {plan.condition_shares.night}, rain share "
+        f"{plan.condition_shares.rain}); nothing of either is trained on. Official DetectionEval throughout.",
+        f"Pretrained: plain `{pretrain_cfg.name}` CMT with ModalMask3D, {plan.pretrain_steps} steps, written as an "
+        "official `.pth` and converted back.",
+        f"Every arm and seed ({', '.join(map(str, plan.seeds))}): {plan.finetune_steps} steps at lr "
+        f"{plan.finetune_lr:g} with the AQR fork's multipliers (backbones frozen; AQR x{plan.aqr_lr_mult:g}), "
+        f"failure-aware data: ModalMask3D and {json.dumps(TRAIN_FAILURE_PROBABILITIES)} per sample. Failures "
+        f"trained on: {', '.join(trained)}; held out: {', '.join(held_out)}. Router supervision weight "
+        f"{plan.router_loss_weight:g}.",
+        f"Wall time of this run: {minutes:.1f} min (resumed parts count only their own time).",
+        "Cells: mean +- standard deviation over seeds.", "",
     ]
-    for r in results:
-        b, a = r.before, r.after
-        lines.append(_table_row([r.name, r.description, f"{b['mAP']:.4f}", f"{a['mAP']:.4f}",
-                                 _relative(a["mAP"], pretrained["mAP"]), f"{b['NDS']:.4f}", f"{a['NDS']:.4f}",
-                                 f"{b['loss']:.3f}", f"{a['loss']:.3f}"]))
-    lines += ["", "## mAP at 0, 1/4, 1/2 and all of the budget", "",
-              _table_row(["arm", *[f"step {e['step']}" for e in results[0].evaluations]]),
-              _table_row(["---"] * (1 + len(results[0].evaluations)))]
-    for r in results:
-        lines.append(_table_row([r.name, *[f"{e['mAP']:.4f}" for e in r.evaluations]]))
-    lines += ["", "## AQR health signals on val batches (the report's debug table), at the start and the end", "",
-              "weight mean -> rendered map mean / max -> 'loss' = map mean / weight mean - 1; feature relative "
-              "change mean|out - x| / mean|x|; energy retention sum out^2 / sum x^2.", "",
-              _table_row(["arm", "step", "map", "weight mean", "map mean", "loss", "map max", "rel. change",
-                          "energy"]),
-              _table_row(["---"] * 9)]
-    for r in results:
-        for e in (r.before, r.after):
-            s = e["signals"]
-            if not s:
-                continue
-            for modality, weight in (("bev", "lidar"), ("camera", "camera")):
-                w, m = s[f"{weight}_weight_mean"], s[f"{modality}_map_mean"]
-                loss = f"{m / w - 1:+.1%}" if w else "n/a"
-                lines.append(_table_row([r.name, str(e["step"]), modality, f"{w:.3f}", f"{m:.4f}", loss,
-                                         f"{s[f'{modality}_map_max']:.3f}", f"{s[f'{modality}_relative_change']:.1%}",
-                                         f"{s[f'{modality}_energy_retention']:.1%}"]))
-    lines += ["", "Plot: `map_vs_step.png`; rendered maps of each arm: `arms/<arm>/maps/step_*.png`.", ""]
+    lines += ["## The pretrained model (ModalMask3D), before any fine-tuning", "",
+              _row(["input", "mAP", "NDS", "mAOE"]), _row(["---"] * 4)]
+    p_clean = pretrained["clean"]
+    lines.append(_row(["clean val", f"{p_clean['mAP']:.4f}", f"{p_clean['NDS']:.4f}", f"{p_clean['mAOE']:.3f}"]))
+    for name, severity, label in EVAL_FAILURES:
+        m = pretrained["failures"][f"{name}_s{severity}"]
+        lines.append(_row([label, f"{m['mAP']:.4f}", f"{m['NDS']:.4f}", f"{m['mAOE']:.3f}"]))
+    lines += ["", "By condition (conditions benchmark), with the sensors dropped at evaluation:", "",
+              _row(["input", *SCORED_CONDITIONS]), _row(["---"] * (1 + len(SCORED_CONDITIONS)))]
+    for label, scores in pretrained["conditions"].items():
+        lines.append(_row([f"{label} (mAP / NDS)", *[f"{scores[k]['mAP']:.4f} / {scores[k]['NDS']:.4f}"
+                                                     if k in scores else "n/a" for k in SCORED_CONDITIONS]]))
+
+    lines += ["", "## Step 0: the pretrained weights with each arm's AQR switched on (first seed)", "",
+              _row(["arm", "mAP", "NDS", "mAP - pretrained"]), _row(["---"] * 4)]
+    for name, records in arms.items():
+        step0 = records[0].get("step0")
+        if step0:
+            lines.append(_row([name, f"{step0['mAP']:.4f}", f"{step0['NDS']:.4f}",
+                               f"{step0['mAP'] - p_clean['mAP']:+.4f}"]))
+
+    for metric in ("NDS", "mAP"):
+        lines += ["", f"## {metric} after fine-tuning: clean and under each failure", "",
+                  _row(["arm", "clean", *[label for _, _, label in EVAL_FAILURES]]),
+                  _row(["---"] * (2 + len(EVAL_FAILURES)))]
+        for name, records in arms.items():
+            lines.append(_row([name, _cell([r["clean"][metric] for r in records]),
+                               *[_cell(failure_score(records, f"{n}_s{s}", metric)) for n, s, _ in EVAL_FAILURES]]))
+
+    lines += ["", "## By condition (conditions benchmark, clean sensors): NDS", "",
+              _row(["arm", *SCORED_CONDITIONS]), _row(["---"] * (1 + len(SCORED_CONDITIONS)))]
+    for name, records in arms.items():
+        lines.append(_row([name, *[_cell([r["conditions"]["clean"].get(k, {}).get("NDS") for r in records])
+                                   for k in SCORED_CONDITIONS]]))
+
+    lines += ["", "## Routing: mean query weight of each modality where it failed and where it was intact", "",
+              "Failed: LiDAR dropped or outside a narrowed field of view; camera views dropped (the queries only "
+              "they see). Intact: the same modality working (all failure scores and the clean conditions pass).", "",
+              _row(["arm", "LiDAR failed", "LiDAR intact", "camera failed", "camera intact"]), _row(["---"] * 5)]
+    for name, records in arms.items():
+        if name == "control":
+            continue
+        cells = []
+        for key in ("lidar_failed", "lidar_intact", "camera_failed", "camera_intact"):
+            cells.append(_cell([_pooled_routing(r["routing"], key) for r in records]))
+        lines.append(_row([name, *cells]))
+
+    lines += ["", "## Verdict", ""]
+    control = arms.get("control", [])
+    if best is not None and control:
+        lines.append(f"Best AQR arm (highest mean NDS over LiDAR drop and camera drop): **{best}**. Separation from "
+                     "the control = (mean best - mean control) / pooled standard deviation over seeds:")
+        lines.append("")
+        for label, key in (("LiDAR drop", "lidar_drop_s1"), ("camera drop", "camera_drop_s1")):
+            z = separation(failure_score(arms[best], key), failure_score(control, key))
+            lines.append(f"- {label}: NDS {_cell(failure_score(arms[best], key))} vs "
+                         f"{_cell(failure_score(control, key))}, separation {_z(z)}")
+        z = separation([r["clean"]["NDS"] for r in arms[best]], [r["clean"]["NDS"] for r in control])
+        lines.append(f"- clean val: NDS {_cell([r['clean']['NDS'] for r in arms[best]])} vs "
+                     f"{_cell([r['clean']['NDS'] for r in control])}, separation {_z(z)}")
+    if "fork_original" in arms and control:
+        lines.append(f"- fork_original vs control, clean mAP: {_cell([r['clean']['mAP'] for r in arms['fork_original']])}"
+                     f" vs {_cell([r['clean']['mAP'] for r in control])}")
+    if robustness:
+        lines += ["", f"## Corruption robustness (first seed, severity {plan.robustness_severity}, failure split)",
+                  "", _row(["arm", "clean NDS", "mRA", *plan.robustness_corruptions]),
+                  _row(["---"] * (3 + len(plan.robustness_corruptions)))]
+        for name, table in robustness.items():
+            ras = [table["corruptions"][c]["RA"] for c in plan.robustness_corruptions]
+            lines.append(_row([name, f"{table['clean']['NDS']:.4f}", _z(table["mRA"]),
+                               *[_z(ra) for ra in ras]]))
+    if best is not None:
+        lines += ["", f"Rendered maps of {best}: `maps_{best}_lidar_drop.png`, `maps_{best}_view_drop.png`."]
+    lines.append("")
     return "\n".join(lines)
 
 
-def plot_map_vs_step(results: list[ArmResult], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in results:
-        ax.plot([e["step"] for e in r.evaluations], [e["mAP"] for e in r.evaluations], marker="o", label=r.name)
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("val mAP (official)")
-    ax.set_title("AQR fine-tuning from a pretrained CMT")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+def _pooled_routing(routing: dict, key: str) -> Optional[float]:
+    """Mean weight of `key` ("lidar_failed", ...) over every evaluation of one run, weighted by entries."""
+    total = sum((s[key] or 0.0) * s[f"{key}_count"] for s in routing.values())
+    count = sum(s[f"{key}_count"] for s in routing.values())
+    return total / count if count else None
 
 
-def write_report(plan: StudyPlan, pretrain_cfg: Config, results: list[ArmResult]) -> Path:
-    """Write out/report.md and out/map_vs_step.png; returns the report's path."""
-    plot_map_vs_step(results, plan.out / "map_vs_step.png")
+def _z(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def write_report(plan: StudyPlan, pretrain_cfg: Config, pretrained: dict, results: list[dict], robustness: dict,
+                 best: Optional[str], minutes: float) -> Path:
+    """Write out/report.md and out/results.json; returns the report's path."""
+    atomic_write_bytes(plan.out / "results.json", json.dumps(
+        {"pretrained": pretrained, "runs": results, "robustness": robustness, "best": best}, indent=1).encode())
     path = plan.out / "report.md"
-    atomic_write_bytes(path, report_markdown(plan, pretrain_cfg, pretrained_metrics(plan), results).encode())
+    atomic_write_bytes(path, report_markdown(plan, pretrain_cfg, pretrained, results, robustness, best,
+                                             minutes).encode())
     return path

@@ -109,7 +109,7 @@ def test_denoising_queries_are_not_rendered_by_default(render_dn):
     moved[:, :10] = torch.rand(2, 10, 3, generator=torch.Generator().manual_seed(5))      # other noised GT
     with torch.no_grad():
         first, second = small_call(module, reference, 10), small_call(module, moved, 10)
-    same = all(torch.equal(a, b) for a, b in zip(first, second))
+    same = all(torch.equal(a, b) for a, b in zip(first[:2], second[:2]))   # the features
     assert same != render_dn
 
 

@@ -1,4 +1,5 @@
-"""`aqrcmt study --quick` end to end: every arm, the report, the plot; a rerun resumes; bad inputs are refused."""
+"""`aqrcmt study --quick` end to end: every arm, the report, identity start, routing evidence; a rerun resumes; bad
+inputs are refused."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from aqrcmt.cli import main
 from aqrcmt.models import build_model
 from aqrcmt.presets import get_preset
-from aqrcmt.study import ARM_NAMES, StudyPlan, pretrained_metrics
+from aqrcmt.study import ARM_NAMES, EVAL_FAILURES, best_aqr_arm, separation
 
 
 @pytest.fixture(scope="module")
@@ -24,31 +25,59 @@ def quick_study(tmp_path_factory) -> Path:
 
 def test_quick_study_writes_the_report_for_every_arm(quick_study: Path):
     report = (quick_study / "report.md").read_text()
+    results = json.loads((quick_study / "results.json").read_text())
     for arm in ARM_NAMES:
         assert f"| {arm} |" in report
-        assert (quick_study / "arms" / arm / "arm_result.json").is_file()
-    assert "| fork_original | 0 | bev |" in report and "| recommended | 4 | camera |" in report
-    control = json.loads((quick_study / "arms" / "control" / "arm_result.json").read_text())
-    pretrained = pretrained_metrics(StudyPlan.quick(quick_study))
-    assert control["evaluations"][0]["mAP"] == pytest.approx(pretrained["mAP"])   # the converted weights score alike
-    assert f"Pretrained model on val: mAP {pretrained['mAP']:.4f}" in report
-    assert Image.open(quick_study / "map_vs_step.png").size[0] > 100
+        assert (quick_study / "arms" / arm / "seed_0" / "result.json").is_file()
+    for _, _, label in EVAL_FAILURES:
+        assert label in report
+    pretrained = results["pretrained"]
+    assert set(pretrained["failures"]) == {f"{n}_s{s}" for n, s, _ in EVAL_FAILURES}
+    assert set(pretrained["conditions"]) == {"clean", "lidar_drop", "camera_drop"}
+    runs = {r["arm"]: r for r in results["runs"]}
+    # identity start: at step 0 the arm is the pretrained model, to the last digit
+    for arm in ("recommended_identity", "supervised_frozen", "supervised_e2e"):
+        assert runs[arm]["step0"]["mAP"] == pretrained["clean"]["mAP"]
+        assert runs[arm]["step0"]["NDS"] == pretrained["clean"]["NDS"]
+    # routing evidence: failed entries exist for both modalities in every AQR arm, and none for the control
+    for arm in ARM_NAMES[1:]:
+        routing = runs[arm]["routing"]
+        assert routing["lidar_drop_s1"]["lidar_failed_count"] > 0 and routing["lidar_drop_s1"]["lidar_intact_count"] == 0
+        assert routing["camera_drop_s1"]["camera_failed_count"] > 0
+        assert routing["conditions_clean"]["lidar_intact_count"] > 0
+    assert runs["control"]["routing"]["lidar_drop_s1"]["lidar_failed_count"] == 0
+    assert results["best"] in ARM_NAMES[2:] and set(results["robustness"]) == {"control", results["best"]}
     assert (quick_study / "pretrained" / "cmt_tiny_official.pth").is_file()
-    assert list((quick_study / "arms" / "recommended" / "maps").glob("step_*.png"))
+    for name in ("lidar_drop", "view_drop"):
+        assert Image.open(quick_study / f"maps_{results['best']}_{name}.png").size[0] > 100
 
 
-def test_rerun_resumes_finished_arms(quick_study: Path, capsys):
-    stamps = {arm: os.stat(quick_study / "arms" / arm / "arm_result.json").st_mtime_ns for arm in ARM_NAMES}
+def test_rerun_resumes_finished_runs(quick_study: Path, capsys):
+    done = sorted(quick_study.glob("arms/*/seed_0/result.json"))
+    stamps = {path: os.stat(path).st_mtime_ns for path in done}
     assert main(["study", "--out", str(quick_study), "--quick"]) == 0
     out = capsys.readouterr().out
     assert "reusing the pretrained model" in out and out.count("finished earlier") == len(ARM_NAMES)
-    assert stamps == {arm: os.stat(quick_study / "arms" / arm / "arm_result.json").st_mtime_ns for arm in ARM_NAMES}
+    assert stamps == {path: os.stat(path).st_mtime_ns for path in done} and len(done) == len(ARM_NAMES)
+
+
+def test_separation_and_best_arm():
+    assert separation([0.5, 0.6, 0.7], [0.2, 0.3, 0.4]) == pytest.approx(3.0)
+    assert separation([0.5], [0.2]) is None
+    runs = [{"arm": arm, "failures": {"lidar_drop_s1": {"NDS": nds}, "camera_drop_s1": {"NDS": nds}}}
+            for arm, nds in (("control", 0.9), ("fork_original", 0.8), ("recommended", 0.3), ("supervised_e2e", 0.4))]
+    assert best_aqr_arm(runs) == "supervised_e2e"          # the control and the fork's collapse are not candidates
 
 
 def test_unknown_arm_is_refused(tmp_path, capsys):
     assert main(["study", "--out", str(tmp_path / "s"), "--quick", "--arms", "control", "no_such_arm"]) == 2
     err = capsys.readouterr().err
     assert "no_such_arm" in err and "recommended" in err and not (tmp_path / "s").exists()
+
+
+def test_repeated_seeds_are_refused(tmp_path, capsys):
+    assert main(["study", "--out", str(tmp_path / "s"), "--quick", "--seeds", "1", "1"]) == 2
+    assert "--seeds" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
 def test_unwritable_folder_is_refused(tmp_path, capsys):

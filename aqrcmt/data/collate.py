@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from aqrcmt.data.transforms import Sample
-from aqrcmt.structures import Batch, SampleMeta
+from aqrcmt.structures import Batch, SampleMeta, SensorStates
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -40,4 +40,5 @@ def collate(samples: Sequence[Sample]) -> Batch:
         gt_labels=[torch.from_numpy(s.gt_labels.astype(np.int64)) for s in samples],
         metas=[SampleMeta(sample_token=s.token, lidar2global=torch.from_numpy(s.lidar2global.astype(np.float64)),
                           timestamp=s.timestamp, scene_name=s.scene_name) for s in samples],
+        sensors=SensorStates.stack([s.sensors for s in samples]),
     )

@@ -30,6 +30,7 @@ import numpy as np
 
 from aqrcmt.data.box_geometry import points_in_boxes
 from aqrcmt.data.transforms import Sample
+from aqrcmt.structures import FAILURES, SENSOR_DEGRADED, SENSOR_DROPPED
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3)
 KEY_FRAME_INTERVAL_S = 0.5          # nuScenes key frames (samples) are 2 Hz
@@ -295,10 +296,12 @@ def _snow(sample: Sample, rng: np.random.Generator, frames: FrameSource, flake_f
 
 def _drop_lidar(sample: Sample, rng: np.random.Generator, frames: FrameSource) -> None:
     sample.points = sample.points[:0]
+    sample.sensors.lidar = SENSOR_DROPPED
 
 
 def _limited_fov(sample: Sample, rng: np.random.Generator, frames: FrameSource, half_width_deg: float) -> None:
     sample.points = limit_fov(sample.points, half_width_deg)
+    sample.sensors.lidar_fov = min(sample.sensors.lidar_fov, math.radians(half_width_deg))
 
 
 def _object_failure(sample: Sample, rng: np.random.Generator, frames: FrameSource, fraction: float) -> None:
@@ -334,8 +337,10 @@ def _camera_fog(sample: Sample, rng: np.random.Generator, frames: FrameSource, v
 
 def _blank_cameras(sample: Sample, rng: np.random.Generator, frames: FrameSource, count: float) -> None:
     images = sample.images.copy()
-    images[rng.permutation(len(images))[: int(count)]] = 0          # black, as ModalMask3D / ModalityDrop
+    blanked = rng.permutation(len(images))[: int(count)]
+    images[blanked] = 0                                              # black, as ModalMask3D / ModalityDrop
     sample.images = images
+    sample.sensors.views[blanked] = SENSOR_DROPPED
 
 
 @dataclass(frozen=True)
@@ -347,6 +352,9 @@ class CorruptionKind:
     levels: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]
     units: str
     apply: Optional[Apply]
+    # True: `apply` records in ``sample.sensors`` what failed (a dropped sensor or view, a narrowed field of
+    # view); False: the sensor is marked degraded (no router target).
+    records_state: bool = False
 
 
 CORRUPTIONS: dict[str, CorruptionKind] = {
@@ -369,16 +377,16 @@ CORRUPTIONS: dict[str, CorruptionKind] = {
     "darkness": CorruptionKind("camera", ((2.0,), (3.0,), (4.0,)), "under-exposure (stops), with sensor noise",
                                _darkness),
     "camera_fog": CorruptionKind("camera", ((600.0,), (300.0,), (150.0,)), "visibility (m)", _camera_fog),
-    "missing_cameras": CorruptionKind("camera", ((1,), (3,), (6,)), "cameras blanked", _blank_cameras),
+    "missing_cameras": CorruptionKind("camera", ((1,), (3,), (6,)), "cameras blanked", _blank_cameras, True),
     # The sensor failures of nuScenes-R (see FAILURES).
     "lidar_drop": CorruptionKind("lidar", ((), (), ()), "every point removed (the same at every severity)",
-                                 _drop_lidar),
+                                 _drop_lidar, True),
     "camera_drop": CorruptionKind("camera", ((6,), (6,), (6,)), "cameras blanked: all six at every severity",
-                                  _blank_cameras),
+                                  _blank_cameras, True),
     "view_drop": CorruptionKind("camera", ((1,), (2,), (3,)), "cameras blanked (the field's 1 and 3: severities "
-                                "1 and 3)", _blank_cameras),
+                                "1 and 3)", _blank_cameras, True),
     "limited_fov": CorruptionKind("lidar", ((90.0,), (60.0,), (30.0,)), "points kept within +-deg of the ego's "
-                                  "heading (the field's +-60: severity 2)", _limited_fov),
+                                  "heading (the field's +-60: severity 2)", _limited_fov, True),
     "object_failure": CorruptionKind("lidar", ((0.25,), (0.5,), (0.75,)), "fraction of the GT boxes whose points "
                                      "are removed (the field's half: severity 2)", _object_failure),
 }
@@ -427,7 +435,23 @@ class SensorCorruption:
                 raise ValueError(f"corruption {self.name!r} changes the cameras but sample {sample.token} has no "
                                  "images (data.load_images=false?)")
             self.kind.apply(sample, self.rng(sample.token), frames, *self.parameters)
+        if not self.kind.records_state:
+            if self.kind.sensor == "lidar":
+                sample.sensors.lidar = SENSOR_DEGRADED
+            else:
+                sample.sensors.views[:] = SENSOR_DEGRADED
         return sample
+
+
+def draw_failure(probabilities: dict[str, float], rng: np.random.Generator) -> Optional[SensorCorruption]:
+    """At most one failure scenario for a training sample (``data.augment.failures``): scenario `name` with
+    probability ``probabilities[name]``, its severity uniform over SEVERITIES, its draws seeded from `rng`."""
+    u, cumulative = rng.random(), 0.0
+    for name, probability in probabilities.items():
+        cumulative += probability
+        if u < cumulative:
+            return SensorCorruption(name, int(rng.choice(SEVERITIES)), int(rng.integers(2**31)))
+    return None
 
 
 def parse_corruptions(names: list[str], severities: list[int], seed: int = 0) -> list[SensorCorruption]:

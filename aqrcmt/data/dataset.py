@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from aqrcmt.structures import CAMERA_NAMES, CLASS_NAMES
-from aqrcmt.data.corruptions import SensorCorruption
+from aqrcmt.data.corruptions import SensorCorruption, draw_failure
 from aqrcmt.data.files import BadSampleError, DatasetError, read_image
 from aqrcmt.data.index import pose_matrix
 from aqrcmt.data.transforms import Pipeline, Sample
@@ -44,7 +44,8 @@ class NuScenesDataset(Dataset):
     next usable index instead (so an evaluation run would then miss the skipped sample's token);
     gt_paste_until_epoch: > 0 switches the pipeline's GT paste off from that epoch on (see :meth:`set_epoch`);
     corruption: a sensor corruption applied to every loaded sample before the pipeline (see
-    :meth:`set_corruption` and :mod:`aqrcmt.data.corruptions`).
+    :meth:`set_corruption` and :mod:`aqrcmt.data.corruptions`); without one, a training pipeline with
+    ``augment.failures`` draws a failure scenario per sample (failure-aware training).
     """
 
     def __init__(self, infos: list[dict], root: str | Path, pipeline: Pipeline, *, sweeps: int = 10,
@@ -91,10 +92,13 @@ class NuScenesDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))   # per-worker torch seed -> numpy
+        corruption = self.corruption
+        if corruption is None and self.pipeline.random and self.pipeline.augment.failures:
+            corruption = draw_failure(self.pipeline.augment.failures, rng)    # failure-aware training
         for attempt in range(len(self)):
             current = (index + attempt) % len(self)
             try:
-                sample = self.load_sample(current, self.corruption)
+                sample = self.load_sample(current, corruption)
             except BadSampleError as e:
                 if self.on_bad_sample == "error":
                     raise

@@ -15,13 +15,14 @@ Test order: range filters -> test resize/crop (keep the bottom rows, full width)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
 
 from aqrcmt.config import AugmentConfig
+from aqrcmt.structures import SENSOR_DROPPED, SensorState
 
 IMAGE_MEAN_BGR = np.array([103.530, 116.280, 123.675], dtype=np.float32)
 IMAGE_STD_BGR = np.array([57.375, 57.120, 58.395], dtype=np.float32)
@@ -39,6 +40,7 @@ class Sample:
     images:       (6, H, W, 3) uint8 BGR, (6, 3, H, W) float32 after :func:`normalize_images`, or None.
     intrinsics:   (6, 4, 4) float64 K4 (3x3 K in the top-left corner), or None.
     lidar2cam:    (6, 4, 4) float64, or None.
+    sensors:      what the sensors went through (failure augmentations, corruptions): the router's targets.
     """
     token: str
     points: np.ndarray
@@ -50,6 +52,7 @@ class Sample:
     lidar2cam: Optional[np.ndarray] = None
     timestamp: float = 0.0
     scene_name: str = ""
+    sensors: SensorState = field(default_factory=SensorState)
 
     @property
     def lidar2img(self) -> Optional[np.ndarray]:
@@ -86,6 +89,8 @@ def transform_3d(sample: Sample, matrix: np.ndarray) -> None:
         heading = np.stack([np.cos(boxes[:, 6]), np.sin(boxes[:, 6])], axis=1) @ linear[:2, :2].T
         boxes[:, 6] = np.arctan2(heading[:, 1], heading[:, 0])
         boxes[:, 7:9] = boxes[:, 7:9] @ linear[:2, :2].T
+    front = linear[:2, :2] @ sample.sensors.lidar_front
+    sample.sensors.lidar_front = front / np.linalg.norm(front)
     inverse = np.linalg.inv(matrix)
     if sample.lidar2cam is not None:
         sample.lidar2cam = sample.lidar2cam @ inverse
@@ -131,8 +136,10 @@ def random_modality_drop(sample: Sample, rng: np.random.Generator) -> None:
     u = rng.random()
     if u > 0.75 and sample.images is not None:
         sample.images = np.zeros_like(sample.images)
+        sample.sensors.views[:] = SENSOR_DROPPED
     elif 0.5 < u <= 0.75:
         sample.points = np.zeros_like(sample.points)
+        sample.sensors.lidar = SENSOR_DROPPED
 
 
 def filter_points_in_range(sample: Sample, point_cloud_range: tuple[float, ...]) -> None:

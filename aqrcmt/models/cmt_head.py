@@ -28,7 +28,8 @@ from aqrcmt.models.position_encoding import (
 )
 from aqrcmt.models.task_head import SeparateTaskHead
 from aqrcmt.models.transformer import CmtTransformer
-from aqrcmt.structures import Detections
+from aqrcmt.models.aqr.routing import router_loss
+from aqrcmt.structures import Detections, SensorStates
 
 PRED_KEYS: tuple[str, ...] = ("center", "height", "dim", "rot", "vel", "cls_logits")
 # Official DN classification normaliser: expected positives = N * (sphere / cube volume) = N pi/6 split^3,
@@ -137,7 +138,8 @@ class CmtHead(nn.Module):
         denoising queries from :func:`~aqrcmt.models.denoising.prepare_denoising` (built by the caller, outside
         torch.compile, so that varying GT counts do not recompile the head), or None.
         Returns {key: (L, B, Nq, k)} for center (m), height (m, carries log dx), dim, rot, vel, cls_logits;
-        with denoising also ``dn_<key>`` (L, B, P, k); ``dn`` holds the :class:`Denoising` record or None.
+        with denoising also ``dn_<key>`` (L, B, P, k); ``dn`` holds the :class:`Denoising` record or None,
+        ``aqr_routing`` the AQR query weights (:class:`~aqrcmt.models.aqr.routing.QueryRouting`) or None.
         """
         x, x_img, batch = self._check_inputs(bev_feat, img_feat, lidar2img)
         if x is not None:
@@ -157,9 +159,11 @@ class CmtHead(nn.Module):
         bev_query, rv_query = self.query_embedding(reference, l2i, i2l, img_shape)
         query_pos = bev_query if rv_query is None else bev_query + rv_query
 
+        routing = None
         if self.aqr is not None:
-            x, x_img = self.aqr(x, x_img, query_pos=query_pos, bev_pos=bev_pos, rv_pos=rv_pos,
-                                reference_points=reference, lidar2img=lidar2img, img_shape=img_shape, num_dn=num_dn)
+            x, x_img, routing = self.aqr(x, x_img, query_pos=query_pos, bev_pos=bev_pos, rv_pos=rv_pos,
+                                         reference_points=reference, lidar2img=lidar2img, img_shape=img_shape,
+                                         num_dn=num_dn)
 
         locality = None
         if self.cfg.locality_enabled:
@@ -173,7 +177,7 @@ class CmtHead(nn.Module):
         preds = self.task_heads[0](torch.nan_to_num(features))
         preds = self._to_metres(preds, inverse_sigmoid(reference))
 
-        outputs: dict = {"dn": dn}
+        outputs: dict = {"dn": dn, "aqr_routing": routing}
         for key in PRED_KEYS:
             outputs[key] = preds[key][:, :, num_dn:]
             if dn is not None:
@@ -219,11 +223,14 @@ class CmtHead(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # Loss
     # ---------------------------------------------------------------------------------------------
-    def loss(self, outputs: dict, gt_boxes: list[Tensor], gt_labels: list[Tensor]) -> dict[str, Tensor]:
+    def loss(self, outputs: dict, gt_boxes: list[Tensor], gt_labels: list[Tensor],
+             sensors: Optional[SensorStates] = None) -> dict[str, Tensor]:
         """The official loss terms in fp32: ``loss_cls``, ``loss_bbox`` (last layer), ``d{i}.loss_*`` (earlier
-        layers) and the same with ``dn_`` for the denoising queries (when training with denoising).
+        layers) and the same with ``dn_`` for the denoising queries (when training with denoising); with router
+        supervision (``model.aqr.router_loss_weight`` > 0) also ``loss_router``.
 
-        gt_boxes: B tensors (n_b, 9) gravity-centre boxes; gt_labels: B tensors (n_b,).
+        gt_boxes: B tensors (n_b, 9) gravity-centre boxes; gt_labels: B tensors (n_b,); sensors: the batch's
+        sensor states (None: every sensor intact).
         """
         codes = box_codes(outputs).float()
         device = codes.device
@@ -239,6 +246,11 @@ class CmtHead(nn.Module):
                 zero = outputs["cls_logits"].float().sum((1, 2, 3)) * 0.0
                 terms["dn_loss_cls"], terms["dn_loss_bbox"] = zero, zero
         losses = {}
+        if self.aqr is not None and self.aqr.cfg.router_loss_weight > 0:
+            routing = outputs["aqr_routing"]
+            if sensors is None:
+                sensors = SensorStates.intact(routing.camera_visible.shape[0], routing.camera_visible.shape[-1])
+            losses["loss_router"] = self.aqr.cfg.router_loss_weight * router_loss(routing, sensors)
         last = codes.shape[0] - 1
         for name, per_layer in terms.items():
             per_layer = torch.nan_to_num(per_layer)

@@ -154,7 +154,7 @@ class CmtDetector(FreezableModule):
         aqr = self.pts_bbox_head.aqr
         with aqr.monitoring(monitor) if aqr is not None else contextlib.nullcontext():
             outputs = self(batch)
-        losses = self.pts_bbox_head.loss(outputs, batch.gt_boxes, batch.gt_labels)
+        losses = self.pts_bbox_head.loss(outputs, batch.gt_boxes, batch.gt_labels, batch.sensors)
         stats = dict(aqr.last_stats) if monitor and aqr is not None else None
         return LossOutput({name: value.float() for name, value in losses.items()}, stats)
 

@@ -24,6 +24,18 @@ def longest_prefix(name: str, prefixes: Iterable[str]) -> Optional[str]:
     return max((p for p in prefixes if is_under(name, p)), key=len, default=None)
 
 
+def prefixes_outside(module: nn.Module, keep: str) -> list[str]:
+    """Module prefixes that cover every part of `module` except the submodule `keep` (dotted path): the siblings
+    of each module on the path to `keep`. Freezing them trains `keep` alone."""
+    prefixes, path = [], ""
+    for part in keep.split("."):
+        parent = module.get_submodule(path) if path else module
+        prefixes += [f"{path}.{name}" if path else name for name, _ in parent.named_children() if name != part]
+        prefixes += [f"{path}.{name}" if path else name for name, _ in parent.named_parameters(recurse=False)]
+        path = f"{path}.{part}" if path else part
+    return prefixes
+
+
 class FreezableModule(nn.Module):
     """A module whose parts can be frozen by prefix; BatchNorm layers below `batchnorm_eval_prefixes` stay in eval
     mode through every ``train()``."""

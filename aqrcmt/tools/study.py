@@ -1,12 +1,13 @@
-"""``aqrcmt study``: the AQR fine-tuning study (see :mod:`aqrcmt.study`).
+"""``aqrcmt study``: the AQR study under sensor failures (see :mod:`aqrcmt.study`).
 
     aqrcmt study --out study/            # the full study (docs/aqr_study.md)
-    aqrcmt study --out study/ --quick    # every arm for a few steps (the end-to-end check)
-    aqrcmt study --out study/ --arms control recommended
+    aqrcmt study --out study/ --quick    # every arm for a few steps on one seed (the end-to-end check)
+    aqrcmt study --out study/ --arms control supervised_frozen --seeds 0 1
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="every arm for a few steps on a small benchmark")
     parser.add_argument("--arms", nargs="+", default=list(ARM_NAMES), metavar="ARM",
                         help=f"arms to run (default: all of {', '.join(ARM_NAMES)})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                        help="training seeds of every arm (default: 0 1 2; --quick: 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,8 +32,11 @@ def run(args: argparse.Namespace) -> int:
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
         raise CommandError(f"--out {out}: cannot write there ({existing} is not a writable folder)")
+    if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds)):
+        raise CommandError(f"--seeds must name distinct seeds, got {args.seeds}")
     plan = StudyPlan.quick(out, tuple(args.arms)) if args.quick else StudyPlan(out=out, arms=tuple(args.arms))
+    if args.seeds is not None:
+        plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
     report = run_study(plan)
     print(f"report: {report}")
-    print(f"plot:   {out / 'map_vs_step.png'}")
     return 0

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from aqrcmt.config import ConfigError, OptimConfig
-from aqrcmt.models.freezing import FreezableModule, is_under, longest_prefix
+from aqrcmt.checkpoint.weights import AQR_PREFIX
+from aqrcmt.models.freezing import FreezableModule, is_under, longest_prefix, prefixes_outside
 
 
 def _multiplier(name: str, table: dict[str, float]) -> float:
@@ -65,12 +66,15 @@ def frozen_module_prefixes(cfg: OptimConfig) -> list[str]:
 
 
 def freeze_and_build_optimizer(model: FreezableModule, cfg: OptimConfig) -> torch.optim.AdamW:
-    """Freeze the lr_mult-0 modules (``model.freeze``) and build AdamW over the rest, one param group per
-    multiplier pair.
+    """Freeze the lr_mult-0 modules (and, with ``cfg.train_only_aqr``, everything outside AQR) with
+    ``model.freeze`` and build AdamW over the rest, one param group per multiplier pair.
 
     Each group records its ``base_lr`` (``cfg.lr * lr_mult``) for the schedules.
     """
-    model.freeze(frozen_module_prefixes(cfg))
+    frozen = frozen_module_prefixes(cfg)
+    if cfg.train_only_aqr:
+        frozen += prefixes_outside(model, AQR_PREFIX.rstrip("."))
+    model.freeze(frozen)
     params = dict(model.named_parameters())
     param_groups = []
     for spec in group_parameters(model, cfg).values():

@@ -165,15 +165,22 @@ class AQRWeightGenerator(nn.Module):
     dim: feature/embedding width C (the head's hidden_dim).
     """
 
-    def __init__(self, cfg: AQRGeneratorConfig, dim: int):
+    def __init__(self, cfg: AQRGeneratorConfig, dim: int, identity_start: bool = False):
         super().__init__()
         self.cfg = cfg
         self.encoder = LocalDecoder(dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
         self.weight_predictor = nn.Linear(dim, 2)
-        # Small weights: every query starts at activation(bias_init) (sigmoid(2.0) = 0.88) yet gradients reach
-        # the encoder from the first step. (The fork used xavier here, which spreads the initial weights widely.)
-        nn.init.normal_(self.weight_predictor.weight, std=0.01)
-        nn.init.constant_(self.weight_predictor.bias, cfg.bias_init)
+        if identity_start:
+            # Zero output layer and weight = 2 * sigmoid(logit): every weight is exactly 1 at step 0, and the
+            # output layer's gradient (features x dL/dlogit) is not zero, so the generator starts learning at once.
+            nn.init.zeros_(self.weight_predictor.weight)
+            nn.init.zeros_(self.weight_predictor.bias)
+        else:
+            # Small weights: every query starts at activation(bias_init) (sigmoid(2.0) = 0.88) yet gradients reach
+            # the encoder from the first step. (The fork used xavier, which spreads the initial weights widely.)
+            nn.init.normal_(self.weight_predictor.weight, std=0.01)
+            nn.init.constant_(self.weight_predictor.bias, cfg.bias_init)
+        self.scale = 2.0 if identity_start else 1.0
         self.bev_type_embed = nn.Parameter(torch.randn(dim) * 0.02)
         self.rv_type_embed = nn.Parameter(torch.randn(dim) * 0.02)
         if not cfg.use_type_embed:    # kept for the fork's checkpoint names; unused, so frozen (DDP needs grads)
@@ -188,7 +195,8 @@ class AQRWeightGenerator(nn.Module):
         query_pos: (B, Q, C) query positional embedding; bev_features: (B, C, H, W); bev_pos: (H*W, C) or
         (B, H*W, C); camera_features: (B*V, C, h, w); camera_pos: (B*V, h, w, C);
         bev / cameras: the queries' projections (V = 1 for the BEV).
-        Returns (lidar_weight, camera_weight), each (B, Q), in (0, 1) for sigmoid or (-1, 1) for tanh.
+        Returns (lidar_weight, camera_weight), each (B, Q), in (0, 1) for sigmoid ((0, 2) with identity start)
+        or (-1, 1) for tanh.
         """
         b, q, c = query_pos.shape
         _, _, bev_h, bev_w = bev_features.shape
@@ -218,5 +226,5 @@ class AQRWeightGenerator(nn.Module):
         keep = torch.cat([bev_keep, cam_keep], dim=-1)
 
         logits = self.weight_predictor(self.encoder(query_pos, keys, values, index, keep))
-        weights = torch.sigmoid(logits) if self.cfg.activation == "sigmoid" else torch.tanh(logits)
+        weights = self.scale * torch.sigmoid(logits) if self.cfg.activation == "sigmoid" else torch.tanh(logits)
         return weights[..., 0], weights[..., 1]

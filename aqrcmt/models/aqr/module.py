@@ -4,6 +4,7 @@
     query_pos + local windows of (x, x_img) --AQRWeightGenerator--> LiDAR weight, camera weight per query
     weights --render (splat kernel)--> BEV weight map (B, H, W), camera weight maps (B, 6, h, w)
     x, x_img --modulate (fused kernel)--> x * (alpha * W + beta)
+    weights, query positions --> QueryRouting (router supervision, routing.py)
 
 Denoising queries (the first ``num_dn``) carry noised ground-truth positions during training; rendering their
 weights would paint the GT layout into the features the matching queries see, so by default
@@ -12,7 +13,7 @@ weights would paint the GT layout into the features the matching queries see, so
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -24,6 +25,14 @@ from aqrcmt.models.aqr.monitor import (HealthMonitor, camera_map_signals, map_si
                                        weight_signals)
 from aqrcmt.models.aqr.projection import Projection, project_to_bev, project_to_cameras
 from aqrcmt.models.aqr.render import render_weight_maps
+from aqrcmt.models.aqr.routing import QueryRouting
+
+
+class Modulated(NamedTuple):
+    """AQRModulation's output: the modulated BEV (B, C, H, W) and camera (B*V, C, h, w) features, and the weights."""
+    bev: torch.Tensor
+    camera: torch.Tensor
+    routing: QueryRouting
 
 
 class AQRModulation(nn.Module):
@@ -41,9 +50,10 @@ class AQRModulation(nn.Module):
         self.cfg = cfg
         self.pc_range = tuple(float(v) for v in pc_range)
         self.bev_size = tuple(bev_size)
-        self.weight_generator = AQRWeightGenerator(cfg.generator, head_cfg.hidden_dim)
+        self.weight_generator = AQRWeightGenerator(cfg.generator, head_cfg.hidden_dim, cfg.identity_start)
         self.monitor = HealthMonitor()
         self.monitor_this_step = False
+        self.last_routing: Optional[QueryRouting] = None       # detached, of the last forward (evaluations read it)
 
     @property
     def last_stats(self) -> dict[str, float]:
@@ -83,8 +93,8 @@ class AQRModulation(nn.Module):
 
     def forward(self, x: torch.Tensor, x_img: torch.Tensor, *, query_pos: torch.Tensor, bev_pos: torch.Tensor,
                 rv_pos: torch.Tensor, reference_points: torch.Tensor, lidar2img: torch.Tensor,
-                img_shape: tuple[int, int], num_dn: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Modulated (x, x_img).
+                img_shape: tuple[int, int], num_dn: int = 0) -> Modulated:
+        """Modulated (x, x_img) and the rendered queries' :class:`QueryRouting` (for router supervision).
 
         x: (B, C, H, W) BEV features; x_img: (B*V, C, h, w) camera features; query_pos: (B, Nq, C);
         bev_pos: (H*W, C); rv_pos: (B*V, h, w, C); reference_points: (B, Nq, 3) in [0, 1];
@@ -94,12 +104,17 @@ class AQRModulation(nn.Module):
             x, x_img, query_pos=query_pos, bev_pos=bev_pos, rv_pos=rv_pos, reference_points=reference_points,
             lidar2img=lidar2img, img_shape=img_shape, num_dn=num_dn)
         bev_map, camera_maps = render_weight_maps(lidar_w, camera_w, bev, cameras, self.cfg.render)
+        first = 0 if self.cfg.render_dn_queries else num_dn
+        low = reference_points.new_tensor(self.pc_range[:2])
+        xy = reference_points[:, first:, :2].detach() * (reference_points.new_tensor(self.pc_range[3:5]) - low) + low
+        routing = QueryRouting(lidar_w, camera_w, xy, cameras.valid)
+        self.last_routing = QueryRouting(*(t.detach() for t in routing))
 
         monitored = self.monitor_this_step
         bev_out = modulate_features(x, bev_map, self.cfg.modulate, return_stats=monitored)
         cam_out = modulate_features(x_img, camera_maps.flatten(0, 1), self.cfg.modulate, return_stats=monitored)
         if not monitored:
-            return bev_out, cam_out
+            return Modulated(bev_out, cam_out, routing)
         (bev_out, bev_stats), (cam_out, cam_stats) = bev_out, cam_out
         signals = {**weight_signals("lidar", lidar_w), **weight_signals("camera", camera_w),
                    **map_signals("bev", bev_map), **camera_map_signals(camera_maps),
@@ -107,4 +122,4 @@ class AQRModulation(nn.Module):
                    **modulation_signals("camera", x_img, cam_stats, cam_out)}
         self.monitor.record(signals, bev_map, camera_maps, features=(x, x_img),
                             queries=(bev.coords, cameras.coords, cameras.valid))
-        return bev_out, cam_out
+        return Modulated(bev_out, cam_out, routing)
