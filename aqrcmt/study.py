@@ -146,8 +146,9 @@ def run_study(plan: StudyPlan, log: Callable[[str], None] = print) -> Path:
     pretrained = evaluate_once(plan.out / "pretrained" / "evaluation.json", log, "pretrained model",
                                lambda: evaluate_model(plan, pretrain_cfg, weights, data_root, conditions_root,
                                                       plan.out / "pretrained" / "eval", with_condition_drops=True))
+    # seed by seed, so that a study stopped early holds every arm for its first seeds
     results = [run_arm(plan, arm, seed, data_root, conditions_root, weights, log)
-               for arm in ARMS if arm.name in plan.arms for seed in plan.seeds]
+               for seed in plan.seeds for arm in ARMS if arm.name in plan.arms]
     best = best_aqr_arm(results)
     robustness = {}
     for name in dict.fromkeys(n for n in ("control", best) if n in plan.arms and n is not None):

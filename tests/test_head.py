@@ -396,7 +396,7 @@ def test_aqr_hook_receives_the_documented_tensors():
     class Recorder(nn.Module):
         def forward(self, x, x_img, **kwargs):
             seen.update(kwargs, x=x, x_img=x_img)
-            return x * 0.5, x_img
+            return x * 0.5, x_img, None                # modulated BEV and camera features, no routing
 
     head.aqr = Recorder()
     head.train()
