@@ -104,12 +104,12 @@ class StudyPlan:
     arms: tuple[str, ...] = ARM_NAMES
     seeds: tuple[int, ...] = (0, 1, 2)
     benchmark: SyntheticBenchmark = MAIN_JOB_BENCHMARK
-    conditions_benchmark: SyntheticBenchmark = SyntheticBenchmark("v1.0-trainval", scenes=6, samples_per_scene=6,
+    conditions_benchmark: SyntheticBenchmark = SyntheticBenchmark("v1.0-trainval", scenes=6, samples_per_scene=5,
                                                                   seed=1)
     condition_shares: ConditionShares = ConditionShares(night=0.6, rain=0.4, fog=0.0)
-    failure_scenes: int = 4              # val scenes the failure scenarios are scored on
+    failure_scenes: int = 3              # val scenes the failure scenarios are scored on
     pretrain_steps: int = MAIN_JOB_STEPS
-    finetune_steps: int = 120
+    finetune_steps: int = 100
     finetune_lr: float = 2e-4            # the fork's base learning rate, with its multipliers
     aqr_lr_mult: float = 5.0             # the AQR module's multiplier (the fork's: 1)
     router_loss_weight: float = 1.0
