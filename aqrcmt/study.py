@@ -105,7 +105,7 @@ class StudyPlan:
     seeds: tuple[int, ...] = (0, 1, 2)
     benchmark: SyntheticBenchmark = MAIN_JOB_BENCHMARK
     conditions_benchmark: SyntheticBenchmark = SyntheticBenchmark("v1.0-trainval", scenes=6, samples_per_scene=5,
-                                                                  seed=1)
+                                                                  seed=2)
     condition_shares: ConditionShares = ConditionShares(night=0.6, rain=0.4, fog=0.0)
     failure_scenes: int = 3              # val scenes the failure scenarios are scored on
     pretrain_steps: int = MAIN_JOB_STEPS
