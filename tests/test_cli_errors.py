@@ -69,6 +69,17 @@ def _case(tmp: Path, name: str) -> tuple[str, list[str], str]:
         "train bad override": ("train", ["--config", "tiny", "--set", "optim.lr=fast"], "optim.lr"),
         "train config not an object": ("train", ["--config", str(tmp / "list.json")], "expected a JSON object"),
         "train eval-only without weights": ("train", ["--config", "tiny", "--eval-only"], "--eval-only needs weights"),
+        "train unknown failure": ("train", ["--config", "tiny", "--set", f"train.output_dir={tmp / 'run'}",
+                                            'data.augment.failures={"sensor_fire": 0.1}'],
+                                  "data.augment.failures.sensor_fire"),
+        "train failure probability": ("train", ["--config", "tiny", "--set", f"train.output_dir={tmp / 'run'}",
+                                                'data.augment.failures={"lidar_drop": 1.5}'], "got 1.5"),
+        "train router without AQR": ("train", ["--config", "tiny", "--set", f"train.output_dir={tmp / 'run'}",
+                                               "model.aqr.router_loss_weight=1.0"], "model.aqr.router_loss_weight"),
+        "train identity start of a sum kernel": ("train", ["--config", "tiny_aqr", "--set",
+                                                           f"train.output_dir={tmp / 'run'}",
+                                                           "model.aqr.identity_start=true"],
+                                                 "model.aqr.render.kernel_norm"),
         "demo no steps": ("demo", ["--steps", "0", "--out", str(tmp / "run"), "--data", str(tmp / "data")],
                           "--steps must be >= 1, got 0"),
         "demo bad override": ("demo", ["--out", str(tmp / "run"), "--data", str(tmp / "data"), "--set",
@@ -82,7 +93,8 @@ CASES = ["synthetic over a used root", "synthetic bad scenes", "synthetic bad sh
          "inspect garbage", "inspect depth", "diagnose unknown preset", "diagnose lone checkpoint",
          "diagnose bad query count", "diagnose unfit checkpoint",
          "train unknown preset", "train bad override", "train config not an object",
-         "train eval-only without weights", "demo no steps", "demo bad override"]
+         "train eval-only without weights", "train unknown failure", "train failure probability",
+         "train router without AQR", "train identity start of a sum kernel", "demo no steps", "demo bad override"]
 
 
 @pytest.mark.parametrize("name", CASES)
