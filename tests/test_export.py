@@ -54,13 +54,19 @@ def exported(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     return {preset: folder / preset for preset in PRESETS}
 
 
-def _batches(cfg) -> dict[str, object]:
-    """Points + random images; no points + all-black images; points + black images."""
-    with_points = synthetic_batch(cfg.model, batch_size=1, num_boxes=(6,), seed=1)
-    empty = synthetic_batch(cfg.model, batch_size=1, num_boxes=(0,), seed=2, zero_images=True)
-    empty.points = [empty.points[0][:0]]
-    black = synthetic_batch(cfg.model, batch_size=1, num_boxes=(4,), seed=3, zero_images=True)
-    return {"points+images": with_points, "no points+black": empty, "points+black": black}
+CASES = ("points+images", "no points+black", "points+black")
+
+
+def _batches(cfg, cases: tuple[str, ...]) -> dict[str, object]:
+    """Synthetic batches of one sample: points + random images; no points + all-black images; points + black
+    images."""
+    batches = {}
+    for seed, case in enumerate(cases):
+        batch = synthetic_batch(cfg, batch_size=1, num_boxes=(6,), seed=seed, zero_images="black" in case)
+        if case.startswith("no points"):
+            batch.points = [batch.points[0][:0]]
+        batches[case] = batch
+    return batches
 
 
 def _max_differences(expected: tuple[torch.Tensor, ...], got: tuple[torch.Tensor, ...]) -> tuple[float, float]:
@@ -68,30 +74,55 @@ def _max_differences(expected: tuple[torch.Tensor, ...], got: tuple[torch.Tensor
     return ((expected[3] - got[3].float()).abs().max().item(), (expected[4] - got[4].float()).abs().max().item())
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_exported_graphs_equal_eager(preset: str, checkpoints: dict[str, Path], exported: dict[str, Path]) -> None:
-    detector, _ = load_detector_from_checkpoint(checkpoints[preset])
+def _parity(checkpoint: Path, folder: Path, cases: tuple[str, ...]) -> dict[tuple[str, str], tuple[float, float]]:
+    """(case, runtime) -> (max |score difference|, max |box difference|) of the export in `folder` against eager;
+    also checks that the eager graph plus the filter after it is the eager detector's own prediction."""
+    detector, _ = load_detector_from_checkpoint(checkpoint)
     graph = DenseGraph(detector)
-    engine = OnnxDetector(exported[preset])
-    program = (torch.export.load(exported[preset] / bundle.FILES["torch"]).module()
-               if preset == "tiny_aqr" else None)
+    engine = OnnxDetector(folder)
+    torch_file = folder / bundle.FILES["torch"]
+    program = torch.export.load(torch_file).module() if torch_file.is_file() else None
     head = detector.cfg.head
-    for case, batch in _batches(load_config(preset)).items():
+    found = {}
+    for case, batch in _batches(detector.cfg, cases).items():
         feeds = engine.graph_inputs(batch, 0)
         inputs = [torch.from_numpy(array) for array in feeds.values()]
         with torch.no_grad():
             eager = graph(*inputs)
-            # the graph plus the filter after it is the eager detector's own prediction
             kept = finish_detections(eager[0][0], eager[1][0], eager[2][0], post_center_range=head.post_center_range,
                                      score_threshold=head.score_threshold)
             (reference,) = detector.predict(batch)
+            outputs = {"onnxruntime": engine.run(feeds)}
+            if program is not None:
+                outputs["torch.export"] = program(*inputs)
         torch.testing.assert_close(kept.boxes, reference.boxes, rtol=0, atol=1e-5)
         torch.testing.assert_close(kept.scores, reference.scores, rtol=0, atol=1e-6)
-        for name, outputs in (("onnx", engine.run(feeds)), ("torch", program(*inputs) if program else None)):
-            if outputs is None:
-                continue
-            score, box = _max_differences(eager, outputs)
-            assert score <= TOLERANCE and box <= TOLERANCE, (name, case, score, box)
+        for runtime, got in outputs.items():
+            found[case, runtime] = _max_differences(eager, got)
+            print(f"{checkpoint.stem} {case} {runtime}: scores {found[case, runtime][0]:.2e}, "
+                  f"boxes {found[case, runtime][1]:.2e}")
+    return found
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_exported_graphs_equal_eager(preset: str, checkpoints: dict[str, Path], exported: dict[str, Path]) -> None:
+    found = _parity(checkpoints[preset], exported[preset], CASES)
+    assert len(found) == (6 if preset == "tiny_aqr" else 3)
+    for key, (score, box) in found.items():
+        assert score <= TOLERANCE and box <= TOLERANCE, (key, score, box)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["cmt_voxel0100_r50_800x320_cbgs", "cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs"])
+def test_released_size_exports_equal_eager(preset: str, tmp_path: Path) -> None:
+    """The released sizes with random weights (minutes and several GB each on a CPU)."""
+    checkpoint = _checkpoint(preset, tmp_path, [])
+    detector, _ = load_detector_from_checkpoint(checkpoint)
+    bundle.write_export(load_config(preset), detector, checkpoint, tmp_path / "export", fmt="onnx", precision="fp32")
+    del detector
+    found = _parity(checkpoint, tmp_path / "export", ("points+images", "no points+black"))
+    for key, (score, box) in found.items():
+        assert score <= TOLERANCE and box <= TOLERANCE, (key, score, box)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
