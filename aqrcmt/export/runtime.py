@@ -35,10 +35,11 @@ class OnnxDetector(nn.Module):
     """An export folder (``aqrcmt export --format onnx``) as a detector: ``predict(batch) -> list[Detections]``.
 
     cfg: the exported model's ModelConfig (the manifest's config); batches of any size run sample by sample
-    (the graph has batch 1), on `device` ("cpu" or "cuda").
+    (the graph has batch 1), on `device` ("cpu" or "cuda"); threads: onnxruntime's intra-op threads (None: its
+    default, one per core).
     """
 
-    def __init__(self, directory: str | Path, device: str = "cpu") -> None:
+    def __init__(self, directory: str | Path, device: str = "cpu", threads: int | None = None) -> None:
         super().__init__()
         require_export_extra()
         import onnxruntime
@@ -59,7 +60,10 @@ class OnnxDetector(nn.Module):
             tensors, _ = load_safetensors(directory / self.manifest["files"]["lidar_front_end"])
             self.front_end.load_state_dict(tensors)
             self.front_end.eval()
-        self.session = onnxruntime.InferenceSession(str(directory / self.manifest["files"]["onnx"]),
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(directory / self.manifest["files"]["onnx"]), options,
                                                     providers=providers_for(device))
         self.img_shape = tuple(self.cfg.camera.image_size)
 
