@@ -20,7 +20,7 @@ from aqrcmt.atomic import atomic_write_bytes, staged_directory
 from aqrcmt.checkpoint.io import save_safetensors_atomic, sha256_of
 from aqrcmt.config import Config
 from aqrcmt.errors import AqrcmtError
-from aqrcmt.export.graph import LidarFrontEnd, export_onnx, export_program, input_specs
+from aqrcmt.export.graph import export_onnx, export_program, front_end_state, input_specs
 from aqrcmt.models.detector import CmtDetector
 
 MANIFEST = "manifest.json"
@@ -119,17 +119,18 @@ def write_export(cfg: Config, detector: CmtDetector, checkpoint: Path, out: Path
                 model = to_fp16(model)
             atomic_write_bytes(staging / FILES["onnx"], model.SerializeToString())
         if detector.with_lidar:
-            save_safetensors_atomic(LidarFrontEnd.of(detector).state_dict(), staging / FILES["lidar_front_end"])
+            save_safetensors_atomic(front_end_state(detector), staging / FILES["lidar_front_end"])
         atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest
 
 
 def to_fp16(model):
     """The ONNX model with fp16 weights and activations (inputs and outputs keep their types): onnxruntime's
-    float16 converter."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    float16 converter. The scatters (the AQR splat) stay fp32: onnxruntime's CPU ScatterND has no fp16 add."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    return convert_float_to_float16(model, keep_io_types=True)
+    return convert_float_to_float16(model, keep_io_types=True,
+                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, "ScatterND", "ScatterElements"])
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

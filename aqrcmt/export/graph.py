@@ -4,6 +4,7 @@
     bev, images (1, 6, 3, H_img, W_img), lidar2img (1, 6, 4, 4) float64
         --DenseGraph: SECOND + FPN, camera backbone + CP-FPN, CMT head (+ AQR), top-k box decoding-->
         scores (1, K), labels (1, K) int64, boxes (1, K, 9)                                  [the graph]
+        (+ query_scores, query_boxes of every query, for comparing runtimes)
     boxes inside post_center_range and above score_threshold --finish_detections--> Detections  [outside]
 
 The LiDAR front end stays a PyTorch/spconv module: voxel counts vary per sample and spconv's gather/scatter
@@ -34,6 +35,7 @@ from aqrcmt.models.voxelize import HardSimpleVFE, HardVoxelizer
 from aqrcmt.structures import Detections
 
 OUTPUT_NAMES: tuple[str, ...] = ("scores", "labels", "boxes", "query_scores", "query_boxes")
+FRONT_END_MODULES: tuple[str, ...] = ("pts_voxel_layer", "pts_voxel_encoder", "pts_middle_encoder")
 
 
 class LidarFrontEnd(nn.Module):
@@ -49,19 +51,13 @@ class LidarFrontEnd(nn.Module):
         self.pts_voxel_encoder = HardSimpleVFE(cfg.lidar.in_channels)
         self.pts_middle_encoder = SparseEncoder.from_config(cfg.lidar)
 
-    @classmethod
-    def of(cls, detector: CmtDetector) -> "LidarFrontEnd":
-        """The front end of `detector`, sharing its weights."""
-        front = cls.__new__(cls)
-        nn.Module.__init__(front)
-        for name in ("pts_voxel_layer", "pts_voxel_encoder", "pts_middle_encoder"):
-            setattr(front, name, getattr(detector, name))
-        return front
-
     def forward(self, points: list[Tensor]) -> Tensor:
-        voxels = self.pts_voxel_layer(points)
-        features = self.pts_voxel_encoder(voxels.voxels, voxels.num_points)
-        return self.pts_middle_encoder(features, voxels.coors, voxels.batch_size)
+        return CmtDetector.sparse_bev(self, points)      # the detector's own front end, on these submodules
+
+
+def front_end_state(detector: CmtDetector) -> dict[str, Tensor]:
+    """The state_dict entries of `detector`'s LiDAR front end (what :class:`LidarFrontEnd` loads)."""
+    return {key: value for key, value in detector.state_dict().items() if key.split(".")[0] in FRONT_END_MODULES}
 
 
 class DenseGraph(nn.Module):
