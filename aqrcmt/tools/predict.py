@@ -6,9 +6,9 @@
     aqrcmt predict --engine onnx --model exported/tiny --root data/synthetic_nuscenes --out preds
 
 writes ``OUT/results.json`` (the official submission format, every box; the evaluation's writer) and per sample
-``OUT/<token>/bev.png``, ``cameras.png`` (with a camera branch) and ``aqr.png`` (with AQR, eager engine) showing the predictions
-scoring at least ``--score-threshold``. Everything is written into a temporary folder next to OUT that is
-renamed to OUT at the end, so a failed run leaves no half-written OUT.
+``OUT/<token>/bev.png``, ``cameras.png`` (with a camera branch) and ``aqr.png`` (with AQR, torch engine) showing
+the predictions scoring at least ``--score-threshold``. Everything is written into a temporary folder next to OUT
+that is renamed to OUT at the end, so a failed run leaves no half-written OUT.
 """
 from __future__ import annotations
 
@@ -119,8 +119,8 @@ def _select(dataset: NuScenesDataset, tokens: list[str], samples: int | None) ->
     return list(range(len(dataset)))[:samples]
 
 
-def _predict(detector: CmtDetector | OnnxDetector, cfg: Config, dataset: NuScenesDataset, indices: list[int], out: Path,
-             device: str, score_threshold: float) -> int:
+def _predict(detector: CmtDetector | OnnxDetector, cfg: Config, dataset: NuScenesDataset, indices: list[int],
+             out: Path, device: str, score_threshold: float) -> int:
     """Predict and draw into a temporary folder beside `out`, then rename it to `out`; returns the sample count."""
     with staged_directory(out, replace=False) as staging:
         def save(meta: SampleMeta, _: Detections, pictures: dict) -> None:
