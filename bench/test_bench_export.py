@@ -32,7 +32,7 @@ def engines(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("export")
     checkpoint = folder / "model.safetensors"
     save_safetensors_atomic(detector.state_dict(), checkpoint, {"config": cfg.to_json()})
-    write_export(cfg, detector, checkpoint, folder / "export", fmt="onnx", precision="fp32")
+    write_export(cfg, detector, checkpoint, folder / "export", fmt="onnx")
     engine = OnnxDetector(Path(folder / "export"), threads=1)
     feeds = engine.graph_inputs(synthetic_batch(cfg.model, batch_size=1, num_boxes=(6,)), 0)
     return DenseGraph(detector), engine, feeds

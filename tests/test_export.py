@@ -117,15 +117,18 @@ def test_exported_graphs_equal_eager(preset: str, checkpoints: dict[str, Path], 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["cmt_voxel0100_r50_800x320_cbgs",
-                                    "cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs"])
-def test_released_size_exports_equal_eager(preset: str, tmp_path: Path) -> None:
-    """The released sizes with random weights (minutes and several GB each on a CPU)."""
+@pytest.mark.parametrize(("preset", "cases"), [
+    ("cmt_voxel0100_r50_800x320_cbgs", ("points+images", "no points+black")),
+    # one input: eager VoV-99 at 1600 x 640 and its onnxruntime session together need ~20 GB
+    ("cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs", ("points+images",)),
+])
+def test_released_size_exports_equal_eager(preset: str, cases: tuple[str, ...], tmp_path: Path) -> None:
+    """The released sizes with random weights (minutes and 12-20 GB of memory each on a CPU)."""
     checkpoint = _checkpoint(preset, tmp_path, [])
     detector, _ = load_detector_from_checkpoint(checkpoint)
-    bundle.write_export(load_config(preset), detector, checkpoint, tmp_path / "export", fmt="onnx", precision="fp32")
+    bundle.write_export(load_config(preset), detector, checkpoint, tmp_path / "export", fmt="onnx")
     del detector
-    found = _parity(checkpoint, tmp_path / "export", ("points+images", "no points+black"))
+    found = _parity(checkpoint, tmp_path / "export", cases)
     for key, (score, _, box) in found.items():
         assert score <= TOLERANCE and box <= TOLERANCE, (key, score, box)
 

@@ -26,7 +26,6 @@ from aqrcmt.models.detector import CmtDetector
 MANIFEST = "manifest.json"
 FILES = {"torch": "model.pt2", "onnx": "model.onnx", "lidar_front_end": "lidar_front_end.safetensors"}
 FORMATS = ("torch", "onnx", "both")
-PRECISIONS = ("fp32", "fp16")
 OPSET = 18
 EXTRA_MODULES = ("onnx", "onnxscript", "onnxruntime")
 OUTSIDE_GRAPH = [
@@ -74,8 +73,7 @@ def output_specs(detector: CmtDetector) -> list[dict[str, Any]]:
     ]
 
 
-def build_manifest(cfg: Config, detector: CmtDetector, checkpoint: Path, formats: list[str],
-                   precision: str) -> dict[str, Any]:
+def build_manifest(cfg: Config, detector: CmtDetector, checkpoint: Path, formats: list[str]) -> dict[str, Any]:
     """The manifest of an export of `detector` (built from `cfg`) from the weights file `checkpoint`."""
     files = {fmt: FILES[fmt] for fmt in formats}
     if detector.with_lidar:
@@ -83,7 +81,7 @@ def build_manifest(cfg: Config, detector: CmtDetector, checkpoint: Path, formats
     return {
         "format": "aqrcmt-export", "format_version": 1,
         "files": files,
-        "precision": precision,
+        "precision": "fp32",
         "opset": OPSET if "onnx" in formats else None,
         "torch_version": torch.__version__,
         "batch_size": 1,
@@ -95,42 +93,26 @@ def build_manifest(cfg: Config, detector: CmtDetector, checkpoint: Path, formats
     }
 
 
-def write_export(cfg: Config, detector: CmtDetector, checkpoint: Path, out: Path, *, fmt: str,
-                 precision: str) -> dict[str, Any]:
+def write_export(cfg: Config, detector: CmtDetector, checkpoint: Path, out: Path, *, fmt: str) -> dict[str, Any]:
     """Export `detector` (the model of `cfg`, weights from `checkpoint`) into the folder `out` (missing or
-    empty); returns the manifest. Raises ExportError for an unknown format or precision, or a missing extra."""
+    empty) in fp32; returns the manifest. Raises ExportError for an unknown format or a missing extra."""
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     formats = ["torch", "onnx"] if fmt == "both" else [fmt]
-    if precision == "fp16" and formats != ["onnx"]:
-        raise ExportError("precision fp16 is written as ONNX only: use --format onnx")
     if "onnx" in formats:
         require_export_extra()
-    manifest = build_manifest(cfg, detector, checkpoint, formats, precision)
+    manifest = build_manifest(cfg, detector, checkpoint, formats)
     with staged_directory(out, replace=False) as staging:
         program = export_program(detector)
         if "torch" in formats:
             torch.export.save(program, staging / FILES["torch"])
         if "onnx" in formats:
             model = export_onnx(program, detector, OPSET)
-            if precision == "fp16":
-                model = to_fp16(model)
             atomic_write_bytes(staging / FILES["onnx"], model.SerializeToString())
         if detector.with_lidar:
             save_safetensors_atomic(front_end_state(detector), staging / FILES["lidar_front_end"])
         atomic_write_bytes(staging / MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest
-
-
-def to_fp16(model):
-    """The ONNX model with fp16 weights and activations (inputs and outputs keep their types): onnxruntime's
-    float16 converter. The scatters (the AQR splat) stay fp32: onnxruntime's CPU ScatterND has no fp16 add."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    return convert_float_to_float16(model, keep_io_types=True,
-                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, "ScatterND", "ScatterElements"])
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -144,7 +126,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise ExportError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "aqrcmt-export":
         raise ExportError(f"{path}: field 'format' is not 'aqrcmt-export'")
-    for field in ("files", "config", "inputs", "outputs", "precision"):
+    for field in ("files", "config", "inputs", "outputs"):
         if field not in manifest:
             raise ExportError(f"{path}: field {field!r} is missing")
     for name in manifest["files"].values():

@@ -16,14 +16,12 @@ from aqrcmt.tools.errors import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from aqrcmt.export.bundle import FORMATS, PRECISIONS
+    from aqrcmt.export.bundle import FORMATS
 
     parser.add_argument("--checkpoint", required=True, help="aqrcmt weights: a .safetensors file or a checkpoint dir")
     add_config_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--format", choices=FORMATS, default="both", help="torch (ExportedProgram), onnx or both")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp16 converts the ONNX model's weights and activations (inputs/outputs stay fp32)")
     parser.set_defaults(device="cpu")
 
 
@@ -36,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format != "torch":
         require_export_extra()
     detector, cfg, weights = load_checkpoint(args.checkpoint, args)
-    manifest = write_export(cfg, detector, weights, out, fmt=args.format, precision=args.precision)
+    manifest = write_export(cfg, detector, weights, out, fmt=args.format)
     files = ", ".join(manifest["files"].values())
-    print(f"exported {weights} ({args.format}, {args.precision}) to {out}: {files}, manifest.json")
+    print(f"exported {weights} ({args.format}, fp32) to {out}: {files}, manifest.json")
     return 0
