@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("aqrcmt.tools.inspect_checkpoint", "list a checkpoint's keys, shapes and dtypes by module"),
     "predict": ("aqrcmt.tools.predict", "detections (results JSON) and BEV/camera/AQR pictures of a checkpoint"),
     "diagnose": ("aqrcmt.tools.diagnose", "AQR rendering/modulation health table, sweeps and map images"),
+    "export": ("aqrcmt.tools.export", "the dense part of a checkpoint's detector as torch.export and ONNX graphs"),
     "study": ("aqrcmt.tools.study", "the AQR fine-tuning study: a pretrained CMT fine-tuned with each AQR setting"),
 }
 

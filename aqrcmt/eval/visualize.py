@@ -273,9 +273,10 @@ def predict_with_pictures(detector: torch.nn.Module, loader: Iterable[Batch], de
     """:func:`~aqrcmt.eval.predict.predict_dataset` that also hands each sample's pictures to `on_sample`.
 
     With AQR the forwards are monitored, so the first sample of every batch also gets its "aqr" picture
-    (use batches of one for a picture per sample).
+    (use batches of one for a picture per sample); a detector without ``pts_bbox_head`` (the onnx engine's
+    OnnxDetector) gets none.
     """
-    aqr = detector.pts_bbox_head.aqr
+    aqr = getattr(getattr(detector, "pts_bbox_head", None), "aqr", None)   # none in an exported graph
     point_cloud_range = detector.cfg.lidar.voxel.point_cloud_range
 
     def picture_batch(batch: Batch, detections: list[Detections]) -> None:

@@ -3,16 +3,18 @@
     aqrcmt predict --checkpoint runs/tiny/best --root data/nuscenes --split mini_val --samples 4 --out preds
     aqrcmt predict --checkpoint w.safetensors --info-pkl nuscenes_infos_val.pkl --root data/nuscenes \\
         --token 3e8750f331d7499e9b5123e9eb70f2e2 --out preds
+    aqrcmt predict --engine onnx --model exported/tiny --root data/synthetic_nuscenes --out preds
 
 writes ``OUT/results.json`` (the official submission format, every box; the evaluation's writer) and per sample
-``OUT/<token>/bev.png``, ``cameras.png`` (with a camera branch) and ``aqr.png`` (with AQR) showing the predictions
-scoring at least ``--score-threshold``. Everything is written into a temporary folder next to OUT that is
-renamed to OUT at the end, so a failed run leaves no half-written OUT.
+``OUT/<token>/bev.png``, ``cameras.png`` (with a camera branch) and ``aqr.png`` (with AQR, torch engine) showing
+the predictions scoring at least ``--score-threshold``. Everything is written into a temporary folder next to OUT
+that is renamed to OUT at the end, so a failed run leaves no half-written OUT.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.utils.data import DataLoader, Subset
 
@@ -24,13 +26,20 @@ from aqrcmt.data.loader import build_dataset
 from aqrcmt.eval.nuscenes_eval import detections_to_results, write_results
 from aqrcmt.eval.visualize import predict_with_pictures, save_png
 from aqrcmt.models.detector import CmtDetector
+from aqrcmt.overrides import apply_overrides
 from aqrcmt.structures import Detections, SampleMeta
 from aqrcmt.tools.checkpoint_options import add_config_arguments, load_checkpoint
 from aqrcmt.tools.errors import CommandError
 
+if TYPE_CHECKING:
+    from aqrcmt.export.runtime import OnnxDetector
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="aqrcmt weights: a .safetensors file or a checkpoint dir")
+    parser.add_argument("--checkpoint", help="aqrcmt weights: a .safetensors file or a checkpoint dir (engine torch)")
+    parser.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                        help="torch: eager PyTorch; onnx: an `aqrcmt export` folder run by onnxruntime")
+    parser.add_argument("--model", help="the `aqrcmt export` folder (engine onnx)")
     add_config_arguments(parser)
     parser.add_argument("--split", help="official split to read (default: the config's data.val_split)")
     parser.add_argument("--info-pkl", help="read the samples from this mmdet3d-format nuscenes_infos_*.pkl")
@@ -58,14 +67,34 @@ def _check_out(out: Path) -> Path:
     return out
 
 
-def _load(args: argparse.Namespace) -> tuple[Config, CmtDetector]:
-    """The checkpoint's config (:func:`load_checkpoint`) reading --split / --info-pkl strictly, and its detector."""
-    detector, cfg, _ = load_checkpoint(args.checkpoint, args)
+def _load(args: argparse.Namespace) -> tuple[Config, CmtDetector | OnnxDetector]:
+    """The checkpoint's config (:func:`load_checkpoint`) or the export's, reading --split / --info-pkl strictly,
+    and its detector."""
+    if args.engine == "onnx":
+        cfg, detector = _load_export(args)
+    elif args.checkpoint and not args.model:
+        detector, cfg, _ = load_checkpoint(args.checkpoint, args)
+    else:
+        raise CommandError("--engine torch runs --checkpoint (not --model)")
     if args.split:
         cfg.data.val_split = args.split
     if args.info_pkl or args.split:
         cfg.data.info_pkl_val = args.info_pkl        # a stored config's pkl belongs to its own split
     cfg.data.on_bad_sample = "error"
+    return cfg, detector
+
+
+def _load_export(args: argparse.Namespace) -> tuple[Config, OnnxDetector]:
+    """The export folder's detector and config, with --override, --root and --version applied."""
+    if args.checkpoint or not args.model:
+        raise CommandError("--engine onnx runs --model DIR, a folder written by `aqrcmt export` (not --checkpoint)")
+    from aqrcmt.export.runtime import OnnxDetector
+
+    detector = OnnxDetector(args.model, args.device)
+    cfg = apply_overrides(detector.config, args.override)
+    for field, value in (("root", args.root), ("version", args.version)):
+        if value:
+            setattr(cfg.data, field, value)
     return cfg, detector
 
 
@@ -90,8 +119,8 @@ def _select(dataset: NuScenesDataset, tokens: list[str], samples: int | None) ->
     return list(range(len(dataset)))[:samples]
 
 
-def _predict(detector: CmtDetector, cfg: Config, dataset: NuScenesDataset, indices: list[int], out: Path,
-             device: str, score_threshold: float) -> int:
+def _predict(detector: CmtDetector | OnnxDetector, cfg: Config, dataset: NuScenesDataset, indices: list[int],
+             out: Path, device: str, score_threshold: float) -> int:
     """Predict and draw into a temporary folder beside `out`, then rename it to `out`; returns the sample count."""
     with staged_directory(out, replace=False) as staging:
         def save(meta: SampleMeta, _: Detections, pictures: dict) -> None:

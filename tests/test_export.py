@@ -1,0 +1,217 @@
+"""`aqrcmt export` (torch.export + ONNX) and `aqrcmt predict --engine onnx`: the exported graph against eager
+PyTorch, the ONNX graph's domains, the manifest, and bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from aqrcmt.checkpoint.io import save_safetensors_atomic, sha256_of
+from aqrcmt.cli import main
+from aqrcmt.data.synthetic_batch import camera_ring, synthetic_batch
+from aqrcmt.export import bundle
+from aqrcmt.export.graph import DenseGraph, finish_detections, inverse_4x4
+from aqrcmt.export.runtime import OnnxDetector
+from aqrcmt.inference import load_detector_from_checkpoint
+from aqrcmt.models import build_model
+from aqrcmt.presets import load_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# fp32: max |difference| of scores, and of box parameters (m, rad, m/s) relative to max(1, |value|): fp32 holds
+# about 7 significant digits, so a 50 m centre is exact to ~4e-6 m per rounding.
+TOLERANCE = 1e-4
+PRESETS = ("tiny", "tiny_aqr")
+
+
+def test_closed_form_inverse_equals_linalg_inv() -> None:
+    matrices = torch.cat([camera_ring((128, 352)), torch.randn(8, 4, 4, dtype=torch.float64)])
+    torch.testing.assert_close(inverse_4x4(matrices), torch.linalg.inv(matrices), rtol=1e-9, atol=1e-12)
+
+
+def _checkpoint(preset: str, folder: Path, overrides: list[str]) -> Path:
+    cfg = load_config(preset, overrides)
+    torch.manual_seed(0)
+    path = folder / f"{preset}.safetensors"
+    save_safetensors_atomic(build_model(cfg.model).state_dict(), path, {"config": cfg.to_json()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("checkpoints")
+    return {preset: _checkpoint(preset, folder, [f"data.root={synthetic_root}", "data.sweeps=1"])
+            for preset in PRESETS}
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """preset -> export folder written by `aqrcmt export` (tiny_aqr in both formats, tiny as ONNX)."""
+    folder = tmp_path_factory.mktemp("export")
+    for preset, fmt in (("tiny_aqr", "both"), ("tiny", "onnx")):
+        assert main(["export", "--checkpoint", str(checkpoints[preset]), "--out", str(folder / preset),
+                     "--format", fmt]) == 0
+    return {preset: folder / preset for preset in PRESETS}
+
+
+CASES = ("points+images", "no points+black", "points+black")
+
+
+def _batches(cfg, cases: tuple[str, ...]) -> dict[str, object]:
+    """Synthetic batches of one sample: points + random images; no points + all-black images; points + black
+    images."""
+    batches = {}
+    for seed, case in enumerate(cases):
+        batch = synthetic_batch(cfg, batch_size=1, num_boxes=(6,), seed=seed, zero_images="black" in case)
+        if case.startswith("no points"):
+            batch.points = [batch.points[0][:0]]
+        batches[case] = batch
+    return batches
+
+
+def _max_differences(expected: tuple[torch.Tensor, ...], got: tuple[torch.Tensor, ...]) -> tuple[float, float, float]:
+    """(max |score difference|, max |box difference|, max |box difference| / max(1, |box value|)) over every query
+    and class."""
+    box = (expected[4] - got[4].float()).abs()
+    return ((expected[3] - got[3].float()).abs().max().item(), box.max().item(),
+            (box / expected[4].abs().clamp(min=1.0)).max().item())
+
+
+def _parity(checkpoint: Path, folder: Path, cases: tuple[str, ...]) -> dict[tuple[str, str], tuple[float, ...]]:
+    """(case, runtime) -> :func:`_max_differences` of the export in `folder` against eager;
+    also checks that the eager graph plus the filter after it is the eager detector's own prediction."""
+    detector, _ = load_detector_from_checkpoint(checkpoint)
+    graph = DenseGraph(detector)
+    engine = OnnxDetector(folder)
+    torch_file = folder / bundle.FILES["torch"]
+    program = torch.export.load(torch_file).module() if torch_file.is_file() else None
+    head = detector.cfg.head
+    found = {}
+    for case, batch in _batches(detector.cfg, cases).items():
+        feeds = engine.graph_inputs(batch, 0)
+        inputs = [torch.from_numpy(array) for array in feeds.values()]
+        with torch.no_grad():
+            eager = graph(*inputs)
+            kept = finish_detections(eager[0][0], eager[1][0], eager[2][0], post_center_range=head.post_center_range,
+                                     score_threshold=head.score_threshold)
+            (reference,) = detector.predict(batch)
+            outputs = {"onnxruntime": engine.run(feeds)}
+            if program is not None:
+                outputs["torch.export"] = program(*inputs)
+        torch.testing.assert_close(kept.boxes, reference.boxes, rtol=0, atol=1e-5)
+        torch.testing.assert_close(kept.scores, reference.scores, rtol=0, atol=1e-6)
+        for runtime, got in outputs.items():
+            found[case, runtime] = score, box, relative = _max_differences(eager, got)
+            print(f"{checkpoint.stem} {case} {runtime}: scores {score:.2e}, boxes {box:.2e} (relative {relative:.2e})")
+    return found
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_exported_graphs_equal_eager(preset: str, checkpoints: dict[str, Path], exported: dict[str, Path]) -> None:
+    found = _parity(checkpoints[preset], exported[preset], CASES)
+    assert len(found) == (6 if preset == "tiny_aqr" else 3)
+    for key, (score, _, box) in found.items():
+        assert score <= TOLERANCE and box <= TOLERANCE, (key, score, box)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("preset", "cases"), [
+    ("cmt_voxel0100_r50_800x320_cbgs", ("points+images", "no points+black")),
+    # one input: eager VoV-99 at 1600 x 640 and its onnxruntime session together need ~20 GB
+    ("cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs", ("points+images",)),
+])
+def test_released_size_exports_equal_eager(preset: str, cases: tuple[str, ...], tmp_path: Path) -> None:
+    """The released sizes with random weights (minutes and 12-20 GB of memory each on a CPU)."""
+    checkpoint = _checkpoint(preset, tmp_path, [])
+    detector, _ = load_detector_from_checkpoint(checkpoint)
+    bundle.write_export(load_config(preset), detector, checkpoint, tmp_path / "export", fmt="onnx")
+    del detector
+    found = _parity(checkpoint, tmp_path / "export", cases)
+    for key, (score, _, box) in found.items():
+        assert score <= TOLERANCE and box <= TOLERANCE, (key, score, box)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_onnx_graph_holds_only_the_standard_domain(preset: str, exported: dict[str, Path]) -> None:
+    model = onnx.load(exported[preset] / bundle.FILES["onnx"])
+    assert {entry.domain for entry in model.opset_import} <= {"", "ai.onnx"}
+    assert {node.domain for node in model.graph.node} == {""}
+    assert not model.functions                                 # nothing hidden in local functions either
+    if preset == "tiny_aqr":                                   # the splat's index_add is in the graph
+        assert "ScatterND" in {node.op_type for node in model.graph.node}
+
+
+def test_manifest_describes_the_graph(checkpoints: dict[str, Path], exported: dict[str, Path]) -> None:
+    manifest = json.loads((exported["tiny_aqr"] / "manifest.json").read_text())
+    model = onnx.load(exported["tiny_aqr"] / bundle.FILES["onnx"])
+    onnx_inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert onnx_inputs == {spec["name"]: spec["shape"] for spec in manifest["inputs"]}
+    assert [spec["name"] for spec in manifest["outputs"]] == [o.name for o in model.graph.output]
+    assert manifest["outputs"][2]["shape"] == [1, 100, 9]       # max_num boxes of 9 values
+    assert manifest["outputs"][3]["shape"] == [1, 300, 10]      # every query's class scores
+    assert manifest["checkpoint"]["sha256"] == sha256_of(checkpoints["tiny_aqr"])
+    assert manifest["opset"] == bundle.OPSET and manifest["precision"] == "fp32"
+    assert manifest["config"]["model"]["aqr"]["enabled"] is True
+    assert sorted(manifest["files"]) == ["lidar_front_end", "onnx", "torch"]
+    assert any("spconv" in line for line in manifest["outside_graph"])
+
+
+def _results(folder: Path) -> dict[str, list[dict]]:
+    return json.loads((folder / "results.json").read_text())["results"]
+
+
+def test_predict_with_the_onnx_engine_matches_eager(checkpoints: dict[str, Path], exported: dict[str, Path],
+                                                    synthetic_root: Path, tmp_path: Path) -> None:
+    common = ["--split", "mini_val", "--samples", "3", "--root", str(synthetic_root)]
+    assert main(["predict", "--checkpoint", str(checkpoints["tiny_aqr"]), *common,
+                 "--out", str(tmp_path / "eager")]) == 0
+    assert main(["predict", "--engine", "onnx", "--model", str(exported["tiny_aqr"]), *common,
+                 "--out", str(tmp_path / "onnx")]) == 0
+    eager, onnx_results = _results(tmp_path / "eager"), _results(tmp_path / "onnx")
+    assert eager.keys() == onnx_results.keys() and len(eager) == 3
+    for token, boxes in eager.items():
+        assert len(boxes) == len(onnx_results[token]) > 0
+        for a, b in zip(boxes, onnx_results[token]):
+            assert a["detection_name"] == b["detection_name"]
+            values = ("translation", "size", "rotation", "velocity")
+            diff = max(abs(x - y) for key in values for x, y in zip(a[key], b[key]))
+            assert diff <= TOLERANCE and abs(a["detection_score"] - b["detection_score"]) <= TOLERANCE
+        assert {p.name for p in (tmp_path / "onnx" / token).iterdir()} == {"bev.png", "cameras.png"}
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture, expected: str) -> None:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def test_bad_input_gives_one_error_line_and_writes_nothing(checkpoints: dict[str, Path], exported: dict[str, Path],
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = str(checkpoints["tiny"])
+    out = tmp_path / "out"
+    full = tmp_path / "full"
+    (full / "x").mkdir(parents=True)
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    cases = [
+        (["export", "--checkpoint", ckpt, "--out", str(full)], str(full)),
+        (["export", "--checkpoint", ckpt, "--out", str(a_file / "sub")], str(a_file)),
+        (["export", "--checkpoint", ckpt, "--out", str(out), "--override", "model.head.hidden_dim=32"],
+         "pts_bbox_head"),
+        (["export", "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(out)], "missing.safetensors"),
+        (["predict", "--engine", "onnx", "--checkpoint", ckpt, "--out", str(out)], "--model"),
+        (["predict", "--engine", "onnx", "--model", str(full), "--out", str(out)], "manifest.json"),
+    ]
+    for argv, expected in cases:
+        _fails(argv, capsys, expected)
+    monkeypatch.setattr(bundle, "EXTRA_MODULES", (*bundle.EXTRA_MODULES, "aqrcmt_no_such_module"))
+    _fails(["export", "--checkpoint", ckpt, "--out", str(out), "--format", "onnx"], capsys, "aqrcmt[export]")
+    _fails(["predict", "--engine", "onnx", "--model", str(exported["tiny"]), "--out", str(out)], capsys,
+           "aqrcmt[export]")
+    with pytest.raises(SystemExit) as exit_info:                  # argparse: an unknown format
+        main(["export", "--checkpoint", ckpt, "--out", str(out), "--format", "tflite"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]      # no out, no staging folder
