@@ -65,6 +65,7 @@ class Resources:
 
     @property
     def spills(self) -> bool:
+        """Local memory or stack in use: registers spilled."""
         return self.local > 0 or self.stack > 0
 
 
@@ -80,6 +81,7 @@ def nvidia_backend_missing() -> str:
 
 
 def cuobjdump_path() -> str:
+    """The cuobjdump the Triton wheel ships beside its ptxas."""
     import triton.backends.nvidia as nvidia
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
 
@@ -171,6 +173,7 @@ RELEASED = KernelSizes(batch=2, queries=900 + 300, bev_hw=(180, 180), views=6, c
 # The same maps with few queries and channels: the same constexprs (tile spans depend on the map size), quick.
 RELEASED_MAPS_FEW_QUERIES = KernelSizes(batch=1, queries=16, bev_hw=(180, 180), views=6, camera_hw=(40, 100), channels=16)
 
+SPLAT_DEFAULTS = dict(method="gaussian", kernel_norm="sum", position="floor", kernel_size=None, fill=1.0, eps=1e-6)
 # Options no preset uses, one per constexpr value the presets leave out (the renderer's other modes).
 OPTION_RENDERS = {
     "exact sum": dict(sigma=1.0, kernel_norm="sum", position="exact", threshold=0.01, clamp_max=1.5),
@@ -226,10 +229,7 @@ def _splat_variants(render: str, options: dict, kind: str, dtype: str, sizes: Ke
                     splat_inputs: SplatInputs) -> list[Variant]:
     def inputs():
         weights, coords, valid, height, width = splat_inputs(sizes, kind, DTYPES[dtype])
-        p = SplatParams.build(height, width, method=options.get("method", "gaussian"),
-                              kernel_norm=options.get("kernel_norm", "sum"), position=options.get("position", "floor"),
-                              sigma=options["sigma"], kernel_size=None, threshold=options["threshold"],
-                              clamp_max=options["clamp_max"], fill=options.get("fill", 1.0), eps=1e-6)
+        p = SplatParams.build(height, width, **{**SPLAT_DEFAULTS, **options})
         return weights, coords, valid, p
 
     def forward() -> Launch:

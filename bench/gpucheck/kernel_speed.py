@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from aqrcmt import kernels
-from aqrcmt.kernels.aot import ARCHS, Arch, launch_work, roofline_seconds
+from aqrcmt.kernels.aot import ARCHS, SPLAT_DEFAULTS, Arch, launch_work, roofline_seconds
 from aqrcmt.kernels.modulate_triton import modulate_backward_launch, modulate_forward_launch
 from aqrcmt.kernels.splat_params import SplatParams
 from aqrcmt.kernels.splat_triton import splat_backward_launch, splat_forward_launch
@@ -92,8 +92,7 @@ def predicted_rows(part: Part, plan: Plan, arch: Arch) -> None:
     sizes, device = plan.kernel_sizes, plan.device
     for kind in ("bev", "camera"):
         weights, coords, valid, h, w = splat_inputs(sizes, kind, torch.float32, device)
-        p = SplatParams.build(h, w, method="gaussian", position="floor", kernel_size=None, fill=1.0, eps=1e-6,
-                              **SPLAT_OPTIONS["user"])
+        p = SplatParams.build(h, w, **{**SPLAT_DEFAULTS, **SPLAT_OPTIONS["user"]})
         forward, (out, raw, den) = splat_forward_launch(weights, coords, valid, p)
         backward, _ = splat_backward_launch(torch.ones_like(out), weights, coords, valid, raw, den, p)
         x, wmap = feature_inputs(sizes, kind, torch.float32, device)
