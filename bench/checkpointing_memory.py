@@ -1,6 +1,6 @@
 """Activation checkpointing on the CPU: the peak memory of a training step with and without it, and the step time.
 
-    python bench/checkpointing_memory.py --config cmt_voxel0100_r50_800x320_cbgs --out bench/results/checkpointing_cpu.md
+    python bench/checkpointing_memory.py --out bench/results/checkpointing_cpu.md     # default: the r50 preset
 
 The step is the camera path of the detector's training step at the config's sizes, batch 1, fp32: the image
 backbone on the six camera images (`build_image_backbone`, parameters trainable, BatchNorm as the config says), a

@@ -107,12 +107,12 @@ def markdown(rows: list[dict], sizes: aot.KernelSizes, command: str, seconds: fl
               "Waves: programs / (SMs x resident blocks).", "",
               "## fp32 launches", "",
               "| launch | arch | regs (budget) | smem B | spill B | warps | occupancy | programs | waves | "
-              "pairs visited (M) | MB moved | predicted us (bound) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "pairs visited (M) | MB moved | predicted us (bound) |", "|---" * 12 + "|"]
     for r in rows:
         if r["dtype"] != "fp32" or "error" in r:
             continue
-        lines.append(f"| {r['launch'].removesuffix(', fp32')} | {r['arch']} | {r['registers']} ({r['register_budget']}) "
-                     f"| {r['shared']} | {r['local']} | {r['warps']} | {r['occupancy']:.0%} | {r['programs']} | "
+        lines.append(f"| {r['launch'].removesuffix(', fp32')} | {r['arch']} | {r['registers']} "
+                     f"({r['register_budget']}) | {r['shared']} | {r['local']} | {r['warps']} | {r['occupancy']:.0%} | {r['programs']} | "
                      f"{r['waves']:.2f} | {r['pairs'] / 1e6:.2f} | {r['bytes'] / 1e6:.2f} | "
                      f"{r['predicted_us']:.1f} ({r['bound']}) |")
     lines += ["", "## bf16 / fp16 inputs", "", "| dtype | arch | builds | max regs | min occupancy | spills |",

@@ -171,7 +171,8 @@ class KernelSizes:
 # The released vov head: 900 queries + 300 denoising queries, 180x180 BEV, 6 x 40x100 camera maps, 256 channels.
 RELEASED = KernelSizes(batch=2, queries=900 + 300, bev_hw=(180, 180), views=6, camera_hw=(40, 100), channels=256)
 # The same maps with few queries and channels: the same constexprs (tile spans depend on the map size), quick.
-RELEASED_MAPS_FEW_QUERIES = KernelSizes(batch=1, queries=16, bev_hw=(180, 180), views=6, camera_hw=(40, 100), channels=16)
+RELEASED_MAPS_FEW_QUERIES = KernelSizes(batch=1, queries=16, bev_hw=(180, 180), views=6, camera_hw=(40, 100),
+                                        channels=16)
 
 SPLAT_DEFAULTS = dict(method="gaussian", kernel_norm="sum", position="floor", kernel_size=None, fill=1.0, eps=1e-6)
 # Options no preset uses, one per constexpr value the presets leave out (the renderer's other modes).

@@ -288,7 +288,8 @@ def splat_backward_launch(grad_out: torch.Tensor, weights: torch.Tensor, coords:
         _splat_bwd_kernel, (tiles_y * tiles_x, batch * views),
         (weights.contiguous(), coords.contiguous(), entries, offsets, grad_out.contiguous(), raw, den,
          share_w, share_c, views, p.height, p.width, tiles_x, *_shared_scalars(p), p.eps),
-        dict(COORD_GRAD=p.coords_differentiable, BLOCK_Q=BLOCK_Q_BWD // 2 if p.coords_differentiable else BLOCK_Q_BWD, **_shared_constexprs(p)), num_warps=WARPS_BWD)
+        dict(COORD_GRAD=p.coords_differentiable, BLOCK_Q=BLOCK_Q_BWD // 2 if p.coords_differentiable else BLOCK_Q_BWD,
+             **_shared_constexprs(p)), num_warps=WARPS_BWD)
     return launch, (share_w, share_c)
 
 

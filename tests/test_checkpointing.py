@@ -37,7 +37,8 @@ def test_checkpointed_decoder_replays_dropout_and_matches():
     plain = Decoder(num_layers=2, embed_dim=32, num_heads=4, ffn_dim=64, dropout=0.2).train()
     recomputed = Decoder(num_layers=2, embed_dim=32, num_heads=4, ffn_dim=64, dropout=0.2, checkpointing=True).train()
     recomputed.load_state_dict(plain.state_dict())
-    query_pos, memory, key_pos = torch.randn(2, 5, 32), torch.randn(2, 40, 32, requires_grad=True), torch.randn(2, 40, 32)
+    query_pos, key_pos = torch.randn(2, 5, 32), torch.randn(2, 40, 32)
+    memory = torch.randn(2, 40, 32, requires_grad=True)
     results = []
     for module in (plain, recomputed):
         torch.manual_seed(1)                                      # the same dropout masks in both forwards
