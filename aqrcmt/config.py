@@ -83,6 +83,10 @@ class CameraConfig:
     grid_mask: bool = True
     grid_mask_prob: float = 0.7
     frozen_bn: bool = True                                 # norm_eval=True of the released configs
+    # Activation checkpointing of the image backbone in training: its activations are recomputed in the backward
+    # instead of kept (docs/benchmarks.md, "Memory"). With trainable BatchNorm (frozen_bn False) the recomputation
+    # updates the running statistics a second time.
+    checkpointing: bool = False
 
     def validate(self, key: str = "model.camera") -> None:
         _check(len(self.image_size) == 2 and all(v > 0 and v % 32 == 0 for v in self.image_size),
@@ -130,6 +134,8 @@ class HeadConfig:
     post_center_range: tuple[float, ...] = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
     max_num: int = 300
     score_threshold: Optional[float] = None
+    # Activation checkpointing of each decoder layer in training (recomputed in the backward; dropout masks replayed)
+    checkpointing: bool = False
 
     def validate(self, key: str = "model.head") -> None:
         _positive(self, key, "in_channels", "hidden_dim", "num_query", "depth_num", "downsample_scale", "num_layers",

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from .launch import Launch
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -91,29 +92,46 @@ def _modulate_bwd_kernel(
 # Launchers
 # ------------------------------------------------------------------------------------------------------------------
 _BLOCK_C, _BLOCK_P = 16, 128
+_WARPS_FWD, _WARPS_BWD = 4, 8       # the backward holds two [BLOCK_C, BLOCK_P] blocks: more threads share them
+
+
+def modulate_forward_launch(x: torch.Tensor, scale: torch.Tensor,
+                            with_stats: bool) -> tuple[Launch, tuple[torch.Tensor, torch.Tensor]]:
+    """The forward launch and its outputs: out [N, C, H, W] in x's dtype, per-program partial statistics."""
+    n, c, h, w = x.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grid = (triton.cdiv(h * w, _BLOCK_P), n)
+    partial = x.new_zeros((grid[0] * n, 4) if with_stats else (0,), dtype=torch.float32)
+    launch = Launch(_modulate_fwd_kernel, grid, (x.contiguous(), scale.contiguous(), out, partial, c, h * w),
+                    dict(STATS=with_stats, BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P), num_warps=_WARPS_FWD)
+    return launch, (out, partial)
+
+
+def modulate_backward_launch(grad_out: torch.Tensor, x: torch.Tensor,
+                             scale: torch.Tensor) -> tuple[Launch, tuple[torch.Tensor, torch.Tensor]]:
+    """The backward launch and its outputs: grad_x in x's dtype, grad_scale [N, H, W] fp32."""
+    n, c, h, w = x.shape
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad_scale = torch.zeros_like(scale, dtype=torch.float32, memory_format=torch.contiguous_format)
+    launch = Launch(_modulate_bwd_kernel, (triton.cdiv(h * w, _BLOCK_P), n),
+                    (grad_out.contiguous(), x.contiguous(), scale.contiguous(), grad_x, grad_scale, c, h * w),
+                    dict(BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P), num_warps=_WARPS_BWD)
+    return launch, (grad_x, grad_scale)
 
 
 def modulate_forward_triton(x: torch.Tensor, scale: torch.Tensor,
                             with_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [N, C, H, W] in x's dtype, stats [4] fp32 or empty) from one launch of `_modulate_fwd_kernel`."""
-    n, c, h, w = x.shape
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    grid = (triton.cdiv(h * w, _BLOCK_P), n)
-    partial = x.new_zeros((grid[0] * n, 4) if with_stats else (0,), dtype=torch.float32)
+    launch, (out, partial) = modulate_forward_launch(x, scale, with_stats)
     if out.numel() > 0:
-        wrap_triton(_modulate_fwd_kernel)[grid](x.contiguous(), scale.contiguous(), out, partial, c, h * w,
-                                                STATS=with_stats, BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)
+        launch()
     return out, partial.sum(0) if with_stats else partial
 
 
 def modulate_backward_triton(grad_out: torch.Tensor, x: torch.Tensor,
                              scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x in x's dtype, grad_scale [N, H, W] fp32) from one launch of `_modulate_bwd_kernel`."""
-    n, c, h, w = x.shape
-    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-    grad_scale = torch.zeros_like(scale, dtype=torch.float32, memory_format=torch.contiguous_format)
+    launch, (grad_x, grad_scale) = modulate_backward_launch(grad_out, x, scale)
     if grad_x.numel() > 0:
-        wrap_triton(_modulate_bwd_kernel)[(triton.cdiv(h * w, _BLOCK_P), n)](
-            grad_out.contiguous(), x.contiguous(), scale.contiguous(), grad_x, grad_scale, c, h * w,
-            BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)
+        launch()
     return grad_x, grad_scale

@@ -196,8 +196,9 @@ TRITON_CASES = [
 
 @needs_interpreter
 @pytest.mark.parametrize("options", TRITON_CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
-@pytest.mark.parametrize("batch,views,height,width", [(1, 1, 16, 16), (3, 6, 5, 9)])
+@pytest.mark.parametrize("batch,views,height,width", [(1, 1, 16, 16), (3, 6, 5, 9), (2, 2, 21, 35)])
 def test_triton_matches_separable(options, batch, views, height, width):
+    """One tile per map (16x16, 5x9) and 2 x 3 tiles per map (21x35: footprints cross tile edges)."""
     weights, coords, valid = random_inputs(batch, 37, views, height, width, seed=batch * 10 + views)
     if options.get("kernel_norm") == "peak":
         coords[:, :12] = coords[:, 12:13]                            # a pile-up that hits the clamp

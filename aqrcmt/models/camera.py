@@ -11,6 +11,9 @@ The head consumes level 0 only. In training the detector first applies
 """
 from __future__ import annotations
 
+import torch
+from torch.utils.checkpoint import checkpoint
+
 from aqrcmt.config import CameraConfig, ConfigError
 from aqrcmt.models.cpfpn import CPFPN
 from aqrcmt.models.resnet import ResNet, resnet50, tiny_resnet
@@ -18,6 +21,27 @@ from aqrcmt.models.vovnet import VoVNet
 
 # Output channels (stride 16, stride 32) each pretrained architecture fixes.
 FIXED_OUT_CHANNELS: dict[str, tuple[int, int]] = {"vovnet99": (768, 1024), "resnet50": (1024, 2048)}
+
+
+class _RecomputedInTraining:
+    """Backbone mixin (``model.camera.checkpointing``): in a training step with gradients the forward keeps no
+    activations and runs again in the backward (torch.utils.checkpoint); parameters and state-dict keys unchanged."""
+
+    def forward(self, images: torch.Tensor):
+        if self.training and torch.is_grad_enabled():
+            return checkpoint(super().forward, images, use_reentrant=False)
+        return super().forward(images)
+
+
+class CheckpointedVoVNet(_RecomputedInTraining, VoVNet):
+    pass
+
+
+class CheckpointedResNet(_RecomputedInTraining, ResNet):
+    pass
+
+
+CHECKPOINTED = {VoVNet: CheckpointedVoVNet, ResNet: CheckpointedResNet}
 
 
 def build_image_backbone(cfg: CameraConfig) -> VoVNet | ResNet:
@@ -30,12 +54,16 @@ def build_image_backbone(cfg: CameraConfig) -> VoVNet | ResNet:
         raise ConfigError(f"config field 'model.camera.backbone_out_channels': {cfg.backbone} outputs {expected}, "
                           f"got {out_channels}")
     if cfg.backbone == "vovnet99":
-        return VoVNet(frozen_bn=cfg.frozen_bn)
-    if cfg.backbone == "resnet50":
-        return resnet50(frozen_bn=cfg.frozen_bn)
-    if cfg.backbone == "tiny":
-        return tiny_resnet(out_channels, frozen_bn=cfg.frozen_bn)
-    raise ConfigError(f"config field 'model.camera.backbone': unknown backbone {cfg.backbone!r}")
+        backbone = VoVNet(frozen_bn=cfg.frozen_bn)
+    elif cfg.backbone == "resnet50":
+        backbone = resnet50(frozen_bn=cfg.frozen_bn)
+    elif cfg.backbone == "tiny":
+        backbone = tiny_resnet(out_channels, frozen_bn=cfg.frozen_bn)
+    else:
+        raise ConfigError(f"config field 'model.camera.backbone': unknown backbone {cfg.backbone!r}")
+    if cfg.checkpointing:
+        backbone.__class__ = CHECKPOINTED[type(backbone)]      # the same module, its forward recomputed
+    return backbone
 
 
 def build_image_neck(cfg: CameraConfig) -> CPFPN:

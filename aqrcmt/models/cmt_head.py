@@ -78,7 +78,8 @@ class CmtHead(nn.Module):
         hidden = cfg.hidden_dim
 
         self.shared_conv = ConvBNReLU(cfg.in_channels, hidden) if with_lidar else None
-        self.transformer = CmtTransformer(cfg.num_layers, hidden, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
+        self.transformer = CmtTransformer(cfg.num_layers, hidden, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
+                                          cfg.checkpointing)
         self.reference_points = nn.Embedding(cfg.num_query, 3)
         nn.init.uniform_(self.reference_points.weight, 0.0, 1.0)
         self.bev_embedding = _mlp(2 * hidden, hidden, hidden)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class PackedAttention(nn.Module):
@@ -98,13 +99,16 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """`num_layers` decoder layers; returns the post-normed output of every layer."""
+    """`num_layers` decoder layers; returns the post-normed output of every layer. With `checkpointing`, each
+    layer's activations are recomputed in the backward of a training step instead of kept."""
 
-    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, ffn_dim: int, dropout: float,
+                 checkpointing: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList([DecoderLayer(embed_dim, num_heads, ffn_dim, dropout)
                                      for _ in range(num_layers)])
         self.post_norm = nn.LayerNorm(embed_dim)
+        self.checkpointing = checkpointing
 
     def forward(self, query_pos: Tensor, memory: Tensor, key_pos: Tensor,
                 self_attn_mask: Optional[Tensor] = None, cross_attn_bias: Optional[Tensor] = None) -> Tensor:
@@ -112,8 +116,13 @@ class Decoder(nn.Module):
         tgt = torch.zeros_like(query_pos)
         key = memory + key_pos
         outputs = []
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            tgt = layer(tgt, query_pos, memory, key, self_attn_mask, cross_attn_bias)
+            if recompute:
+                tgt = checkpoint(layer, tgt, query_pos, memory, key, self_attn_mask, cross_attn_bias,
+                                 use_reentrant=False)
+            else:
+                tgt = layer(tgt, query_pos, memory, key, self_attn_mask, cross_attn_bias)
             outputs.append(self.post_norm(tgt))
         return torch.stack(outputs)
 
@@ -124,9 +133,10 @@ class CmtTransformer(nn.Module):
     Token order: BEV cells row-major ``(h w)``, then camera cells ``(view h w)`` (official order).
     """
 
-    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, ffn_dim: int, dropout: float,
+                 checkpointing: bool = False) -> None:
         super().__init__()
-        self.decoder = Decoder(num_layers, embed_dim, num_heads, ffn_dim, dropout)
+        self.decoder = Decoder(num_layers, embed_dim, num_heads, ffn_dim, dropout, checkpointing)
         for module in self.modules():  # DETR init: xavier-uniform projections, zero biases
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

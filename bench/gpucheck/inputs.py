@@ -24,15 +24,10 @@ MODULATE_OPTIONS = {        # name -> (modulate keyword arguments)
 }
 
 
-def map_shape(sizes: KernelSizes, kind: str) -> tuple[int, int, int]:
-    """(V, H, W) of the BEV ('bev') or the camera ('camera') maps."""
-    return (1, *sizes.bev_hw) if kind == "bev" else (sizes.views, *sizes.camera_hw)
-
-
 def splat_inputs(sizes: KernelSizes, kind: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """weights [B, Q] ~ N(0.45, 0.1) clamped to [0, 1]; coords [B, Q, V, 2] uniform over the map; valid: BEV all,
     camera 70 % of the queries in one random view. Returns (weights, coords, valid, H, W)."""
-    views, height, width = map_shape(sizes, kind)
+    views, height, width = sizes.map_shape(kind)
     gen = torch.Generator().manual_seed(seed)
     b, q = sizes.batch, sizes.queries
     weights = (0.45 + 0.1 * torch.randn(b, q, generator=gen)).clamp(0, 1)
@@ -47,7 +42,7 @@ def splat_inputs(sizes: KernelSizes, kind: str, dtype: torch.dtype, device: torc
 def feature_inputs(sizes: KernelSizes, kind: str, dtype: torch.dtype, device: torch.device, maps: int = 0,
                    seed: int = 0):
     """x [N, C, H, W] ~ N(0, 1) in dtype and w [N, H, W] ~ U(0, 1) fp32; N = B (BEV) or B*V (camera) or `maps`."""
-    views, height, width = map_shape(sizes, kind)
+    views, height, width = sizes.map_shape(kind)
     n = maps or sizes.batch * views
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(n, sizes.channels, height, width, generator=gen, device=device).to(dtype)

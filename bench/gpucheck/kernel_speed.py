@@ -7,6 +7,10 @@ from typing import Callable
 import torch
 
 from aqrcmt import kernels
+from aqrcmt.kernels.aot import ARCHS, SPLAT_DEFAULTS, Arch, launch_work, roofline_seconds
+from aqrcmt.kernels.modulate_triton import modulate_backward_launch, modulate_forward_launch
+from aqrcmt.kernels.splat_params import SplatParams
+from aqrcmt.kernels.splat_triton import splat_backward_launch, splat_forward_launch
 
 from .inputs import SPLAT_OPTIONS, feature_inputs, splat_inputs
 from .part import Part
@@ -72,7 +76,34 @@ def part_kernels(part: Part, plan: Plan) -> None:
                 return {"item": name, "impl": impl_name, "median_ms": t.median_ms, "min_ms": t.min_ms,
                         "warmup": t.warmup, "iters": t.iters}
             part.item(f"{name} [{impl_name}]", timed)
+    if cuda:
+        capability = torch.cuda.get_device_capability(device)
+        arch = ARCHS.get(capability[0] * 10 + capability[1])
+        if arch is None:
+            part.notes.append(f"roofline: no datasheet numbers for sm_{capability[0]}{capability[1]}")
+        else:
+            part.item("roofline predictions", lambda: predicted_rows(part, plan, arch))
     part.item("modulation bandwidth", lambda: bandwidth_rows(part, plan))
+
+
+def predicted_rows(part: Part, plan: Plan, arch: Arch) -> None:
+    """Beside each measured Triton workload: the roofline time of its launches on `arch`, this GPU's
+    architecture (kernels/aot.py: bytes / bandwidth or instructions / FP32 issue rate, the datasheet's numbers)."""
+    sizes, device = plan.kernel_sizes, plan.device
+    for kind in ("bev", "camera"):
+        weights, coords, valid, h, w = splat_inputs(sizes, kind, torch.float32, device)
+        p = SplatParams.build(h, w, **{**SPLAT_DEFAULTS, **SPLAT_OPTIONS["user"]})
+        forward, (out, raw, den) = splat_forward_launch(weights, coords, valid, p)
+        backward, _ = splat_backward_launch(torch.ones_like(out), weights, coords, valid, raw, den, p)
+        x, wmap = feature_inputs(sizes, kind, torch.float32, device)
+        mod_forward, _ = modulate_forward_launch(x, wmap, False)
+        mod_backward, _ = modulate_backward_launch(x, x, wmap)
+        for name, launches in ((f"splat {kind} forward", [forward]), (f"splat {kind} forward+backward",
+                                                                      [forward, backward]),
+                               (f"modulate {kind} forward", [mod_forward]),
+                               (f"modulate {kind} forward+backward", [mod_forward, mod_backward])):
+            seconds = sum(roofline_seconds(launch_work(launch), arch)[0] for launch in launches)
+            part.rows.append({"item": name, "impl": f"roofline {arch.name}", "predicted_ms": seconds * 1e3})
 
 
 def bandwidth_rows(part: Part, plan: Plan) -> None:

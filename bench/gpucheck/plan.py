@@ -9,27 +9,11 @@ from typing import Optional
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from aqrcmt.kernels.aot import DTYPES, RELEASED, KernelSizes  # noqa: F401  (DTYPES: the parts' dtype names)
+
 RECOMMENDED_AQR = "cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs"
 
-
-@dataclass(frozen=True)
-class KernelSizes:
-    """Kernel problem sizes: B samples, Q queries, the BEV map and V camera maps, C feature channels."""
-    batch: int
-    queries: int
-    bev_hw: tuple[int, int]
-    views: int
-    camera_hw: tuple[int, int]
-    channels: int
-
-    def describe(self) -> str:
-        return (f"B={self.batch}, Q={self.queries}, BEV {self.bev_hw[0]}x{self.bev_hw[1]}, "
-                f"{self.views}x{self.camera_hw[0]}x{self.camera_hw[1]} camera maps, C={self.channels}")
-
-
-# The released vov head: 900 queries + 300 denoising queries (10 groups x 30 GT), 180x180 BEV, 6 x 40x100 maps.
-REAL_SIZES = KernelSizes(batch=2, queries=900 + 300, bev_hw=(180, 180), views=6, camera_hw=(40, 100), channels=256)
+REAL_SIZES = RELEASED          # the released vov head: 900 + 300 denoising queries, 180x180 BEV, 6 x 40x100 maps
 SMALL_SIZES = KernelSizes(batch=1, queries=24, bev_hw=(12, 12), views=6, camera_hw=(4, 10), channels=8)
 
 
