@@ -421,12 +421,15 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     tracker: Optional[str] = "tensorboard"
     health: HealthConfig = field(default_factory=HealthConfig)
+    checkpoint_every_minutes: float = 30.0                     # also checkpoint when this long since the last; 0: off
+    collective_timeout_minutes: float = 60.0                   # process-group timeout (ranks wait for rank 0's eval)
 
     def validate(self, key: str = "train") -> None:
         self.health.validate(f"{key}.health")
-        _positive(self, key, "epochs", "log_every_steps", "max_nonfinite_steps")
-        # keep_last 0 keeps every checkpoint; max_steps / checkpoint_every_steps / eval_every_epochs 0 switch off
-        _non_negative(self, key, "max_steps", "checkpoint_every_steps", "keep_last", "eval_every_epochs")
+        _positive(self, key, "epochs", "log_every_steps", "max_nonfinite_steps", "collective_timeout_minutes")
+        # keep_last 0 keeps every checkpoint; max_steps / checkpoint_every_* / eval_every_epochs 0 switch off
+        _non_negative(self, key, "max_steps", "checkpoint_every_steps", "keep_last", "eval_every_epochs",
+                      "checkpoint_every_minutes")
         _check(all(e >= 1 for e in self.eval_at_epochs), f"{key}.eval_at_epochs",
                f"epochs count from 1, got {self.eval_at_epochs}")
 

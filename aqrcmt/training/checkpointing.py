@@ -168,19 +168,27 @@ def verify_checkpoint(ckpt_dir: Path) -> dict:
     return manifest
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Path:
-    """``resume`` is "latest" (the run directory's newest complete checkpoint) or a checkpoint directory."""
-    if resume != "latest":
+def resolve_resume(run_dir: Path, resume: str) -> Optional[Path]:
+    """The checkpoint that ``--resume`` names: "latest" (the run directory's newest complete checkpoint), "auto"
+    (the same, when there is one) or a checkpoint directory.
+
+    None when the run has no checkpoint yet: "auto" always, "latest" when ``config.json`` is there (the run
+    stopped before its first checkpoint); the run then starts from step 0.
+    """
+    if resume not in ("latest", "auto"):
         path = Path(resume)
         if not (path / "training_state.pt").is_file():
             raise CheckpointError(f"--resume {path}: not a checkpoint directory (no training_state.pt)")
         return path
     pointer = run_dir / "checkpoints" / LATEST
     if not pointer.is_file():
-        raise CheckpointError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'} (missing '{LATEST}')")
+        if resume == "auto" or (run_dir / "config.json").is_file():
+            return None
+        raise CheckpointError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'} (missing '{LATEST}') "
+                              f"and no config.json in {run_dir}; --resume auto starts a run that is not there")
     path = run_dir / "checkpoints" / pointer.read_text().strip()
     if not (path / "model.safetensors").is_file():
-        raise CheckpointError(f"--resume latest: {pointer} names {path.name}, which is incomplete or deleted")
+        raise CheckpointError(f"--resume {resume}: {pointer} names {path.name}, which is incomplete or deleted")
     return path
 
 

@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
 import torch
-from accelerate import Accelerator, PartialState, skip_first_batches
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate import Accelerator, skip_first_batches
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -55,6 +57,7 @@ from aqrcmt.training import checkpointing as ckpt
 from aqrcmt.training import run_dir as run_dirs
 from aqrcmt.training.alarms import (Alarm, AlarmDelivery, LossTrend, TrainingStopped, check_aqr_signals,
                                     check_evaluations)
+from aqrcmt.training.interrupt import StopRequests, TrainingInterrupted, stop_requests
 from aqrcmt.training.optim import freeze_and_build_optimizer
 from aqrcmt.training.schedule import Schedule
 
@@ -114,7 +117,9 @@ class Run:
     alarms: AlarmDelivery
     resumed_from: Optional[Path]               # the checkpoint this run was resumed from
     resumed_rng: Optional[dict[str, Any]]      # this process's RNG state to continue from (resume), used once
+    stop: StopRequests = field(default_factory=StopRequests)   # the signals this process received
     last_checkpoint: Optional[Path] = None
+    last_save_time: float = field(default_factory=time.monotonic)   # for train.checkpoint_every_minutes
     metrics: Optional[dict] = None             # of the last evaluation
 
     @property
@@ -167,7 +172,19 @@ def _resumed_progress(ckpt_dir: Path, state: dict) -> ckpt.TrainingProgress:
     return progress
 
 
-def adopt_required_settings(cfg: Config, options: TrainOptions) -> None:
+def build_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator; it starts the process group (with ``train.collective_timeout_minutes``), so it is
+    built before anything else asks for the distributed state."""
+    # An `accelerate launch --mixed_precision` / `accelerate config` setting wins over the config's. cpu=True without
+    # CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group.
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.train.mixed_precision
+    timeout = InitProcessGroupKwargs(backend=None,     # None: Accelerate's choice (NCCL with CUDA, else gloo)
+                                     timeout=timedelta(minutes=cfg.train.collective_timeout_minutes))
+    return Accelerator(mixed_precision=mixed_precision, log_with=cfg.train.tracker,
+                       project_dir=cfg.train.output_dir, cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+
+
+def adopt_required_settings(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> None:
     """Set in `cfg` what the ``--load-from`` weights record that they need (a converted AQR-fork checkpoint:
     its tanh generator without type embeddings), before the model is built and config.json written."""
     if not options.load_from:
@@ -177,10 +194,10 @@ def adopt_required_settings(cfg: Config, options: TrainOptions) -> None:
     except CheckpointError as error:
         raise CheckpointError(f"--load-from {error}") from None
     for note in notes:
-        PartialState().print(f"--load-from {options.load_from} needs {note}")
+        accelerator.print(f"--load-from {options.load_from} needs {note}")
 
 
-def setup(cfg: Config, options: TrainOptions) -> Run:
+def setup(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> Run:
     """Everything a run needs, with the resumed state loaded (see the module doc, phase 1)."""
     # ---- run directory and resumed checkpoint: checked before anything is written ----
     run_dir = Path(cfg.train.output_dir)
@@ -190,11 +207,13 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
         ckpt.verify_checkpoint(resume_dir)
         if not options.eval_only:
             run_dirs.check_resume_config(resume_dir, cfg)
-    # An `accelerate launch --mixed_precision` / `accelerate config` setting wins over the config's. cpu=True without
-    # CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group.
-    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.train.mixed_precision
-    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=cfg.train.tracker,
-                              project_dir=str(run_dir), cpu=not torch.cuda.is_available())
+    elif options.resume and options.eval_only:
+        raise CheckpointError(f"--eval-only --resume {options.resume}: {run_dir} holds no checkpoint")
+    elif options.resume and (run_dir / "config.json").is_file():   # stopped before its first checkpoint
+        stored = run_dir / "config.json"
+        run_dirs.check_stored_config(stored, stored.read_text(), cfg, f"--resume {options.resume}")
+        accelerator.print(f"--resume {options.resume}: {run_dir} holds no checkpoint yet (the run stopped before "
+                          f"its first); starting it from step 0 with the config of {stored}")
     set_seed(cfg.train.seed, device_specific=False)
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
                       f"'{accelerator.mixed_precision}', run directory {run_dir}")
@@ -280,8 +299,16 @@ def save_checkpoint(run: Run) -> Path:
                                      progress=run.progress, keep_last=run.cfg.train.keep_last, rng_states=rng_states)
     accelerator.wait_for_everyone()
     path = Path(gather_object([str(path)])[0]) if accelerator.num_processes > 1 else path
-    run.last_checkpoint = path
+    run.last_checkpoint, run.last_save_time = path, time.monotonic()
     return path
+
+
+def ensure_checkpoint(run: Run) -> Path:
+    """The checkpoint of the current step: the one already written at this step, else a new one (collective)."""
+    saved = run.last_checkpoint
+    if saved is not None and saved.name == ckpt.checkpoint_name(run.progress.step):
+        return saved
+    return save_checkpoint(run)
 
 
 def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir: Path) -> dict:
@@ -380,8 +407,9 @@ def optimizer_step(run: Run, losses_finite: bool, last_loss: torch.Tensor) -> tu
     trainable = [p for p in run.detector.parameters() if p.requires_grad]
     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
                                             else float("inf"))
-    healthy = torch.tensor(float(losses_finite and bool(torch.isfinite(grad_norm))), device=accelerator.device)
-    healthy = bool(accelerator.reduce(healthy, "min").item() > 0)
+    unhealthy = torch.tensor(float(not (losses_finite and bool(torch.isfinite(grad_norm)))),
+                             device=accelerator.device)
+    healthy = bool(accelerator.reduce(unhealthy, "max").item() == 0)   # every process healthy
     overflow = False
     if healthy or (accelerator.scaler is not None and bool(torch.isfinite(last_loss.detach()))):
         run.optimizer.step()  # fp16: the loss scaler skips an overflowing step itself and lowers the scale
@@ -480,11 +508,8 @@ def act_on_alarms(run: Run, alarms: list[Alarm]) -> None:
         first = broadcast_object_list([first if accelerator.is_main_process else None])[0]
     if first is None:
         return
-    saved = run.last_checkpoint
-    if saved is None or saved.name != ckpt.checkpoint_name(run.progress.step):
-        saved = save_checkpoint(run)
+    saved = ensure_checkpoint(run)
     if mode == "stop":
-        accelerator.end_training()   # trackers flushed: the alarm's TensorBoard entries are on disk
         raise TrainingStopped(f"training stopped by the health monitor (train.health.on_alarm=stop): {first}. "
                               f"Checkpoint: {saved}; continue with --resume {saved}",
                               main_process=accelerator.is_main_process)
@@ -507,19 +532,58 @@ def epoch_batches(run: Run) -> Iterable[Batch]:
     return batches
 
 
+def step_end_requests(run: Run) -> tuple[Optional[signal.Signals], bool]:
+    """(the signal that stops the run, whether a time-based checkpoint is due), the same on every process: one
+    collective after each optimizer step (a signal to any process stops all; the slowest clock decides)."""
+    minutes = run.cfg.train.checkpoint_every_minutes
+    due = bool(minutes) and time.monotonic() - run.last_save_time >= minutes * 60
+    flags = torch.tensor([run.stop.signum or 0, int(due)], device=run.accelerator.device)
+    signum, due = (int(v) for v in run.accelerator.reduce(flags, "max").tolist())
+    return (signal.Signals(signum) if signum else None), bool(due)
+
+
+def stop_for_signal(run: Run, signum: signal.Signals) -> None:
+    """Write the checkpoint of the current step (unless written already) and raise TrainingInterrupted."""
+    saved = ensure_checkpoint(run)
+    raise TrainingInterrupted(f"interrupted by {signum.name} after step {run.progress.step}: checkpoint {saved}",
+                              checkpoint=saved, main_process=run.accelerator.is_main_process)
+
+
+def close_run(run: Run) -> None:
+    """The ordered end of a run that every process reached together (finished, or stopped by an alarm or a
+    signal): all processes meet, the trackers flush, then the process group is destroyed."""
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+
+
 def train(cfg: Config, options: TrainOptions) -> TrainResult:
-    """Train (or, with ``options.eval_only``, evaluate) `cfg` in ``cfg.train.output_dir``; see the module doc."""
-    adopt_required_settings(cfg, options)
-    run = setup(cfg, options)
-    accelerator, progress, accumulation = run.accelerator, run.progress, cfg.optim.grad_accumulation
+    """Train (or, with ``options.eval_only``, evaluate) `cfg` in ``cfg.train.output_dir``; see the module doc.
 
-    if options.eval_only:
-        run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
-        if accelerator.is_main_process:
-            ckpt.write_metrics(run.run_dir / "eval", run.metrics)
-        accelerator.end_training()
-        return run.result()
+    SIGTERM / SIGUSR1 / SIGINT stop the run after the current step with a checkpoint
+    (:mod:`aqrcmt.training.interrupt`); raises TrainingStopped (alarm) or TrainingInterrupted (signal) after the
+    run was closed on every process."""
+    with stop_requests() as requests:
+        accelerator = build_accelerator(cfg)
+        adopt_required_settings(accelerator, cfg, options)
+        run = setup(accelerator, cfg, options)
+        run.stop = requests
+        try:
+            if options.eval_only:
+                run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
+                if accelerator.is_main_process:
+                    ckpt.write_metrics(run.run_dir / "eval", run.metrics)
+            else:
+                train_epochs(run)
+        except TrainingStopped:     # every process raised it at the same step
+            close_run(run)
+            raise
+        close_run(run)
+    return run.result()
 
+
+def train_epochs(run: Run) -> None:
+    """The epochs of the run from its current progress (see the module doc, phases 2 and 3)."""
+    accelerator, cfg, progress, accumulation = run.accelerator, run.cfg, run.progress, run.cfg.optim.grad_accumulation
     bar = tqdm(total=run.total_steps, initial=progress.step, disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
     window = ThroughputWindow()
@@ -529,6 +593,7 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
             batches = epoch_batches(run)
             run.model.train()            # the detector keeps its frozen modules' BatchNorm in eval mode
             losses_finite = True
+            stop = None
             for batch in batches:
                 if progress.batches_in_epoch >= run.batches_per_epoch:
                     break                # a tail of batches too short for a whole accumulation group
@@ -566,21 +631,28 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
                 if output.monitor is not None or logged is not None:
                     act_on_alarms(run, step_alarms(run, output, logged))
 
-                # ---- a mid-epoch checkpoint (the epoch's last step is saved below, with the epoch counted) ----
+                # ---- mid-epoch checkpoints: every N steps, every M minutes, on a signal (then stop) ----
+                # (the epoch's last step is saved below, with the epoch counted)
+                stop, minutes_due = step_end_requests(run)
                 epoch_ends = progress.batches_in_epoch >= run.batches_per_epoch
-                every = cfg.train.checkpoint_every_steps
-                if every and progress.step % every == 0 and not epoch_ends and progress.step < run.total_steps:
-                    save_checkpoint(run)
-                if progress.step >= run.total_steps:
+                if epoch_ends or progress.step >= run.total_steps:
                     break
+                if stop is not None:
+                    stop_for_signal(run, stop)
+                every = cfg.train.checkpoint_every_steps
+                if minutes_due or (every and progress.step % every == 0):
+                    save_checkpoint(run)
 
             # ---- the end of an epoch (or of the run): checkpoint, then evaluation when due ----
             if progress.batches_in_epoch >= run.batches_per_epoch:
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
             path = save_checkpoint(run)      # the epoch is on disk before anything can fail in evaluation
+            if stop is not None:             # the resumed run evaluates it (finish_interrupted_evaluation)
+                stop_for_signal(run, stop)
             if evaluation_due(run):
                 evaluate_checkpoint(run, path)
                 act_on_alarms(run, check_evaluations(progress.history, cfg.train.health))
-    accelerator.end_training()
-    return run.result()
+            stop, _ = step_end_requests(run)     # a signal during the evaluation
+            if stop is not None and not run.done:
+                stop_for_signal(run, stop)

@@ -30,7 +30,8 @@ from aqrcmt.overrides import config_from_dict
 # augmentation, batch size, seed, precision) shapes the trained state and must stay as the run began.
 CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "train.epochs", "train.max_steps", "train.output_dir", "train.tracker", "train.log_every_steps",
-    "train.checkpoint_every_steps", "train.keep_last", "train.eval_*", "train.compile", "train.max_nonfinite_steps",
+    "train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.collective_timeout_minutes",
+    "train.keep_last", "train.eval_*", "train.compile", "train.max_nonfinite_steps",
     "data.root", "data.index_cache_dir", "data.val_split", "data.info_pkl_val", "data.num_workers", "data.pin_memory",
     "train.health.*", "model.aqr.monitor.*",
 )
@@ -77,16 +78,22 @@ def check_resume_config(ckpt_dir: Path, cfg: Config) -> list[str]:
     text = load_safetensors_metadata(weights).get("config")
     if text is None:
         raise RunDirectoryError(f"{weights}: no stored config; it was not written by the training loop")
+    return check_stored_config(weights, text, cfg, f"--resume {ckpt_dir}")
+
+
+def check_stored_config(source: Path, text: str, cfg: Config, action: str) -> list[str]:
+    """Compare the config JSON `text` read from `source` with `cfg` (see :func:`check_resume_config`); `action`
+    starts the refusal ("--resume DIR")."""
     try:
         stored = config_from_dict(json.loads(text))
     except (ValueError, ConfigError) as e:
-        raise RunDirectoryError(f"{weights}: its stored config does not load with this aqrcmt version ({e})") from None
+        raise RunDirectoryError(f"{source}: its stored config does not load with this aqrcmt version ({e})") from None
     changed = config_differences(stored, cfg)
     refused = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in CHANGEABLE_ON_RESUME)]
     if refused:
         before, after = _flatten(stored.to_dict()), _flatten(cfg.to_dict())
         details = "; ".join(f"{k}: {before.get(k, '<absent>')!r} -> {after.get(k, '<absent>')!r}" for k in refused)
-        raise RunDirectoryError(f"--resume {ckpt_dir}: the config differs from the run's in field(s) that may not "
+        raise RunDirectoryError(f"{action}: the config differs from the run's ({source}) in field(s) that may not "
                                 f"change on resume: {details}. Fields that may change: "
                                 f"{', '.join(CHANGEABLE_ON_RESUME)}")
     return changed
