@@ -184,6 +184,40 @@ def build_accelerator(cfg: Config) -> Accelerator:
                        project_dir=cfg.train.output_dir, cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
 
 
+def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Optional[run_dirs.RunLock]:
+    """The run directory's exclusive lock, held by the main process (the one that writes); every process raises
+    the same RunDirectoryError when another job holds it."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = run_dirs.RunLock.acquire(run_dir)
+        except run_dirs.RunDirectoryError as error:
+            refusal = str(error)
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise run_dirs.RunDirectoryError(refusal)
+    if lock is not None and lock.took_over():
+        accelerator.print(lock.took_over())
+    return lock
+
+
+def check_resume_compatible(accelerator: Accelerator, cfg: Config, ckpt_dir: Path, manifest: dict) -> None:
+    """Refuse to resume a checkpoint written by another number of processes (every process checks, before
+    anything is written): the effective batch and the data order would change."""
+    written = manifest.get("num_processes")
+    now = accelerator.num_processes
+    if written == now:
+        return
+    per_process = cfg.data.batch_size * cfg.optim.grad_accumulation
+    written_batch = f"effective batch {per_process * written}" if isinstance(written, int) else "effective batch ?"
+    raise run_dirs.RunDirectoryError(
+        f"--resume {ckpt_dir}: the checkpoint was written by {written} process(es) ({written_batch}); this run has "
+        f"{now} (effective batch {per_process * now}), which changes the effective batch and the data order. Resume "
+        f"with {written} process(es), or start a new run from its weights: --load-from {ckpt_dir / 'model.safetensors'}"
+        f" --output-dir NEW_DIR")
+
+
 def adopt_required_settings(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> None:
     """Set in `cfg` what the ``--load-from`` weights record that they need (a converted AQR-fork checkpoint:
     its tanh generator without type embeddings), before the model is built and config.json written."""
@@ -204,9 +238,10 @@ def setup(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> Run:
     run_dirs.check_run_dir(run_dir, resume=options.resume, overwrite=options.overwrite, eval_only=options.eval_only)
     resume_dir = ckpt.resolve_resume(run_dir, options.resume) if options.resume else None
     if resume_dir is not None:
-        ckpt.verify_checkpoint(resume_dir)
+        manifest = ckpt.verify_checkpoint(resume_dir)
         if not options.eval_only:
             run_dirs.check_resume_config(resume_dir, cfg)
+            check_resume_compatible(accelerator, cfg, resume_dir, manifest)
     elif options.resume and options.eval_only:
         raise CheckpointError(f"--eval-only --resume {options.resume}: {run_dir} holds no checkpoint")
     elif options.resume and (run_dir / "config.json").is_file():   # stopped before its first checkpoint
@@ -564,20 +599,25 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
     run was closed on every process."""
     with stop_requests() as requests:
         accelerator = build_accelerator(cfg)
-        adopt_required_settings(accelerator, cfg, options)
-        run = setup(accelerator, cfg, options)
-        run.stop = requests
+        lock = lock_run_dir(accelerator, Path(cfg.train.output_dir))
         try:
-            if options.eval_only:
-                run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
-                if accelerator.is_main_process:
-                    ckpt.write_metrics(run.run_dir / "eval", run.metrics)
-            else:
-                train_epochs(run)
-        except TrainingStopped:     # every process raised it at the same step
+            adopt_required_settings(accelerator, cfg, options)
+            run = setup(accelerator, cfg, options)
+            run.stop = requests
+            try:
+                if options.eval_only:
+                    run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
+                    if accelerator.is_main_process:
+                        ckpt.write_metrics(run.run_dir / "eval", run.metrics)
+                else:
+                    train_epochs(run)
+            except TrainingStopped:     # every process raised it at the same step
+                close_run(run)
+                raise
             close_run(run)
-            raise
-        close_run(run)
+        finally:
+            if lock is not None:
+                lock.release()
     return run.result()
 
 
