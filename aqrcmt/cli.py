@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("aqrcmt.tools.predict", "detections (results JSON) and BEV/camera/AQR pictures of a checkpoint"),
     "diagnose": ("aqrcmt.tools.diagnose", "AQR rendering/modulation health table, sweeps and map images"),
     "study": ("aqrcmt.tools.study", "the AQR fine-tuning study: a pretrained CMT fine-tuned with each AQR setting"),
+    "check-data": ("aqrcmt.tools.check_data", "load every sample of a split once and list the bad ones (file, reason)"),
 }
 
 

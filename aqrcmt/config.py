@@ -330,12 +330,14 @@ class DataConfig:
     batch_size: int = 2                                        # per process
     num_workers: int = 4
     pin_memory: bool = True
-    on_bad_sample: Literal["error", "skip"] = "error"
+    on_bad_sample: Literal["error", "skip"] = "skip"           # training: skip (logged) or stop; evaluation: stop
+    max_skipped_fraction: float = 0.01                         # of the training samples; more skipped stops the run
 
     def validate(self, key: str = "data") -> None:
         _check(self.sweeps >= 1, f"{key}.sweeps", f"must be >= 1 (the key frame counts), got {self.sweeps}")
         _positive(self, key, "batch_size")
         _non_negative(self, key, "num_workers")
+        _in_range(self, key, "max_skipped_fraction", 0.0, 1.0)
         self.augment.validate(f"{key}.augment")
 
 

@@ -29,13 +29,14 @@ steps (loss) and after each evaluation (``train.health``); :func:`act_on_alarms`
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
 from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, NamedTuple, Optional
 
 import torch
 from accelerate import Accelerator, skip_first_batches
@@ -47,6 +48,7 @@ from aqrcmt.checkpoint.io import CheckpointError
 from aqrcmt.checkpoint.weights import apply_required_settings, load_weights
 from aqrcmt.config import Config
 from aqrcmt.data import build_dataloader
+from aqrcmt.data.files import BadSampleError, DatasetError
 from aqrcmt.data.loader import EpochDataLoader, build_dataset
 from aqrcmt.errors import AqrcmtError
 from aqrcmt.eval.predict import predict_dataset
@@ -269,11 +271,18 @@ def setup(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> Run:
     # ---- data and schedule ----
     loader = build_dataloader(cfg, cfg.data.train_split, train=True, num_processes=accelerator.num_processes,
                               process_index=accelerator.process_index, seed=cfg.train.seed)
+    if loader.dataset.num_empty_gt:
+        accelerator.print(f"data.train_split {cfg.data.train_split!r}: {loader.dataset.num_empty_gt} samples without a "
+                          f"GT box with LiDAR points of the detection classes are left out of training "
+                          f"({len(loader.dataset)} remain)")
+    loader.dataset.skip_log = run_dir / f"skipped_samples_rank{accelerator.process_index}.jsonl"
     accumulation = cfg.optim.grad_accumulation
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch == 0:
-        raise ValueError(f"data.train_split {cfg.data.train_split!r}: {len(loader)} batches per process, fewer than "
-                         f"optim.grad_accumulation = {accumulation}; nothing to train on")
+        raise DatasetError(f"data.train_split {cfg.data.train_split!r}: {len(loader.dataset)} samples, "
+                           f"{len(loader.sampler)} per process, make {len(loader)} whole batches of data.batch_size = "
+                           f"{cfg.data.batch_size} per process, fewer than optim.grad_accumulation = {accumulation}; "
+                           f"nothing to train on (lower data.batch_size or the number of processes)")
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -567,14 +576,41 @@ def epoch_batches(run: Run) -> Iterable[Batch]:
     return batches
 
 
-def step_end_requests(run: Run) -> tuple[Optional[signal.Signals], bool]:
-    """(the signal that stops the run, whether a time-based checkpoint is due), the same on every process: one
-    collective after each optimizer step (a signal to any process stops all; the slowest clock decides)."""
+class StepEndRequests(NamedTuple):
+    stop: Optional[signal.Signals]     # the signal that stops the run
+    checkpoint_due: bool               # train.checkpoint_every_minutes passed since the last checkpoint
+    skipped: int                       # bad training samples skipped so far, most of any process
+
+
+def skipped_samples(run: Run) -> int:
+    """Distinct training samples this process skipped as bad in the whole run (its skipped_samples file)."""
+    path = run.loader.dataset.skip_log
+    if path is None or not path.is_file():
+        return 0
+    return len({json.loads(line)["token"] for line in path.read_text().splitlines() if line.strip()})
+
+
+def step_end_requests(run: Run) -> StepEndRequests:
+    """What the loop must do after an optimizer step, the same on every process (one collective): a signal to
+    any process stops all, the slowest clock decides a time-based checkpoint, the most skipped samples count."""
     minutes = run.cfg.train.checkpoint_every_minutes
     due = bool(minutes) and time.monotonic() - run.last_save_time >= minutes * 60
-    flags = torch.tensor([run.stop.signum or 0, int(due)], device=run.accelerator.device)
-    signum, due = (int(v) for v in run.accelerator.reduce(flags, "max").tolist())
-    return (signal.Signals(signum) if signum else None), bool(due)
+    flags = torch.tensor([run.stop.signum or 0, int(due), skipped_samples(run)], device=run.accelerator.device)
+    signum, due, skipped = (int(v) for v in run.accelerator.reduce(flags, "max").tolist())
+    return StepEndRequests(signal.Signals(signum) if signum else None, bool(due), skipped)
+
+
+def check_skipped_samples(run: Run, skipped: int) -> None:
+    """Stop (after a checkpoint) when a process skipped more than ``data.max_skipped_fraction`` of its share
+    of the training samples."""
+    share = len(run.loader.dataset) / run.accelerator.num_processes
+    if skipped <= run.cfg.data.max_skipped_fraction * share:
+        return
+    saved = ensure_checkpoint(run)
+    raise BadSampleError(f"{skipped} training samples failed to load, more than data.max_skipped_fraction = "
+                         f"{run.cfg.data.max_skipped_fraction:g} of the {share:.0f} of a process; each is named with "
+                         f"its reason in {run.run_dir}/skipped_samples_rank*.jsonl. Checkpoint {saved}: fix or "
+                         f"remove the files (aqrcmt check-data lists them), then --resume")
 
 
 def stop_for_signal(run: Run, signum: signal.Signals) -> None:
@@ -673,7 +709,8 @@ def train_epochs(run: Run) -> None:
 
                 # ---- mid-epoch checkpoints: every N steps, every M minutes, on a signal (then stop) ----
                 # (the epoch's last step is saved below, with the epoch counted)
-                stop, minutes_due = step_end_requests(run)
+                stop, minutes_due, skipped = step_end_requests(run)
+                check_skipped_samples(run, skipped)
                 epoch_ends = progress.batches_in_epoch >= run.batches_per_epoch
                 if epoch_ends or progress.step >= run.total_steps:
                     break
@@ -693,6 +730,6 @@ def train_epochs(run: Run) -> None:
             if evaluation_due(run):
                 evaluate_checkpoint(run, path)
                 act_on_alarms(run, check_evaluations(progress.history, cfg.train.health))
-            stop, _ = step_end_requests(run)     # a signal during the evaluation
+            stop = step_end_requests(run).stop     # a signal during the evaluation
             if stop is not None and not run.done:
                 stop_for_signal(run, stop)
