@@ -230,3 +230,18 @@ RunLock.acquire({str(run)!r}); print("held", flush=True); time.sleep(600)
     assert f"took over the lock {lock_file} left by a job that ended without releasing it (host " in \
         capsys.readouterr().out
     assert not lock_file.exists()
+
+
+def test_a_resumed_run_logs_each_step_once_to_tensorboard(synthetic_root, tmp_path):
+    """The interrupted run logged steps 1-3 after its checkpoint at step 2; the resumed run purges step 3."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    common = _overrides(synthetic_root, run, "data.batch_size=2", "train.tracker=tensorboard",
+                        "train.log_every_steps=1", "train.checkpoint_every_steps=2")
+    train(load_config("tiny", [*common, "train.max_steps=3"]), TrainOptions())
+    train(load_config("tiny", [*common, "train.max_steps=4"]),
+          TrainOptions(resume=str(run / "checkpoints" / ckpt.checkpoint_name(2))))
+    events = EventAccumulator(str(next(run.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4]

@@ -29,8 +29,10 @@ steps (loss) and after each evaluation (``train.health``); :func:`act_on_alarms`
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import signal
 import time
 from datetime import timedelta
@@ -46,7 +48,7 @@ from tqdm.auto import tqdm
 
 from aqrcmt.checkpoint.io import CheckpointError
 from aqrcmt.checkpoint.weights import apply_required_settings, load_weights
-from aqrcmt.config import Config
+from aqrcmt.config import Config, ConfigError
 from aqrcmt.data import build_dataloader
 from aqrcmt.data.files import BadSampleError, DatasetError
 from aqrcmt.data.loader import EpochDataLoader, build_dataset
@@ -180,6 +182,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
     # An `accelerate launch --mixed_precision` / `accelerate config` setting wins over the config's. cpu=True without
     # CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group.
     mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.train.mixed_precision
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision 'fp16' needs a CUDA GPU: on the CPU Accelerate would run in fp32 "
+                          "and say fp16; use 'no' (fp32) or 'bf16' (CPU autocast)")
     timeout = InitProcessGroupKwargs(backend=None,     # None: Accelerate's choice (NCCL with CUDA, else gloo)
                                      timeout=timedelta(minutes=cfg.train.collective_timeout_minutes))
     return Accelerator(mixed_precision=mixed_precision, log_with=cfg.train.tracker,
@@ -199,8 +204,13 @@ def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Optional[run_dirs.R
         refusal = broadcast_object_list([refusal])[0]
     if refusal is not None:
         raise run_dirs.RunDirectoryError(refusal)
-    if lock is not None and lock.took_over():
-        accelerator.print(lock.took_over())
+    if lock is not None:
+        if lock.took_over():
+            accelerator.print(lock.took_over())
+        stale = ckpt.prune_stale_temporaries(Path(run_dir))
+        if stale:
+            accelerator.print(f"removed {len(stale)} temporary file(s)/folder(s) left by an interrupted write: "
+                              f"{', '.join(p.name for p in stale[:5])}")
     return lock
 
 
@@ -312,7 +322,9 @@ def setup(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> Run:
             accelerator.print(f"--overwrite: the previous run in {run_dir} was moved to {moved}")
     accelerator.wait_for_everyone()
     if cfg.train.tracker:  # TensorBoard writes to <run_dir>/tensorboard
-        accelerator.init_trackers(cfg.train.tracker, config={"config": cfg.to_json()})
+        # a resumed run replaces what the interrupted one logged after its checkpoint (replayed steps once)
+        init_kwargs = {"tensorboard": {"purge_step": progress.step + 1}} if resume_dir is not None else {}
+        accelerator.init_trackers(cfg.train.tracker, config={"config": cfg.to_json()}, init_kwargs=init_kwargs)
 
     # ---- compile (default: on for CUDA) and prepare (DDP, mixed precision) ----
     if cfg.train.compile if cfg.train.compile is not None else accelerator.device.type == "cuda":
@@ -338,9 +350,19 @@ def save_checkpoint(run: Run) -> Path:
     if accelerator.is_main_process:
         training_state = {"optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
                           "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
-        path = ckpt.write_checkpoint(run.run_dir, model_state=run.detector.state_dict(),
-                                     training_state=training_state, config_json=run.cfg.to_json(),
-                                     progress=run.progress, keep_last=run.cfg.train.keep_last, rng_states=rng_states)
+        try:
+            path = ckpt.write_checkpoint(run.run_dir, model_state=run.detector.state_dict(),
+                                         training_state=training_state, config_json=run.cfg.to_json(),
+                                         progress=run.progress, keep_last=run.cfg.train.keep_last,
+                                         rng_states=rng_states)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            free = shutil.disk_usage(run.run_dir).free / 2**20
+            raise CheckpointError(f"disk full writing the checkpoint of step {run.progress.step} to "
+                                  f"{run.run_dir / 'checkpoints'} ({error.filename}; {free:.0f} MiB free); its "
+                                  f"temporary files were removed and {run.last_checkpoint or 'no checkpoint'} is "
+                                  f"the last one. Free space, then --resume") from None
     accelerator.wait_for_everyone()
     path = Path(gather_object([str(path)])[0]) if accelerator.num_processes > 1 else path
     run.last_checkpoint, run.last_save_time = path, time.monotonic()
