@@ -8,12 +8,15 @@ every process's RNG states; with ``data.num_workers = 0`` a resumed run repeats 
 
 The phases of :func:`train`:
 
+0. :func:`build_accelerator` (process group and its timeout), :func:`lock_run_dir` (one job per directory);
 1. :func:`setup`: run-directory checks (:mod:`aqrcmt.training.run_dir`), the resumed checkpoint's checksums
-   and config, accelerator, model (``--load-from``, frozen modules), optimizer, data (and
+   and config (process count too), model (``--load-from``, frozen modules), optimizer, data (and
    :func:`check_val_split`), schedule, resumed state; only then config.json; ``accelerator.prepare`` -> a
    :class:`Run`;
 2. per batch forward and backward; per accumulation group the optimizer step (:func:`optimizer_step`: clip,
-   non-finite guard), the schedule, :func:`log_step`, the health checks, a mid-epoch checkpoint when due;
+   non-finite guard), the schedule, :func:`log_step`, the health checks, then what every process agrees on in
+   :func:`step_end_requests`: a stop signal (:func:`stop_for_signal`: checkpoint, TrainingInterrupted), a
+   mid-epoch checkpoint when due (steps or minutes), too many skipped bad samples;
 3. at the end of an epoch (or of the run) :func:`save_checkpoint`, then - every ``train.eval_every_epochs``,
    after the epochs of ``train.eval_at_epochs`` and at the end - :func:`evaluate_checkpoint` (metrics.json
    beside the checkpoint, best/ by NDS, metrics_history.json): the epoch is on disk before the evaluation runs.
