@@ -45,7 +45,7 @@ class NuScenesDataset(Dataset):
     infos: index entries (see the module docstring); root: the nuScenes root that holds samples/ and sweeps/;
     sweeps: LiDAR frames per sample including the key frame; load_images: False gives images=None;
     train: training (samples without a kept GT box are left out, see the module doc); on_bad_sample (training
-    only; evaluation always raises): "error" raises BadSampleError naming the file and sample, "skip" warns,
+    datasets only; the others, for evaluation and the tools, always raise): "error" raises BadSampleError naming the file and sample, "skip" warns,
     counts the sample in `num_skipped` (per worker process), appends ``{"token", "reason"}`` as a line of JSON
     to `skip_log` when that is set, and serves the next usable index instead;
     gt_paste_until_epoch: > 0 switches the pipeline's GT paste off from that epoch on (see :meth:`set_epoch`);
@@ -74,7 +74,7 @@ class NuScenesDataset(Dataset):
         self.sweeps = sweeps
         self.load_images = load_images
         self.train = train
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample = on_bad_sample if train else "error"   # evaluation and tools never skip silently
         self.num_skipped = 0
         self.skip_log: Optional[Path] = None
         self.gt_paste_until_epoch = gt_paste_until_epoch
@@ -111,7 +111,7 @@ class NuScenesDataset(Dataset):
             try:
                 sample = self.load_sample(current, self.corruption)
             except BadSampleError as e:
-                if self.on_bad_sample == "error" or not self.train:
+                if self.on_bad_sample == "error":
                     raise
                 self._skip(self.infos[current]["token"], str(e))
                 continue
