@@ -45,9 +45,9 @@ class NuScenesDataset(Dataset):
     infos: index entries (see the module docstring); root: the nuScenes root that holds samples/ and sweeps/;
     sweeps: LiDAR frames per sample including the key frame; load_images: False gives images=None;
     train: training (samples without a kept GT box are left out, see the module doc); on_bad_sample (training
-    datasets only; the others, for evaluation and the tools, always raise): "error" raises BadSampleError naming the file and sample, "skip" warns,
-    counts the sample in `num_skipped` (per worker process), appends ``{"token", "reason"}`` as a line of JSON
-    to `skip_log` when that is set, and serves the next usable index instead;
+    datasets only; the others, for evaluation and the tools, always raise): "error" raises BadSampleError
+    naming the file and sample, "skip" warns, counts the sample in `num_skipped` (per worker process), appends
+    ``{"token", "reason"}`` as a line of JSON to `skip_log` when that is set, and serves the next usable index;
     gt_paste_until_epoch: > 0 switches the pipeline's GT paste off from that epoch on (see :meth:`set_epoch`);
     corruption: a sensor corruption applied to every loaded sample before the pipeline (see
     :meth:`set_corruption` and :mod:`aqrcmt.data.corruptions`).
