@@ -108,7 +108,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_printed_command_
     """One process: exit status 75, one line naming the checkpoint and the command, which continues the run."""
     run = tmp_path / "run"
     args = ["--config", "tiny", "--no-compile", "--set",
-            *_overrides(synthetic_root, run, "data.batch_size=2", "train.max_steps=5", "train.checkpoint_every_steps=1")]
+            *_overrides(synthetic_root, run, "data.batch_size=2", "train.max_steps=5",
+                        "train.checkpoint_every_steps=1")]
     proc = _start([sys.executable], args)
     _wait_for(run / "checkpoints" / ckpt.checkpoint_name(1), proc)
     proc.send_signal(signal.SIGTERM)
@@ -143,7 +144,8 @@ def test_a_signal_to_one_of_two_processes_stops_both_and_resume_auto_continues(s
     its workers end (no hang), and ``--resume auto`` continues the run with 2 processes."""
     run = tmp_path / "run"
     args = ["--config", "tiny", "--no-compile", "--set",
-            *_overrides(synthetic_root, run, "data.batch_size=1", "train.max_steps=5", "train.checkpoint_every_steps=1")]
+            *_overrides(synthetic_root, run, "data.batch_size=1", "train.max_steps=5",
+                        "train.checkpoint_every_steps=1")]
     proc = _start(TWO_PROCESSES, args)
     _wait_for(run / "checkpoints" / ckpt.checkpoint_name(1), proc)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "main.py" in " ".join(p.cmdline())]
