@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diagnose": ("aqrcmt.tools.diagnose", "AQR rendering/modulation health table, sweeps and map images"),
     "export": ("aqrcmt.tools.export", "the dense part of a checkpoint's detector as torch.export and ONNX graphs"),
     "study": ("aqrcmt.tools.study", "the AQR fine-tuning study: a pretrained CMT fine-tuned with each AQR setting"),
+    "check-data": ("aqrcmt.tools.check_data", "load every sample of a split once and list the bad ones (file, reason)"),
 }
 
 

@@ -380,12 +380,14 @@ class DataConfig:
     batch_size: int = 2                                        # per process
     num_workers: int = 4
     pin_memory: bool = True
-    on_bad_sample: Literal["error", "skip"] = "error"
+    on_bad_sample: Literal["error", "skip"] = "skip"           # training: skip (logged) or stop; evaluation: stop
+    max_skipped_fraction: float = 0.01                         # of the training samples; more skipped stops the run
 
     def validate(self, key: str = "data") -> None:
         _check(self.sweeps >= 1, f"{key}.sweeps", f"must be >= 1 (the key frame counts), got {self.sweeps}")
         _positive(self, key, "batch_size")
         _non_negative(self, key, "num_workers")
+        _in_range(self, key, "max_skipped_fraction", 0.0, 1.0)
         self.augment.validate(f"{key}.augment")
 
 
@@ -474,12 +476,15 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     tracker: Optional[str] = "tensorboard"
     health: HealthConfig = field(default_factory=HealthConfig)
+    checkpoint_every_minutes: float = 30.0                     # also checkpoint when this long since the last; 0: off
+    collective_timeout_minutes: float = 60.0                   # process-group timeout (ranks wait for rank 0's eval)
 
     def validate(self, key: str = "train") -> None:
         self.health.validate(f"{key}.health")
-        _positive(self, key, "epochs", "log_every_steps", "max_nonfinite_steps")
-        # keep_last 0 keeps every checkpoint; max_steps / checkpoint_every_steps / eval_every_epochs 0 switch off
-        _non_negative(self, key, "max_steps", "checkpoint_every_steps", "keep_last", "eval_every_epochs")
+        _positive(self, key, "epochs", "log_every_steps", "max_nonfinite_steps", "collective_timeout_minutes")
+        # keep_last 0 keeps every checkpoint; max_steps / checkpoint_every_* / eval_every_epochs 0 switch off
+        _non_negative(self, key, "max_steps", "checkpoint_every_steps", "keep_last", "eval_every_epochs",
+                      "checkpoint_every_minutes")
         _check(all(e >= 1 for e in self.eval_at_epochs), f"{key}.eval_at_epochs",
                f"epochs count from 1, got {self.eval_at_epochs}")
 

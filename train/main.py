@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import sys
 
 from aqrcmt.presets import list_presets, load_config
@@ -23,7 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help=f"a preset ({', '.join(list_presets())}) or a config .json")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     p.add_argument("--output-dir", help="run directory (= --set train.output_dir=...)")
-    p.add_argument("--resume", nargs="?", const="latest", help="continue a run: 'latest' (default) or a checkpoint dir")
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="continue a run: 'latest' (default), a checkpoint dir, or 'auto' (continue the latest "
+                        "checkpoint if there is one, else start; what a requeued job uses)")
     p.add_argument("--overwrite", action="store_true",
                    help="start anew in an output dir that holds a run; the old directory is renamed to "
                         "<output-dir>.replaced-<time> (never deleted) once the new run's checks passed")
@@ -42,12 +46,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return run_command(lambda: run(args), debug=args.debug)
+    return run_command(lambda: run(args, argv), debug=args.debug)
 
 
-def run(args: argparse.Namespace) -> int:
+def resume_command(argv: list[str], checkpoint: str) -> str:
+    """The command line that continues this run from `checkpoint` (argv without --resume / --overwrite)."""
+    kept, rest = [], list(argv)
+    while rest:
+        token = rest.pop(0)
+        if token == "--resume" and rest and not rest[0].startswith("-"):
+            rest.pop(0)
+        if token not in ("--resume", "--overwrite") and not token.startswith("--resume="):
+            kept.append(token)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = "accelerate launch <the same launch options>" if processes > 1 else "python"
+    return f"{launcher} {shlex.join([sys.argv[0], *kept, '--resume', checkpoint])}"
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Train (or evaluate) as `args` say; expected errors propagate to :func:`main`'s one-line report."""
     if args.eval_only and not (args.resume or args.load_from):
         raise CommandError("--eval-only needs weights: --resume [DIR] or --load-from FILE")
@@ -58,16 +77,21 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.compile={args.compile}")
     cfg = load_config(args.config, overrides)
     from aqrcmt.training.alarms import TrainingStopped  # heavy imports after argument checking
+    from aqrcmt.training.interrupt import TrainingInterrupted
     from aqrcmt.training.loop import TrainOptions, train
 
     try:
         result = train(cfg, TrainOptions(resume=args.resume, load_from=args.load_from,
                                          allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
                                          eval_only=args.eval_only, overwrite=args.overwrite))
-    except TrainingStopped as stop:     # train.health.on_alarm=stop: its own exit code
+    except TrainingInterrupted as stop:     # a signal: checkpoint written, exit status 75 (docs/training.md)
+        if stop.main_process:
+            print(f"{stop}; continue with: {resume_command(argv, str(stop.checkpoint))}", file=sys.stderr)
+        return stop.exit_code
+    except TrainingStopped as stop:     # train.health.on_alarm=stop: exit status 3
         if stop.main_process:
             print(f"error: {stop}", file=sys.stderr)
-        return 3
+        return stop.exit_code
     print(f"run directory: {result.run_dir}")
     if result.last_checkpoint:
         print(f"last checkpoint: {result.last_checkpoint / 'model.safetensors'}")

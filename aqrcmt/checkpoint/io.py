@@ -1,22 +1,64 @@
 """Tensor files: safetensors and ``torch.save`` files written through the atomic writer (:mod:`aqrcmt.atomic`),
-safetensors files read back with errors naming the file, and a file's sha256."""
+safetensors files read back with errors naming the file, a file's sha256 and a checkpoint directory's
+``checksums.json`` check.
+
+Writes go through Python file objects, so a full disk is an ``OSError`` (ENOSPC) naming the file, and the
+temporary file is removed.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from aqrcmt.atomic import PathLike, atomic_write
 from aqrcmt.errors import AqrcmtError
 
 
+CHECKSUMS = "checksums.json"     # in a checkpoint directory: {"format", "num_processes", "sha256": {file: hex}}
+
+
 class CheckpointError(AqrcmtError, ValueError):
     """A checkpoint file is unreadable, corrupt, or does not match the expected model."""
+
+
+def verify_checksums(ckpt_dir: Path) -> dict:
+    """Check every file listed in `ckpt_dir`'s ``checksums.json`` against its sha256; returns the manifest.
+    CheckpointError names the unreadable manifest or the missing or modified file."""
+    manifest_file = ckpt_dir / CHECKSUMS
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        recorded = dict(manifest["sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_file}: not a readable checksum manifest ({e})") from None
+    for name, expected in recorded.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {CHECKSUMS} but missing; the checkpoint is incomplete")
+        if sha256_of(path) != expected:
+            raise CheckpointError(f"{path}: sha256 differs from {manifest_file}; the file is corrupted or was "
+                                  f"modified after it was written")
+    return manifest
+
+
+def _write_through_file(path: PathLike, write: Any) -> None:
+    """``atomic_write`` with ``write(file_object)``; an OSError (e.g. disk full) names `path`."""
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    try:
+        atomic_write(path, to_file)
+    except OSError as e:
+        if e.filename is not None or e.strerror is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def sha256_of(path: PathLike) -> str:
@@ -30,7 +72,7 @@ def sha256_of(path: PathLike) -> str:
 
 def torch_save_atomic(obj: Any, path: PathLike) -> None:
     """``torch.save(obj, path)``, atomically."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    _write_through_file(path, lambda f: torch.save(obj, f))
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: PathLike,
@@ -50,7 +92,8 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: PathLike,
         pointer = tensor.untyped_storage().data_ptr()
         cpu[name] = tensor.clone() if pointer in storages else tensor
         storages.add(pointer)
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=dict(metadata or {})))
+    data = save(cpu, metadata=dict(metadata or {}))
+    _write_through_file(path, lambda f: f.write(data))
 
 
 def load_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -3,8 +3,10 @@
 
 A weights file is a ``.safetensors`` file of aqrcmt names (``aqrcmt convert`` makes one from an official
 ``.pth``) or a training checkpoint directory holding ``model.safetensors``. Keys are matched after removing
-the DDP / torch.compile wrapper prefixes (``module.``, ``_orig_mod.``); any missing, unexpected or wrong-shape
-key raises :class:`~aqrcmt.checkpoint.io.CheckpointError` unless a glob pattern allows it.
+the DDP / torch.compile wrapper prefixes (``module.``, ``_orig_mod.``); any missing, unexpected, wrong-shape or
+wrong-dtype key (a floating tensor where the model has an integer one or the reverse) raises
+:class:`~aqrcmt.checkpoint.io.CheckpointError` unless a glob pattern allows it. A checkpoint directory's
+``checksums.json`` is verified before its weights are read; the ``config`` metadata must be readable JSON.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import torch
 from torch import nn
 
 from aqrcmt.checkpoint import keymap
-from aqrcmt.checkpoint.io import (CheckpointError, PathLike, is_safetensors, load_safetensors,
-                                  load_safetensors_metadata)
+from aqrcmt.checkpoint.io import (CHECKSUMS, CheckpointError, PathLike, is_safetensors, load_safetensors,
+                                  load_safetensors_metadata, verify_checksums)
 
 if TYPE_CHECKING:
     from aqrcmt.config import Config
@@ -39,18 +41,20 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)          # model keys the file lacks, not allowed
     unexpected: list[str] = field(default_factory=list)       # file keys the model lacks, not allowed
     wrong_shape: list[str] = field(default_factory=list)      # "key: file (..) vs model (..)"
+    wrong_dtype: list[str] = field(default_factory=list)      # "key: file torch.int32 vs model torch.float32"
     kept_init: list[str] = field(default_factory=list)        # missing but allowed: they keep their init
     ignored: list[str] = field(default_factory=list)          # unexpected but allowed: not loaded
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.wrong_shape)
+        return not (self.missing or self.unexpected or self.wrong_shape or self.wrong_dtype)
 
     def problem(self) -> str:
         """The "does not fit" message naming the file and the offending keys (first 10 of each kind)."""
         return (f"{self.path}: does not fit the model: {len(self.missing)} missing {self.missing[:10]}, "
                 f"{len(self.unexpected)} unexpected {self.unexpected[:10]}, {len(self.wrong_shape)} wrong shapes "
-                f"{self.wrong_shape[:10]} (an official .pth must first go through `aqrcmt convert`)")
+                f"{self.wrong_shape[:10]}, {len(self.wrong_dtype)} wrong dtypes {self.wrong_dtype[:10]} (an official "
+                f".pth must first go through `aqrcmt convert`)")
 
 
 def matches_any(key: str, patterns: Sequence[str]) -> bool:
@@ -73,9 +77,12 @@ def strip_wrapper_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def weights_file(path: PathLike) -> Path:
-    """The safetensors file of `path` (a file, or a checkpoint directory holding model.safetensors)."""
+    """The safetensors file of `path` (a file, or a checkpoint directory holding model.safetensors, whose
+    checksums.json, when it has one, is verified)."""
     path = Path(path)
     if path.is_dir():
+        if (path / CHECKSUMS).is_file():
+            verify_checksums(path)
         path = path / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -101,9 +108,29 @@ def match_state(model_state: dict[str, torch.Tensor], tensors: dict[str, torch.T
             (report.kept_init if allowed else report.missing).append(key)
         elif tensors[key].shape != own.shape:
             report.wrong_shape.append(f"{key}: file {tuple(tensors[key].shape)} vs model {tuple(own.shape)}")
+        elif _kind(tensors[key].dtype) != _kind(own.dtype):
+            report.wrong_dtype.append(f"{key}: file {tensors[key].dtype} vs model {own.dtype}")
     for key in tensors:
         if key not in model_state:
             (report.ignored if matches_any(key, allow_unexpected) else report.unexpected).append(key)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """"float", "complex", "bool" or "int": loading casts within a kind (fp16 -> fp32), never across."""
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "int"
+
+
+def metadata_json(file: Path, metadata: dict[str, str], key: str, default: str) -> Any:
+    """The JSON value stored under `key` in `file`'s metadata (`default` when absent); CheckpointError naming
+    file and key when it is not JSON."""
+    try:
+        return json.loads(metadata.get(key, default))
+    except ValueError as e:
+        raise CheckpointError(f"{file}: metadata '{key}' is not readable JSON ({e})") from None
 
 
 def load_weights(model: nn.Module, path: PathLike, *, allow_missing: Sequence[str] = (),
@@ -135,13 +162,19 @@ def stored_config(path: PathLike) -> "Config":
     metadata = load_safetensors_metadata(file)
     if "config" not in metadata:
         raise CheckpointError(f"{file} stores no config; pass --config")
-    return config_from_dict(json.loads(metadata["config"]))
+    stored = metadata_json(file, metadata, "config", "")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{file}: metadata 'config' is not a JSON object")
+    return config_from_dict(stored)
 
 
 def required_settings(path: PathLike) -> dict[str, Any]:
     """The config settings the weights at `path` need (dotted key -> value; empty when none are recorded)."""
-    metadata = load_safetensors_metadata(weights_file(path))
-    return json.loads(metadata.get(REQUIRED_SETTINGS_KEY, "{}"))
+    file = weights_file(path)
+    settings = metadata_json(file, load_safetensors_metadata(file), REQUIRED_SETTINGS_KEY, "{}")
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{file}: metadata '{REQUIRED_SETTINGS_KEY}' is not a JSON object")
+    return settings
 
 
 def apply_required_settings(cfg: "Config", path: PathLike) -> list[str]:

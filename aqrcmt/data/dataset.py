@@ -5,12 +5,17 @@ A loaded sample (:class:`aqrcmt.data.transforms.Sample`) holds, in the key frame
 - the six camera images (BGR uint8), the intrinsics K4 and lidar2cam (float64);
 - GT boxes (n, 9) (gravity centre, (dx, dy, dz) = (l, w, h), yaw, vx, vy) and labels, keeping boxes with
   ``num_lidar_pts > 0`` whose name maps to one of the 10 detection classes.
+
+A training dataset leaves out the samples without such a box when it is built (mmdet3d's ``filter_empty_gt``;
+nuScenes has such samples) and counts them in ``num_empty_gt``.
 """
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -39,9 +44,10 @@ class NuScenesDataset(Dataset):
 
     infos: index entries (see the module docstring); root: the nuScenes root that holds samples/ and sweeps/;
     sweeps: LiDAR frames per sample including the key frame; load_images: False gives images=None;
-    train: training checks (a sample needs boxes); on_bad_sample: "error" raises BadSampleError naming the
-    file and sample, "skip" warns, counts the sample in `num_skipped` (per worker process) and serves the
-    next usable index instead (so an evaluation run would then miss the skipped sample's token);
+    train: training (samples without a kept GT box are left out, see the module doc); on_bad_sample (training
+    datasets only; the others, for evaluation and the tools, always raise): "error" raises BadSampleError
+    naming the file and sample, "skip" warns, counts the sample in `num_skipped` (per worker process), appends
+    ``{"token", "reason"}`` as a line of JSON to `skip_log` when that is set, and serves the next usable index;
     gt_paste_until_epoch: > 0 switches the pipeline's GT paste off from that epoch on (see :meth:`set_epoch`);
     corruption: a sensor corruption applied to every loaded sample before the pipeline (see
     :meth:`set_corruption` and :mod:`aqrcmt.data.corruptions`); without one, a training pipeline with
@@ -55,14 +61,23 @@ class NuScenesDataset(Dataset):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         if not infos:
             raise DatasetError(f"no samples in the index of nuScenes root {root}")
+        self.num_empty_gt = 0
+        if train:
+            kept = [info for info in infos if len(self._gt(info)[1])]
+            self.num_empty_gt = len(infos) - len(kept)
+            if not kept:
+                raise DatasetError(f"none of the {len(infos)} training samples of nuScenes root {root} has a GT box "
+                                   f"with LiDAR points of the {len(CLASS_NAMES)} classes")
+            infos = kept
         self.infos = infos
         self.root = Path(root)
         self.pipeline = pipeline
         self.sweeps = sweeps
         self.load_images = load_images
         self.train = train
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample = on_bad_sample if train else "error"   # evaluation and tools never skip silently
         self.num_skipped = 0
+        self.skip_log: Optional[Path] = None
         self.gt_paste_until_epoch = gt_paste_until_epoch
         self._paste = pipeline.paste
         self.epoch = 0
@@ -102,14 +117,24 @@ class NuScenesDataset(Dataset):
             except BadSampleError as e:
                 if self.on_bad_sample == "error":
                     raise
-                self.num_skipped += 1
-                warnings.warn(f"skipping a bad sample ({self.num_skipped} so far in this process): {e}")
+                self._skip(self.infos[current]["token"], str(e))
                 continue
             sample = self.pipeline(sample, rng)
             if self.train and len(sample.gt_boxes) == 0:
                 continue   # the augmentations moved every box out of range: next sample (mmdet3d filter_empty_gt)
             return sample
         raise BadSampleError(f"no usable sample in the whole dataset (nuScenes root {self.root})")
+
+    def _skip(self, token: str, reason: str) -> None:
+        self.num_skipped += 1
+        warnings.warn(f"skipping a bad sample ({self.num_skipped} so far in this process): {reason}")
+        if self.skip_log is not None:   # one short line per O_APPEND write: the loader's workers may share the file
+            line = json.dumps({"token": token, "reason": reason}) + "\n"
+            fd = os.open(self.skip_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
 
     # ------------------------------------------------------------------------------------------------
     def load_sample(self, index: int, corruption: Optional[SensorCorruption] = None) -> Sample:
@@ -257,3 +282,31 @@ def _check_same_size(images: list[np.ndarray], paths: list[Path], token: str) ->
     if odd:
         raise BadSampleError(f"sample {token}: {'; '.join(odd)}, the other cameras' are {common[1]}x{common[0]} px; "
                              f"the six views must share one size")
+
+
+class _SampleCheck(Dataset):
+    """``check[i]`` loads sample i of `dataset` (no transforms) and returns (token, None) or (token, the reason it
+    is bad)."""
+
+    def __init__(self, dataset: NuScenesDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[str, Optional[str]]:
+        token = self.dataset.infos[index]["token"]
+        try:
+            self.dataset.load_sample(index)
+        except BadSampleError as error:
+            return token, str(error)
+        return token, None
+
+
+def check_samples(dataset: NuScenesDataset, workers: int) -> Iterator[tuple[str, Optional[str]]]:
+    """Load every sample of `dataset` once (`workers` processes; 0: in this one) and yield (token, None) for a
+    good one, (token, reason naming the file) for a bad one, in index order."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_SampleCheck(dataset), batch_size=None, num_workers=workers)
+    yield from loader

@@ -62,11 +62,45 @@ def pose_matrix(translation: Sequence[float], rotation: Sequence[float]) -> np.n
     return matrix
 
 
+def check_numbers(value: Any, shape: tuple[int, ...], where: str, field: str, positive: bool = False) -> np.ndarray:
+    """`value` as float64 of `shape`, finite (and > 0 with `positive`), else DatasetError naming `where` and `field`.
+    A rotation quaternion (shape (4,)) must not be zero; a (3, 3) camera intrinsic matrix must be invertible."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = np.full(shape, np.nan)
+    problem = None
+    if array.shape != shape:
+        problem = f"has shape {array.shape}, expected {shape}"
+    elif not np.isfinite(array).all():
+        problem = "is not finite"
+    elif positive and not (array > 0).all():
+        problem = "must be > 0"
+    elif shape == (4,) and not np.linalg.norm(array) > 0:
+        problem = "is a zero quaternion"
+    elif shape == (3, 3) and abs(np.linalg.det(array)) < 1e-12:
+        problem = "is singular"
+    if problem is not None:
+        raise DatasetError(f"{where}: field '{field}' = {np.asarray(value).tolist()} {problem}")
+    return array
+
+
+def _check_pose(record: dict, where: str) -> None:
+    check_numbers(record["translation"], (3,), where, "translation")
+    check_numbers(record["rotation"], (4,), where, "rotation")
+
+
 def _sensor_info(nusc, sample_data_token: str, global2lidar: np.ndarray, kind: str) -> dict[str, Any]:
     """One sweep/camera entry: path, poses, timestamp, sensor2lidar (column vectors: p_l = R p_s + t), K (cameras)."""
     record = nusc.get("sample_data", sample_data_token)
     calib = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
     pose = nusc.get("ego_pose", record["ego_pose_token"])
+    where = f"sample_data {sample_data_token} ({kind})"
+    _check_pose(calib, f"{where}: calibrated_sensor {calib['token']}")
+    _check_pose(pose, f"{where}: ego_pose {pose['token']}")
+    if kind != "lidar":
+        check_numbers(calib["camera_intrinsic"], (3, 3), f"{where}: calibrated_sensor {calib['token']}",
+                      "camera_intrinsic")
     sensor2ego = pose_matrix(calib["translation"], calib["rotation"])
     sensor2global = pose_matrix(pose["translation"], pose["rotation"]) @ sensor2ego
     sensor2lidar = global2lidar @ sensor2global
@@ -89,7 +123,11 @@ def _sensor_info(nusc, sample_data_token: str, global2lidar: np.ndarray, kind: s
 
 
 def build_infos(nusc, scene_names: Sequence[str], max_sweeps: int, with_annotations: bool = True) -> list[dict]:
-    """mmdet3d-style info dicts of every sample of the named scenes present in `nusc`, sorted by timestamp."""
+    """mmdet3d-style info dicts of every sample of the named scenes present in `nusc`, sorted by timestamp.
+
+    The records read are checked first (:func:`check_numbers`): poses and calibrations finite, camera
+    intrinsics invertible, annotations with finite poses and sizes > 0; DatasetError names sample, record, field.
+    """
     wanted = set(scene_names)
     scene_of = {s["token"]: s["name"] for s in nusc.scene if s["name"] in wanted}
     infos = []
@@ -100,6 +138,9 @@ def build_infos(nusc, scene_names: Sequence[str], max_sweeps: int, with_annotati
         lidar_record = nusc.get("sample_data", lidar_token)
         calib = nusc.get("calibrated_sensor", lidar_record["calibrated_sensor_token"])
         pose = nusc.get("ego_pose", lidar_record["ego_pose_token"])
+        where = f"sample {sample['token']}: sample_data {lidar_token} (LIDAR_TOP)"
+        _check_pose(calib, f"{where}: calibrated_sensor {calib['token']}")
+        _check_pose(pose, f"{where}: ego_pose {pose['token']}")
         lidar2ego = pose_matrix(calib["translation"], calib["rotation"])
         ego2global = pose_matrix(pose["translation"], pose["rotation"])
         global2lidar = np.linalg.inv(ego2global @ lidar2ego)
@@ -129,6 +170,10 @@ def build_infos(nusc, scene_names: Sequence[str], max_sweeps: int, with_annotati
 def _annotation_fields(nusc, sample: dict, lidar_token: str, global2lidar: np.ndarray) -> dict[str, np.ndarray]:
     """gt_boxes (n, 7) centre/(l, w, h)/yaw in the LiDAR frame, gt_names, gt_velocity (n, 2), point counts."""
     annotations = [nusc.get("sample_annotation", t) for t in sample["anns"]]
+    for annotation in annotations:
+        where = f"sample {sample['token']}: sample_annotation {annotation['token']}"
+        _check_pose(annotation, where)
+        check_numbers(annotation["size"], (3,), where, "size", positive=True)
     _, boxes, _ = nusc.get_sample_data(lidar_token, selected_anntokens=sample["anns"])
     n = len(boxes)
     gt_boxes = np.zeros((n, 7))
@@ -195,12 +240,25 @@ def validate_infos(infos: list, source: str) -> None:
         for camera in CAMERA_NAMES:
             if camera not in info["cams"]:
                 raise DatasetError(f"{where} lacks the field 'cams.{camera}'")
-            _require(info["cams"][camera], CAMERA_FIELDS, where, f"cams.{camera}.")
+            cam = info["cams"][camera]
+            _require(cam, CAMERA_FIELDS, where, f"cams.{camera}.")
+            check_numbers(cam["cam_intrinsic"], (3, 3), where, f"cams.{camera}.cam_intrinsic")
+            check_numbers(cam["sensor2lidar_rotation"], (3, 3), where, f"cams.{camera}.sensor2lidar_rotation")
+            check_numbers(cam["sensor2lidar_translation"], (3,), where, f"cams.{camera}.sensor2lidar_translation")
+        for name in ("lidar2ego", "ego2global"):
+            check_numbers(info[f"{name}_translation"], (3,), where, f"{name}_translation")
+            check_numbers(info[f"{name}_rotation"], (4,), where, f"{name}_rotation")
         if any(name in info for name in GT_FIELDS):
             _require(info, GT_FIELDS, where, "")
             lengths = {name: len(np.atleast_1d(info[name])) for name in GT_FIELDS}
             if len(set(lengths.values())) > 1:
                 raise DatasetError(f"{where}: the GT fields have different lengths {lengths}")
+            boxes = np.asarray(info["gt_boxes"], dtype=np.float64).reshape(-1, 7)
+            bad = ~np.isfinite(boxes).all(axis=1) | ~(boxes[:, 3:6] > 0).all(axis=1)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise DatasetError(f"{where}: field 'gt_boxes[{i}]' = {boxes[i].tolist()} needs finite values and a "
+                                   f"size (l, w, h) > 0")
 
 
 def _require(record: Any, fields: Sequence[str], where: str, prefix: str) -> None:

@@ -168,6 +168,7 @@ def read_alarms(path: Path) -> list[Alarm]:
 class TrainingStopped(RuntimeError):
     """A run stopped by an alarm (``on_alarm="stop"``); the message names the alarm, its step and the checkpoint
     to resume from. `main_process`: raised on the main process (the one that reports it)."""
+    exit_code = 3             # train/main.py's exit status for it
 
     def __init__(self, message: str, main_process: bool = True):
         super().__init__(message)

@@ -36,11 +36,10 @@ import numpy as np
 import torch
 
 from aqrcmt.atomic import atomic_write_bytes, staged_directory
-from aqrcmt.checkpoint.io import (CheckpointError, load_safetensors, save_safetensors_atomic, sha256_of,
-                                  torch_save_atomic)
+from aqrcmt.checkpoint.io import (CHECKSUMS, CheckpointError, load_safetensors, save_safetensors_atomic, sha256_of,
+                                  torch_save_atomic, verify_checksums)
 
 LATEST = "latest"
-CHECKSUMS = "checksums.json"
 CHECKPOINT_FORMAT = 2          # 1: no checksums.json, pickled RNG/training state (refused on resume)
 
 
@@ -121,14 +120,23 @@ def write_checkpoint(run_dir: Path, *, model_state: dict[str, torch.Tensor], tra
 
 
 def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
-    if keep_last <= 0:
-        return
-    complete = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
-    for old in complete[:-keep_last]:
-        if old.name != protect:
-            shutil.rmtree(old, ignore_errors=True)
-    for stale in [*ckpt_root.glob(".step_*.partial"), *ckpt_root.glob(".step_*.replaced")]:  # left by a crash
-        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last > 0:
+        complete = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+        for old in complete[:-keep_last]:
+            if old.name != protect:
+                shutil.rmtree(old, ignore_errors=True)
+    prune_stale_temporaries(ckpt_root.parent)
+
+
+def prune_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the temporaries a killed or failed writer left in `run_dir` and its checkpoints/ (staged
+    ``.<name>.*.partial`` / ``.replaced`` folders, ``.<name>.*.tmp`` files: :mod:`aqrcmt.atomic`); returns them.
+    Only while this job holds the run directory's lock (no other writer is running)."""
+    stale = [p for folder in (run_dir, run_dir / "checkpoints")
+             for pattern in (".*.partial", ".*.replaced", ".*.tmp") for p in folder.glob(pattern)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
 
 
 def rng_file_name(rank: int) -> str:
@@ -147,40 +155,38 @@ def verify_checkpoint(ckpt_dir: Path) -> dict:
     Raises CheckpointError naming the missing or corrupted file, or the missing manifest (a checkpoint of
     an older aqrcmt version, or not a checkpoint).
     """
-    manifest_file = ckpt_dir / CHECKSUMS
-    if not manifest_file.is_file():
+    if not (ckpt_dir / CHECKSUMS).is_file():
         raise CheckpointError(f"{ckpt_dir}: no {CHECKSUMS}; not a checkpoint of this aqrcmt version (format "
                               f"{CHECKPOINT_FORMAT}) or not a complete one, so it cannot be resumed with checks; "
                               f"its weights still load with --load-from {ckpt_dir / 'model.safetensors'}")
     try:
-        manifest = json.loads(manifest_file.read_text())
-        recorded = dict(manifest["sha256"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{manifest_file}: not a readable checksum manifest ({e})") from None
-    for name, expected in recorded.items():
-        path = ckpt_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: listed in {CHECKSUMS} but missing; the checkpoint is incomplete")
-        if sha256_of(path) != expected:
-            raise CheckpointError(f"{path}: sha256 differs from {manifest_file}; the file is corrupted or was "
-                                  f"modified after it was written. Resume from another checkpoint "
-                                  f"(--resume {ckpt_dir.parent}/step_...)")
-    return manifest
+        return verify_checksums(ckpt_dir)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}. Resume from another checkpoint (--resume {ckpt_dir.parent}/step_...)") \
+            from None
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Path:
-    """``resume`` is "latest" (the run directory's newest complete checkpoint) or a checkpoint directory."""
-    if resume != "latest":
+def resolve_resume(run_dir: Path, resume: str) -> Optional[Path]:
+    """The checkpoint that ``--resume`` names: "latest" (the run directory's newest complete checkpoint), "auto"
+    (the same, when there is one) or a checkpoint directory.
+
+    None when the run has no checkpoint yet: "auto" always, "latest" when ``config.json`` is there (the run
+    stopped before its first checkpoint); the run then starts from step 0.
+    """
+    if resume not in ("latest", "auto"):
         path = Path(resume)
         if not (path / "training_state.pt").is_file():
             raise CheckpointError(f"--resume {path}: not a checkpoint directory (no training_state.pt)")
         return path
     pointer = run_dir / "checkpoints" / LATEST
     if not pointer.is_file():
-        raise CheckpointError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'} (missing '{LATEST}')")
+        if resume == "auto" or (run_dir / "config.json").is_file():
+            return None
+        raise CheckpointError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'} (missing '{LATEST}') "
+                              f"and no config.json in {run_dir}; --resume auto starts a run that is not there")
     path = run_dir / "checkpoints" / pointer.read_text().strip()
     if not (path / "model.safetensors").is_file():
-        raise CheckpointError(f"--resume latest: {pointer} names {path.name}, which is incomplete or deleted")
+        raise CheckpointError(f"--resume {resume}: {pointer} names {path.name}, which is incomplete or deleted")
     return path
 
 

@@ -8,12 +8,15 @@ every process's RNG states; with ``data.num_workers = 0`` a resumed run repeats 
 
 The phases of :func:`train`:
 
+0. :func:`build_accelerator` (process group and its timeout), :func:`lock_run_dir` (one job per directory);
 1. :func:`setup`: run-directory checks (:mod:`aqrcmt.training.run_dir`), the resumed checkpoint's checksums
-   and config, accelerator, model (``--load-from``, frozen modules), optimizer, data (and
+   and config (process count too), model (``--load-from``, frozen modules), optimizer, data (and
    :func:`check_val_split`), schedule, resumed state; only then config.json; ``accelerator.prepare`` -> a
    :class:`Run`;
 2. per batch forward and backward; per accumulation group the optimizer step (:func:`optimizer_step`: clip,
-   non-finite guard), the schedule, :func:`log_step`, the health checks, a mid-epoch checkpoint when due;
+   non-finite guard), the schedule, :func:`log_step`, the health checks, then what every process agrees on in
+   :func:`step_end_requests`: a stop signal (:func:`stop_for_signal`: checkpoint, TrainingInterrupted), a
+   mid-epoch checkpoint when due (steps or minutes), too many skipped bad samples;
 3. at the end of an epoch (or of the run) :func:`save_checkpoint`, then - every ``train.eval_every_epochs``,
    after the epochs of ``train.eval_at_epochs`` and at the end - :func:`evaluate_checkpoint` (metrics.json
    beside the checkpoint, best/ by NDS, metrics_history.json): the epoch is on disk before the evaluation runs.
@@ -29,22 +32,28 @@ steps (loss) and after each evaluation (``train.health``); :func:`act_on_alarms`
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import shutil
+import signal
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, NamedTuple, Optional
 
 import torch
-from accelerate import Accelerator, PartialState, skip_first_batches
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate import Accelerator, skip_first_batches
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from aqrcmt.checkpoint.io import CheckpointError
 from aqrcmt.checkpoint.weights import apply_required_settings, load_weights
-from aqrcmt.config import Config
+from aqrcmt.config import Config, ConfigError
 from aqrcmt.data import build_dataloader
+from aqrcmt.data.files import BadSampleError, DatasetError
 from aqrcmt.data.loader import EpochDataLoader, build_dataset
 from aqrcmt.errors import AqrcmtError
 from aqrcmt.eval.predict import predict_dataset
@@ -55,6 +64,7 @@ from aqrcmt.training import checkpointing as ckpt
 from aqrcmt.training import run_dir as run_dirs
 from aqrcmt.training.alarms import (Alarm, AlarmDelivery, LossTrend, TrainingStopped, check_aqr_signals,
                                     check_evaluations)
+from aqrcmt.training.interrupt import StopRequests, TrainingInterrupted, stop_requests
 from aqrcmt.training.optim import freeze_and_build_optimizer
 from aqrcmt.training.schedule import Schedule
 
@@ -114,7 +124,9 @@ class Run:
     alarms: AlarmDelivery
     resumed_from: Optional[Path]               # the checkpoint this run was resumed from
     resumed_rng: Optional[dict[str, Any]]      # this process's RNG state to continue from (resume), used once
+    stop: StopRequests = field(default_factory=StopRequests)   # the signals this process received
     last_checkpoint: Optional[Path] = None
+    last_save_time: float = field(default_factory=time.monotonic)   # for train.checkpoint_every_minutes
     metrics: Optional[dict] = None             # of the last evaluation
 
     @property
@@ -167,7 +179,61 @@ def _resumed_progress(ckpt_dir: Path, state: dict) -> ckpt.TrainingProgress:
     return progress
 
 
-def adopt_required_settings(cfg: Config, options: TrainOptions) -> None:
+def build_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator; it starts the process group (with ``train.collective_timeout_minutes``), so it is
+    built before anything else asks for the distributed state."""
+    # An `accelerate launch --mixed_precision` / `accelerate config` setting wins over the config's. cpu=True without
+    # CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group.
+    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.train.mixed_precision
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision 'fp16' needs a CUDA GPU: on the CPU Accelerate would run in fp32 "
+                          "and say fp16; use 'no' (fp32) or 'bf16' (CPU autocast)")
+    timeout = InitProcessGroupKwargs(backend=None,     # None: Accelerate's choice (NCCL with CUDA, else gloo)
+                                     timeout=timedelta(minutes=cfg.train.collective_timeout_minutes))
+    return Accelerator(mixed_precision=mixed_precision, log_with=cfg.train.tracker,
+                       project_dir=cfg.train.output_dir, cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+
+
+def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Optional[run_dirs.RunLock]:
+    """The run directory's exclusive lock, held by the main process (the one that writes); every process raises
+    the same RunDirectoryError when another job holds it."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = run_dirs.RunLock.acquire(run_dir)
+        except run_dirs.RunDirectoryError as error:
+            refusal = str(error)
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise run_dirs.RunDirectoryError(refusal)
+    if lock is not None:
+        if lock.took_over():
+            accelerator.print(lock.took_over())
+        stale = ckpt.prune_stale_temporaries(Path(run_dir))
+        if stale:
+            accelerator.print(f"removed {len(stale)} temporary file(s)/folder(s) left by an interrupted write: "
+                              f"{', '.join(p.name for p in stale[:5])}")
+    return lock
+
+
+def check_resume_compatible(accelerator: Accelerator, cfg: Config, ckpt_dir: Path, manifest: dict) -> None:
+    """Refuse to resume a checkpoint written by another number of processes (every process checks, before
+    anything is written): the effective batch and the data order would change."""
+    written = manifest.get("num_processes")
+    now = accelerator.num_processes
+    if written == now:
+        return
+    per_process = cfg.data.batch_size * cfg.optim.grad_accumulation
+    written_batch = f"effective batch {per_process * written}" if isinstance(written, int) else "effective batch ?"
+    raise run_dirs.RunDirectoryError(
+        f"--resume {ckpt_dir}: the checkpoint was written by {written} process(es) ({written_batch}); this run has "
+        f"{now} (effective batch {per_process * now}), which changes the effective batch and the data order. Resume "
+        f"with {written} process(es), or start a new run from its weights: --load-from {ckpt_dir / 'model.safetensors'}"
+        f" --output-dir NEW_DIR")
+
+
+def adopt_required_settings(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> None:
     """Set in `cfg` what the ``--load-from`` weights record that they need (a converted AQR-fork checkpoint:
     its tanh generator without type embeddings), before the model is built and config.json written."""
     if not options.load_from:
@@ -177,24 +243,27 @@ def adopt_required_settings(cfg: Config, options: TrainOptions) -> None:
     except CheckpointError as error:
         raise CheckpointError(f"--load-from {error}") from None
     for note in notes:
-        PartialState().print(f"--load-from {options.load_from} needs {note}")
+        accelerator.print(f"--load-from {options.load_from} needs {note}")
 
 
-def setup(cfg: Config, options: TrainOptions) -> Run:
+def setup(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> Run:
     """Everything a run needs, with the resumed state loaded (see the module doc, phase 1)."""
     # ---- run directory and resumed checkpoint: checked before anything is written ----
     run_dir = Path(cfg.train.output_dir)
     run_dirs.check_run_dir(run_dir, resume=options.resume, overwrite=options.overwrite, eval_only=options.eval_only)
     resume_dir = ckpt.resolve_resume(run_dir, options.resume) if options.resume else None
     if resume_dir is not None:
-        ckpt.verify_checkpoint(resume_dir)
+        manifest = ckpt.verify_checkpoint(resume_dir)
         if not options.eval_only:
             run_dirs.check_resume_config(resume_dir, cfg)
-    # An `accelerate launch --mixed_precision` / `accelerate config` setting wins over the config's. cpu=True without
-    # CUDA: processes started by torchrun (`accelerate launch --multi_gpu`) then join a gloo group.
-    mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or cfg.train.mixed_precision
-    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=cfg.train.tracker,
-                              project_dir=str(run_dir), cpu=not torch.cuda.is_available())
+            check_resume_compatible(accelerator, cfg, resume_dir, manifest)
+    elif options.resume and options.eval_only:
+        raise CheckpointError(f"--eval-only --resume {options.resume}: {run_dir} holds no checkpoint")
+    elif options.resume and (run_dir / "config.json").is_file():   # stopped before its first checkpoint
+        stored = run_dir / "config.json"
+        run_dirs.check_stored_config(stored, stored.read_text(), cfg, f"--resume {options.resume}")
+        accelerator.print(f"--resume {options.resume}: {run_dir} holds no checkpoint yet (the run stopped before "
+                          f"its first); starting it from step 0 with the config of {stored}")
     set_seed(cfg.train.seed, device_specific=False)
     accelerator.print(f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
                       f"'{accelerator.mixed_precision}', run directory {run_dir}")
@@ -215,11 +284,18 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
     # ---- data and schedule ----
     loader = build_dataloader(cfg, cfg.data.train_split, train=True, num_processes=accelerator.num_processes,
                               process_index=accelerator.process_index, seed=cfg.train.seed)
+    if loader.dataset.num_empty_gt:
+        accelerator.print(f"data.train_split {cfg.data.train_split!r}: {loader.dataset.num_empty_gt} samples without a "
+                          f"GT box with LiDAR points of the detection classes are left out of training "
+                          f"({len(loader.dataset)} remain)")
+    loader.dataset.skip_log = run_dir / f"skipped_samples_rank{accelerator.process_index}.jsonl"
     accumulation = cfg.optim.grad_accumulation
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch == 0:
-        raise ValueError(f"data.train_split {cfg.data.train_split!r}: {len(loader)} batches per process, fewer than "
-                         f"optim.grad_accumulation = {accumulation}; nothing to train on")
+        raise DatasetError(f"data.train_split {cfg.data.train_split!r}: {len(loader.dataset)} samples, "
+                           f"{len(loader.sampler)} per process, make {len(loader)} whole batches of data.batch_size = "
+                           f"{cfg.data.batch_size} per process, fewer than optim.grad_accumulation = {accumulation}; "
+                           f"nothing to train on (lower data.batch_size or the number of processes)")
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -249,7 +325,9 @@ def setup(cfg: Config, options: TrainOptions) -> Run:
             accelerator.print(f"--overwrite: the previous run in {run_dir} was moved to {moved}")
     accelerator.wait_for_everyone()
     if cfg.train.tracker:  # TensorBoard writes to <run_dir>/tensorboard
-        accelerator.init_trackers(cfg.train.tracker, config={"config": cfg.to_json()})
+        # a resumed run replaces what the interrupted one logged after its checkpoint (replayed steps once)
+        init_kwargs = {"tensorboard": {"purge_step": progress.step + 1}} if resume_dir is not None else {}
+        accelerator.init_trackers(cfg.train.tracker, config={"config": cfg.to_json()}, init_kwargs=init_kwargs)
 
     # ---- compile (default: on for CUDA) and prepare (DDP, mixed precision) ----
     if cfg.train.compile if cfg.train.compile is not None else accelerator.device.type == "cuda":
@@ -275,13 +353,31 @@ def save_checkpoint(run: Run) -> Path:
     if accelerator.is_main_process:
         training_state = {"optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
                           "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
-        path = ckpt.write_checkpoint(run.run_dir, model_state=run.detector.state_dict(),
-                                     training_state=training_state, config_json=run.cfg.to_json(),
-                                     progress=run.progress, keep_last=run.cfg.train.keep_last, rng_states=rng_states)
+        try:
+            path = ckpt.write_checkpoint(run.run_dir, model_state=run.detector.state_dict(),
+                                         training_state=training_state, config_json=run.cfg.to_json(),
+                                         progress=run.progress, keep_last=run.cfg.train.keep_last,
+                                         rng_states=rng_states)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            free = shutil.disk_usage(run.run_dir).free / 2**20
+            raise CheckpointError(f"disk full writing the checkpoint of step {run.progress.step} to "
+                                  f"{run.run_dir / 'checkpoints'} ({error.filename}; {free:.0f} MiB free); its "
+                                  f"temporary files were removed and {run.last_checkpoint or 'no checkpoint'} is "
+                                  f"the last one. Free space, then --resume") from None
     accelerator.wait_for_everyone()
     path = Path(gather_object([str(path)])[0]) if accelerator.num_processes > 1 else path
-    run.last_checkpoint = path
+    run.last_checkpoint, run.last_save_time = path, time.monotonic()
     return path
+
+
+def ensure_checkpoint(run: Run) -> Path:
+    """The checkpoint of the current step: the one already written at this step, else a new one (collective)."""
+    saved = run.last_checkpoint
+    if saved is not None and saved.name == ckpt.checkpoint_name(run.progress.step):
+        return saved
+    return save_checkpoint(run)
 
 
 def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir: Path) -> dict:
@@ -380,8 +476,9 @@ def optimizer_step(run: Run, losses_finite: bool, last_loss: torch.Tensor) -> tu
     trainable = [p for p in run.detector.parameters() if p.requires_grad]
     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
                                             else float("inf"))
-    healthy = torch.tensor(float(losses_finite and bool(torch.isfinite(grad_norm))), device=accelerator.device)
-    healthy = bool(accelerator.reduce(healthy, "min").item() > 0)
+    unhealthy = torch.tensor(float(not (losses_finite and bool(torch.isfinite(grad_norm)))),
+                             device=accelerator.device)
+    healthy = bool(accelerator.reduce(unhealthy, "max").item() == 0)   # every process healthy
     overflow = False
     if healthy or (accelerator.scaler is not None and bool(torch.isfinite(last_loss.detach()))):
         run.optimizer.step()  # fp16: the loss scaler skips an overflowing step itself and lowers the scale
@@ -480,11 +577,8 @@ def act_on_alarms(run: Run, alarms: list[Alarm]) -> None:
         first = broadcast_object_list([first if accelerator.is_main_process else None])[0]
     if first is None:
         return
-    saved = run.last_checkpoint
-    if saved is None or saved.name != ckpt.checkpoint_name(run.progress.step):
-        saved = save_checkpoint(run)
+    saved = ensure_checkpoint(run)
     if mode == "stop":
-        accelerator.end_training()   # trackers flushed: the alarm's TensorBoard entries are on disk
         raise TrainingStopped(f"training stopped by the health monitor (train.health.on_alarm=stop): {first}. "
                               f"Checkpoint: {saved}; continue with --resume {saved}",
                               main_process=accelerator.is_main_process)
@@ -507,19 +601,90 @@ def epoch_batches(run: Run) -> Iterable[Batch]:
     return batches
 
 
+class StepEndRequests(NamedTuple):
+    stop: Optional[signal.Signals]     # the signal that stops the run
+    checkpoint_due: bool               # train.checkpoint_every_minutes passed since the last checkpoint
+    skipped: int                       # bad training samples skipped so far, most of any process
+
+
+def skipped_samples(run: Run) -> int:
+    """Distinct training samples this process skipped as bad in the whole run (its skipped_samples file)."""
+    path = run.loader.dataset.skip_log
+    if path is None or not path.is_file():
+        return 0
+    return len({json.loads(line)["token"] for line in path.read_text().splitlines() if line.strip()})
+
+
+def step_end_requests(run: Run) -> StepEndRequests:
+    """What the loop must do after an optimizer step, the same on every process (one collective): a signal to
+    any process stops all, the slowest clock decides a time-based checkpoint, the most skipped samples count."""
+    minutes = run.cfg.train.checkpoint_every_minutes
+    due = bool(minutes) and time.monotonic() - run.last_save_time >= minutes * 60
+    flags = torch.tensor([run.stop.signum or 0, int(due), skipped_samples(run)], device=run.accelerator.device)
+    signum, due, skipped = (int(v) for v in run.accelerator.reduce(flags, "max").tolist())
+    return StepEndRequests(signal.Signals(signum) if signum else None, bool(due), skipped)
+
+
+def check_skipped_samples(run: Run, skipped: int) -> None:
+    """Stop (after a checkpoint) when a process skipped more than ``data.max_skipped_fraction`` of its share
+    of the training samples."""
+    share = len(run.loader.dataset) / run.accelerator.num_processes
+    if skipped <= run.cfg.data.max_skipped_fraction * share:
+        return
+    saved = ensure_checkpoint(run)
+    raise BadSampleError(f"{skipped} training samples failed to load, more than data.max_skipped_fraction = "
+                         f"{run.cfg.data.max_skipped_fraction:g} of the {share:.0f} of a process; each is named with "
+                         f"its reason in {run.run_dir}/skipped_samples_rank*.jsonl. Checkpoint {saved}: fix or "
+                         f"remove the files (aqrcmt check-data lists them), then --resume")
+
+
+def stop_for_signal(run: Run, signum: signal.Signals) -> None:
+    """Write the checkpoint of the current step (unless written already) and raise TrainingInterrupted."""
+    saved = ensure_checkpoint(run)
+    raise TrainingInterrupted(f"interrupted by {signum.name} after step {run.progress.step}: checkpoint {saved}",
+                              checkpoint=saved, main_process=run.accelerator.is_main_process)
+
+
+def close_run(run: Run) -> None:
+    """The ordered end of a run that every process reached together (finished, or stopped by an alarm or a
+    signal): all processes meet, the trackers flush, then the process group is destroyed."""
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+
+
 def train(cfg: Config, options: TrainOptions) -> TrainResult:
-    """Train (or, with ``options.eval_only``, evaluate) `cfg` in ``cfg.train.output_dir``; see the module doc."""
-    adopt_required_settings(cfg, options)
-    run = setup(cfg, options)
-    accelerator, progress, accumulation = run.accelerator, run.progress, cfg.optim.grad_accumulation
+    """Train (or, with ``options.eval_only``, evaluate) `cfg` in ``cfg.train.output_dir``; see the module doc.
 
-    if options.eval_only:
-        run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
-        if accelerator.is_main_process:
-            ckpt.write_metrics(run.run_dir / "eval", run.metrics)
-        accelerator.end_training()
-        return run.result()
+    SIGTERM / SIGUSR1 / SIGINT stop the run after the current step with a checkpoint
+    (:mod:`aqrcmt.training.interrupt`); raises TrainingStopped (alarm) or TrainingInterrupted (signal) after the
+    run was closed on every process."""
+    with stop_requests() as requests:
+        accelerator = build_accelerator(cfg)
+        lock = lock_run_dir(accelerator, Path(cfg.train.output_dir))
+        try:
+            adopt_required_settings(accelerator, cfg, options)
+            run = setup(accelerator, cfg, options)
+            run.stop = requests
+            try:
+                if options.eval_only:
+                    run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
+                    if accelerator.is_main_process:
+                        ckpt.write_metrics(run.run_dir / "eval", run.metrics)
+                else:
+                    train_epochs(run)
+            except TrainingStopped:     # every process raised it at the same step
+                close_run(run)
+                raise
+            close_run(run)
+        finally:
+            if lock is not None:
+                lock.release()
+    return run.result()
 
+
+def train_epochs(run: Run) -> None:
+    """The epochs of the run from its current progress (see the module doc, phases 2 and 3)."""
+    accelerator, cfg, progress, accumulation = run.accelerator, run.cfg, run.progress, run.cfg.optim.grad_accumulation
     bar = tqdm(total=run.total_steps, initial=progress.step, disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
     window = ThroughputWindow()
@@ -529,6 +694,7 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
             batches = epoch_batches(run)
             run.model.train()            # the detector keeps its frozen modules' BatchNorm in eval mode
             losses_finite = True
+            stop = None
             for batch in batches:
                 if progress.batches_in_epoch >= run.batches_per_epoch:
                     break                # a tail of batches too short for a whole accumulation group
@@ -566,21 +732,29 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
                 if output.monitor is not None or logged is not None:
                     act_on_alarms(run, step_alarms(run, output, logged))
 
-                # ---- a mid-epoch checkpoint (the epoch's last step is saved below, with the epoch counted) ----
+                # ---- mid-epoch checkpoints: every N steps, every M minutes, on a signal (then stop) ----
+                # (the epoch's last step is saved below, with the epoch counted)
+                stop, minutes_due, skipped = step_end_requests(run)
+                check_skipped_samples(run, skipped)
                 epoch_ends = progress.batches_in_epoch >= run.batches_per_epoch
-                every = cfg.train.checkpoint_every_steps
-                if every and progress.step % every == 0 and not epoch_ends and progress.step < run.total_steps:
-                    save_checkpoint(run)
-                if progress.step >= run.total_steps:
+                if epoch_ends or progress.step >= run.total_steps:
                     break
+                if stop is not None:
+                    stop_for_signal(run, stop)
+                every = cfg.train.checkpoint_every_steps
+                if minutes_due or (every and progress.step % every == 0):
+                    save_checkpoint(run)
 
             # ---- the end of an epoch (or of the run): checkpoint, then evaluation when due ----
             if progress.batches_in_epoch >= run.batches_per_epoch:
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
             path = save_checkpoint(run)      # the epoch is on disk before anything can fail in evaluation
+            if stop is not None:             # the resumed run evaluates it (finish_interrupted_evaluation)
+                stop_for_signal(run, stop)
             if evaluation_due(run):
                 evaluate_checkpoint(run, path)
                 act_on_alarms(run, check_evaluations(progress.history, cfg.train.health))
-    accelerator.end_training()
-    return run.result()
+            stop = step_end_requests(run).stop     # a signal during the evaluation
+            if stop is not None and not run.done:
+                stop_for_signal(run, stop)

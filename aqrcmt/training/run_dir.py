@@ -8,12 +8,18 @@
   anything is written: a difference outside :data:`CHANGEABLE_ON_RESUME` is refused, naming every field.
 - ``config.json`` is written by :func:`claim_run_dir`, which the loop calls only after every check passed, so
   a refused or failed start leaves the directory as it was.
+- One job per run directory: :class:`RunLock` holds an exclusive lock (``flock``) on ``.<name>.lock`` beside
+  the directory for the life of the run; a second job is refused naming the holder (host, pid, start, command).
+  A lock file left by a job that died is taken over (the kernel released its lock), with a line saying so.
 """
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import json
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -30,7 +36,8 @@ from aqrcmt.overrides import config_from_dict
 # augmentation, batch size, seed, precision) shapes the trained state and must stay as the run began.
 CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "train.epochs", "train.max_steps", "train.output_dir", "train.tracker", "train.log_every_steps",
-    "train.checkpoint_every_steps", "train.keep_last", "train.eval_*", "train.compile", "train.max_nonfinite_steps",
+    "train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.collective_timeout_minutes",
+    "train.keep_last", "train.eval_*", "train.compile", "train.max_nonfinite_steps",
     "data.root", "data.index_cache_dir", "data.val_split", "data.info_pkl_val", "data.num_workers", "data.pin_memory",
     "train.health.*", "model.aqr.monitor.*",
 )
@@ -77,16 +84,22 @@ def check_resume_config(ckpt_dir: Path, cfg: Config) -> list[str]:
     text = load_safetensors_metadata(weights).get("config")
     if text is None:
         raise RunDirectoryError(f"{weights}: no stored config; it was not written by the training loop")
+    return check_stored_config(weights, text, cfg, f"--resume {ckpt_dir}")
+
+
+def check_stored_config(source: Path, text: str, cfg: Config, action: str) -> list[str]:
+    """Compare the config JSON `text` read from `source` with `cfg` (see :func:`check_resume_config`); `action`
+    starts the refusal ("--resume DIR")."""
     try:
         stored = config_from_dict(json.loads(text))
     except (ValueError, ConfigError) as e:
-        raise RunDirectoryError(f"{weights}: its stored config does not load with this aqrcmt version ({e})") from None
+        raise RunDirectoryError(f"{source}: its stored config does not load with this aqrcmt version ({e})") from None
     changed = config_differences(stored, cfg)
     refused = [k for k in changed if not any(fnmatch.fnmatchcase(k, p) for p in CHANGEABLE_ON_RESUME)]
     if refused:
         before, after = _flatten(stored.to_dict()), _flatten(cfg.to_dict())
         details = "; ".join(f"{k}: {before.get(k, '<absent>')!r} -> {after.get(k, '<absent>')!r}" for k in refused)
-        raise RunDirectoryError(f"--resume {ckpt_dir}: the config differs from the run's in field(s) that may not "
+        raise RunDirectoryError(f"{action}: the config differs from the run's ({source}) in field(s) that may not "
                                 f"change on resume: {details}. Fields that may change: "
                                 f"{', '.join(CHANGEABLE_ON_RESUME)}")
     return changed
@@ -107,3 +120,76 @@ def claim_run_dir(run_dir: Path, cfg: Config, *, overwrite: bool, eval_only: boo
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.json", cfg.to_json().encode())
     return moved
+
+
+class RunLock:
+    """The exclusive lock of one run directory (see the module doc); :meth:`acquire`, then :meth:`release`.
+
+    `previous`: the holder recorded in a lock file that was left behind by a job that ended without releasing
+    it (None when the file was new).
+    """
+
+    def __init__(self, path: Path, fd: int, previous: Optional[dict]):
+        self.path, self.fd, self.previous = path, fd, previous
+
+    @staticmethod
+    def path_for(run_dir: Path) -> Path:
+        run_dir = Path(os.path.abspath(run_dir))
+        return run_dir.with_name(f".{run_dir.name}.lock")
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> "RunLock":
+        """Lock `run_dir` (without waiting) and record this job in the lock file; RunDirectoryError naming the
+        holder when another job has it."""
+        path = cls.path_for(run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunDirectoryError(f"train.output_dir {run_dir} is in use by another job ({_describe(holder)}, "
+                                        f"lock {path}); wait for it to end or choose another --output-dir") from None
+            try:
+                same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                break
+            os.close(fd)     # the holder released and removed the file between our open and lock: try again
+        previous = _read_holder(fd)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        return cls(path, fd, previous)
+
+    def took_over(self) -> Optional[str]:
+        """The line that says a stale lock was taken over, or None."""
+        if self.previous is None:
+            return None
+        return f"took over the lock {self.path} left by a job that ended without releasing it " \
+               f"({_describe(self.previous)})"
+
+    def release(self) -> None:
+        """Remove the lock file, then release the lock (a job waiting on the old file sees it gone and retries)."""
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+def _read_holder(fd: int) -> Optional[dict]:
+    text = os.pread(fd, 65536, 0)
+    if not text:
+        return None
+    try:
+        return dict(json.loads(text))
+    except (ValueError, TypeError):
+        return {"unreadable lock file": text[:80].decode(errors="replace")}
+
+
+def _describe(holder: Optional[dict]) -> str:
+    if holder is None:
+        return "holder not recorded"
+    return ", ".join(f"{k} {v}" for k, v in holder.items())
