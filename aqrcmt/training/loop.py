@@ -472,7 +472,7 @@ def act_on_alarms(run: Run, alarms: list[Alarm]) -> None:
     differ between processes), so every process saves and stops together.
     """
     accelerator, mode = run.accelerator, run.cfg.train.health.on_alarm
-    run.alarms.deliver(alarms)
+    run.alarms.deliver(alarms, run.progress.epoch)
     if mode == "warn":
         return
     first = next((a.line() for a in alarms if a.level == "alarm"), None)
