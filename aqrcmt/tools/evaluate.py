@@ -75,7 +75,8 @@ def _evaluate_results(args: argparse.Namespace) -> int:
     metrics = evaluate_results_file(args.results, args.root, args.version, args.split, out,
                                     condition=args.condition)
     print(format_metrics(metrics))
-    print(f"metrics written to {out}")
+    samples = len(json.loads(Path(args.results).read_text())["results"])
+    print(f"{samples} samples of {_scored(args.split, args.condition)} scored; metrics: {out / 'metrics.json'}")
     return 0
 
 
@@ -96,7 +97,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     if args.robustness:
         print(format_robustness(table))
         atomic_write_bytes(out / "robustness.json", json.dumps(table, indent=2).encode())
-    print(f"metrics written to {out}")
+    print(f"{len(loader.dataset)} samples of {_scored(split, args.condition)} scored; metrics: "
+          f"{out / CLEAN.name / 'metrics.json'}" + (f", the drops' in {out}/" if args.robustness else ""))
     return 0
 
 
@@ -120,13 +122,17 @@ def _evaluate_corruptions(args: argparse.Namespace) -> int:
               "severities": args.severities, "models": tables}
     atomic_write_bytes(out / "robustness.json", json.dumps(report, indent=2).encode())
     markdown = format_corruptions(tables)
-    scored = split if args.condition is None else f"{split}, {args.condition} scenes"
     atomic_write_bytes(out / "robustness.md",
-                       f"# Robustness ({scored}, corruption seed {args.corruption_seed})\n\n{markdown}\n".encode())
+                       f"# Robustness ({_scored(split, args.condition)}, corruption seed {args.corruption_seed})\n\n{markdown}\n".encode())
     plot_corruptions(tables, out / "robustness.png")
     print(markdown)
     print(f"robustness written to {out}")
     return 0
+
+
+def _scored(split: str, condition: Optional[str]) -> str:
+    """What was scored: the split, or its scenes of `condition`."""
+    return split if condition is None else f"{split}, {condition} scenes"
 
 
 def _suffix(args: argparse.Namespace) -> str:
