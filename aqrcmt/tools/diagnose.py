@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     for label, stem, render, modulate in reference_settings(cfg):
         stats, bev_map, camera_maps = measure(scene, render, modulate)
         rows.append((label, stats))
-        save_png(render_aqr(AQRView(bev_map[0], camera_maps[0]), title=label), out_dir / f"maps_{stem}.png")
+        save_png(render_aqr(AQRView(bev_map[0], camera_maps[0]), title=label,
+                            point_cloud_range=cfg.model.lidar.voxel.point_cloud_range), out_dir / f"maps_{stem}.png")
     print(debug_table(rows))
     alarms = check_aqr_signals(rows[-1][1], cfg.model.aqr.monitor, step=0)   # the last row: the config itself
     print(f"\nhealth checks of config {cfg.name} (model.aqr.monitor levels): "
