@@ -48,6 +48,7 @@ ALIASES = [   # (argv with the old spelling, argv with the one name), for each c
     (["diagnose", "--config", "tiny_aqr", "--data", "d"], ["diagnose", "--config", "tiny_aqr", "--root", "d"]),
     (["create-infos", "--root", "r", "--out-dir", "o"], ["create-infos", "--root", "r", "--out", "o"]),
     (["train", "--config", "tiny", "--output-dir", "o"], ["train", "--config", "tiny", "--out", "o"]),
+    (["train", "--config", "tiny", "--data", "d"], ["train", "--config", "tiny", "--root", "d"]),
     (["train", "--config", "tiny", "--allow-missing", "a", "--allow-missing", "b"],
      ["train", "--config", "tiny", "--allow-missing", "a", "b"]),
     (["convert", "s", "d", "--config", "tiny", "--allow-unexpected", "a", "--allow-unexpected", "b"],
@@ -107,6 +108,25 @@ def test_aqrcmt_train_has_the_options_of_train_main() -> None:
     options = {s for a in _script_parser("main")._actions for s in a.option_strings}
     assert options == {s for a in _command_parser("train")._actions for s in a.option_strings}
     assert {"--set", "--root", "--out", "--resume", "--load-from", "--allow-missing"} <= options
+
+
+def test_train_turns_root_out_and_set_into_config_overrides(tmp_path: Path, monkeypatch) -> None:
+    """`aqrcmt train --root R --out O --set k=v` trains the config with data.root=R, train.output_dir=O, k=v."""
+    import aqrcmt.training.loop as loop
+
+    seen = {}
+
+    def fake_train(cfg, options):
+        seen["cfg"], seen["options"] = cfg, options
+        raise SystemExit(0)
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    with pytest.raises(SystemExit):
+        main(["train", "--config", "tiny", "--root", str(tmp_path), "--out", str(tmp_path / "run"), "--set",
+              "optim.lr=0.5", "--allow-missing", "a.*", "--resume"])
+    cfg = seen["cfg"]
+    assert (cfg.data.root, cfg.train.output_dir, cfg.optim.lr) == (str(tmp_path), str(tmp_path / "run"), 0.5)
+    assert seen["options"].allow_missing == ["a.*"] and seen["options"].resume == "latest"
 
 
 def test_version(capsys) -> None:

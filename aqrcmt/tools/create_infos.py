@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="official splits to write (default: train val, mini_train mini_val, or test)")
     add_out_option(parser, "folder of the pkl files (default: the root)", aliases=("--out-dir",))
     parser.add_argument("--max-sweeps", type=int, default=CONVERTER_MAX_SWEEPS,
-                        help="LiDAR sweeps listed per sample (mmdet3d's converter lists 10)")
+                        help="LiDAR sweeps listed per sample (as mmdet3d's converter)")
 
 
 def run(args: argparse.Namespace) -> int:

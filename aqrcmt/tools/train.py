@@ -16,7 +16,8 @@ import sys
 
 from aqrcmt.presets import load_config
 from aqrcmt.tools.errors import CommandError
-from aqrcmt.tools.options import add_key_pattern_options, add_out_option, add_root_option, add_set_option
+from aqrcmt.tools.options import (add_key_pattern_options, add_out_option, add_root_option, add_set_option,
+                                  config_overrides)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     """Train (or evaluate) as `args` say; expected errors propagate to the command's one-line report."""
     if args.eval_only and not (args.resume or args.load_from):
         raise CommandError("--eval-only needs weights: --resume [DIR] or --load-from FILE")
-    overrides = list(args.set)
-    overrides += [f"data.root={args.root}"] if args.root else []
+    overrides = config_overrides(args)
     overrides += [f"train.output_dir={args.out}"] if args.out else []
     overrides += [f"train.compile={args.compile}"] if args.compile is not None else []
     cfg = load_config(args.config, overrides)
