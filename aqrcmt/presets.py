@@ -62,7 +62,7 @@ def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Con
 def cmt_voxel0075_vov_1600x640_cbgs() -> Config:
     return Config(
         model=ModelConfig(),
-        data=DataConfig(batch_size=2, num_workers=6, augment=AugmentConfig(gt_paste_until_epoch=15)),
+        data=DataConfig(batch_size=2, num_workers=6, augment=AugmentConfig(gt_paste=True, gt_paste_until_epoch=15)),
         optim=OptimConfig(lr=1e-4, cyclic_target_ratio=(8.0, 1e-4)),
         train=TrainConfig(epochs=20, mixed_precision="fp16", eval_every_epochs=20),
     )
@@ -78,7 +78,7 @@ def cmt_voxel0100_r50_800x320_cbgs() -> Config:
     return Config(
         model=ModelConfig(lidar=lidar, camera=camera),
         data=DataConfig(batch_size=4, num_workers=6, augment=AugmentConfig(image_resize_range=(0.47, 0.625),
-                                                                            gt_paste_until_epoch=15)),
+                                                                            gt_paste=True, gt_paste_until_epoch=15)),
         optim=OptimConfig(lr=1.4e-4, cyclic_target_ratio=(6.0, 1e-4)),
         train=TrainConfig(epochs=20, mixed_precision="fp16", eval_every_epochs=20),
     )

@@ -81,6 +81,21 @@ def test_delivery_prints_one_line_writes_jsonl_and_counts(tmp_path):
     assert len(lines) == 2 and not (tmp_path / "other.jsonl").exists()
 
 
+def test_a_notice_prints_once_per_signal_and_epoch_an_alarm_every_time(tmp_path):
+    """The notice rule: a signal outside its band prints at its first step in an epoch; alarms.jsonl keeps all."""
+    lines = []
+    delivery = AlarmDelivery(tmp_path / "alarms.jsonl", active=True, print_line=lines.append)
+    for epoch, step in [(0, 1), (0, 2), (0, 3), (1, 4), (1, 5)]:
+        delivery.deliver(check_aqr_signals({"bev_map_mean": 0.01, "bev_relative_change": 0.4,
+                                            "camera_relative_change": 0.5}, AQRMonitorConfig(), step=step), epoch)
+    notices = [line for line in lines if line.startswith("notice")]
+    assert [line.split(":")[0] for line in notices] == ["notice at step 1", "notice at step 1", "notice at step 4",
+                                                        "notice at step 4"]
+    assert notices[0].endswith("; not printed again in epoch 0 (all in alarms.jsonl)")
+    assert sum(line.startswith("alarm") for line in lines) == 5
+    assert len(read_alarms(tmp_path / "alarms.jsonl")) == 15
+
+
 def _train_main(args: list[str], launcher: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([*launcher, str(REPO / "train" / "main.py"), *args], env=env, cwd=REPO,

@@ -58,7 +58,7 @@ def test_cli_prints_the_table_and_writes_pngs(tmp_path, capsys):
                      "maps_fork_piled_at_origin.png", "maps_report_clamp_fix.png"]
     capsys.readouterr()
     assert main(["diagnose", "--config", "tiny_aqr", "--checkpoint", "x.safetensors"]) == 2
-    assert "error: --checkpoint and --data go together" in capsys.readouterr().err
+    assert "error: --checkpoint and --root go together" in capsys.readouterr().err
 
 
 def test_cli_applies_set_overrides_and_prints_the_alarms_of_the_settings(tmp_path, capsys):
@@ -80,7 +80,7 @@ def test_cli_with_a_checkpoint_and_data(synthetic_root, tmp_path, capsys):
 
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in build_model(get_preset("tiny").model).state_dict().items()}, weights)
-    assert main(["diagnose", "--config", "tiny_aqr", "--checkpoint", str(weights), "--data", str(synthetic_root),
+    assert main(["diagnose", "--config", "tiny_aqr", "--checkpoint", str(weights), "--root", str(synthetic_root),
                  "--out", str(tmp_path / "maps"), "--no-sweep"]) == 0
     text = capsys.readouterr().out
     assert f"model: {weights}" in text and "AQR tensors are not in" in text

@@ -239,6 +239,24 @@ def test_gt_paste_adds_non_colliding_objects_with_their_points(cfg: Config, data
     assert (inside.sum(0) >= 5).all() and len(sample.points) != n_points
 
 
+def test_released_presets_paste_gt_and_a_missing_database_names_the_command(tmp_path: Path) -> None:
+    """The released recipes paste GT (for 15 epochs); without a database the train loader refuses in one line."""
+    from aqrcmt.config import ConfigError
+    from aqrcmt.data.gt_database import default_database
+    from aqrcmt.overrides import apply_overrides
+
+    for name in ("cmt_voxel0075_vov_1600x640_cbgs", "cmt_voxel0100_r50_800x320_cbgs", "cmt_lidar_voxel0075_cbgs",
+                 "cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs"):
+        augment = get_preset(name).data.augment
+        assert augment.gt_paste and augment.gt_paste_database is None and augment.gt_paste_until_epoch == 15
+    cfg = apply_overrides(get_preset("cmt_lidar_voxel0075_cbgs"), [f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError) as refused:
+        build_dataloader(cfg, "train", train=True)
+    assert str(refused.value) == (f"data.augment.gt_paste: no GT database at {default_database(tmp_path)}; build it "
+                                  f"with `aqrcmt build-gt-database --config cmt_lidar_voxel0075_cbgs --root {tmp_path} "
+                                  f"--version v1.0-trainval` (or pass --set data.augment.gt_paste=false)")
+
+
 def test_gt_paste_switches_off_at_its_last_epoch(cfg: Config, database: Path, monkeypatch) -> None:
     """The released "15e+5e" recipe: ``loader.set_epoch`` tells the dataset, which stops pasting."""
     assert get_preset("cmt_voxel0075_vov_1600x640_cbgs").data.augment.gt_paste_until_epoch == 15

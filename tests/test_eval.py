@@ -221,14 +221,16 @@ def test_custom_split_file(ground_truth, synthetic_root: Path, tmp_path: Path) -
     assert metrics["mAP"] > 0.99
 
 
-def test_evaluate_cli_on_a_results_file(ground_truth, synthetic_root: Path, tmp_path: Path) -> None:
+def test_evaluate_cli_on_a_results_file(ground_truth, synthetic_root: Path, tmp_path: Path, capsys) -> None:
     from aqrcmt.cli import main
 
     detections, metas = ground_truth
     path = write_results(detections_to_results(detections, metas), tmp_path / "res.json", True, True)
     assert main(["evaluate", "--results", str(path), "--root", str(synthetic_root), "--version", VERSION,
-                 "--eval-set", SPLIT]) == 0
+                 "--split", SPLIT]) == 0
     assert json.loads((tmp_path / "res_eval" / "metrics.json").read_text())["mAP"] > 0.99
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"{len(metas)} samples of {SPLIT} scored; metrics: {tmp_path / 'res_eval' / 'metrics.json'}"
     assert main(["evaluate", "--results", str(path), "--root", str(synthetic_root), "--version", "v1.0-trainval",
                  "--eval-set", "val"]) == 2
 

@@ -107,7 +107,7 @@ def test_predict_on_the_synthetic_split_writes_results_and_pictures(checkpoint: 
         assert boxes and all(b["sample_token"] == token for b in boxes)
         sizes = _pngs(out / token)
         assert set(sizes) == {"bev", "cameras", "aqr"}
-        assert sizes["cameras"] == (3 * 352, 2 * 128)                 # the six network inputs, 2 x 3
+        assert sizes["cameras"] == (3 * 352 * 2, 2 * 128 * 2)         # the six network inputs at 2x, 2 x 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds"]    # the staging folder was renamed
 
 

@@ -52,7 +52,7 @@ def _scalar_tags(run: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_training_lowers_the_loss_freezes_modules_applies_multipliers_and_monitors(synthetic_root, tmp_path):
+def test_training_lowers_the_loss_freezes_modules_applies_multipliers_and_monitors(synthetic_root, tmp_path, capsys):
     cfg = _config(synthetic_root, tmp_path / "run", "train.epochs=2", "train.checkpoint_every_steps=1",
                   "data.augment.enabled=false", "model.head.use_dn=false", "optim.lr=2e-3",
                   "optim.lr_mults={\"img_backbone\": 0, \"pts_bbox_head.task_heads\": 0.5}",
@@ -60,6 +60,10 @@ def test_training_lowers_the_loss_freezes_modules_applies_multipliers_and_monito
                   "model.aqr.monitor.image_interval=4", preset="tiny_aqr")
     result = train(cfg, TrainOptions())
     steps = result.progress.step
+    console = capsys.readouterr().out
+    assert "train samples (mini_train)" in console and "x 1 process(es) x 1 accumulated; 12 steps = 2 epoch(s) of 6" \
+        in console
+    assert console.count("checkpoint saved: ") == 12
     assert steps == 12 and result.metrics is not None and 0.0 <= result.metrics["mAP"] <= 1.0
     assert (result.last_checkpoint / "metrics.json").is_file() and (tmp_path / "run" / "best").is_dir()
     first, last = _weights(_checkpoint(result.run_dir, 1)), _weights(result.last_checkpoint)
@@ -88,7 +92,8 @@ def test_training_lowers_the_loss_freezes_modules_applies_multipliers_and_monito
     # monitoring: losses by term, lr, grad norm, speed and the AQR health signals reach TensorBoard
     tags = _scalar_tags(result.run_dir)
     for tag in ("loss/total", "loss/loss_cls", "loss/loss_bbox", "lr", "grad_norm", "samples_per_s",
-                "aqr/bev_map_mean", "aqr/lidar_weight_mean", "val/mAP"):
+                "aqr/bev_map_mean", "aqr/lidar_weight_mean", "val/mAP", "val/NDS", "val/mATE", "val/mAAE",
+                "val_class/AP/car", "val_class/ATE/car"):
         assert tag in tags, tag
     assert len(tags["loss/total"]) == steps and len(tags["aqr/bev_map_mean"]) == steps // 2
     assert sorted(p.name for p in (result.run_dir / "aqr_maps").iterdir()) == \

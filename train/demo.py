@@ -1,13 +1,14 @@
 """The main job on the embedded default: synthetic benchmark -> tiny AQR-CMT on CPU -> official metric on held-out scenes.
 
-    python train/demo.py [--out runs/demo] [--data data/synthetic_benchmark] [--steps 1100] [--set key=value ...]
+    python train/demo.py [--out runs/demo] [--root data/synthetic_benchmark] [--steps 1100] [--set key=value ...]
 
 1. writes the synthetic benchmark (``presets.MAIN_JOB_BENCHMARK``) in the devkit's format (skipped when it is
    already there): 30 scenes of 8 key frames, 20 train scenes and 10 val scenes that training never sees,
 2. trains the `tiny_aqr_recommended` config (recommended AQR settings) on the train scenes for
    ``presets.MAIN_JOB_STEPS`` steps (`--steps 3600` is the longer run of docs/training.md),
 3. evaluates it with the official nuScenes DetectionEval on the val scenes,
-4. prints val mAP/NDS and where the safetensors checkpoint, the metrics and the TensorBoard logs are.
+4. prints val mAP/NDS and where the safetensors checkpoint, the metrics and the TensorBoard logs are (the result
+   measured on a 2-core CPU machine is in docs/benchmark.md).
 """
 from __future__ import annotations
 
@@ -22,19 +23,19 @@ from aqrcmt.atomic import atomic_write_bytes
 from aqrcmt.data.synthetic import make_synthetic_nuscenes
 from aqrcmt.presets import MAIN_JOB_BENCHMARK, MAIN_JOB_STEPS, load_config
 from aqrcmt.tools.errors import CommandError, add_debug_flag, run_command
-
-TARGET_MAP = 0.40
+from aqrcmt.tools.options import HelpFormatter, add_option, add_set_option
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/demo",
                    help="run directory (an earlier demo run there is renamed to <out>.replaced-<time>)")
-    p.add_argument("--data", default="data/synthetic_benchmark", help="where the synthetic benchmark is written")
-    p.add_argument("--config", default="tiny_aqr_recommended")
+    add_option(p, "--root", aliases=("--data",), default="data/synthetic_benchmark",
+               help="where the synthetic benchmark is (written there when absent)")
+    p.add_argument("--config", default="tiny_aqr_recommended", help="preset to train (see `aqrcmt configs`)")
     p.add_argument("--steps", type=int, default=MAIN_JOB_STEPS,
-                   help=f"training steps, the length of the learning-rate schedule (default {MAIN_JOB_STEPS})")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
+                   help="training steps, the length of the learning-rate schedule")
+    add_set_option(p)
     add_debug_flag(p)
     args = p.parse_args(argv)
     return run_command(lambda: demo(args), debug=args.debug)
@@ -45,7 +46,7 @@ def demo(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
     start = time.perf_counter()
-    root = Path(args.data)
+    root = Path(args.root)
     cfg = load_config(args.config, [f"data.root={root}", f"data.version={MAIN_JOB_BENCHMARK.version}",
                                     "data.train_split=train", "data.val_split=val", f"train.max_steps={args.steps}",
                                     "train.epochs=1000", "train.eval_every_epochs=0", f"train.output_dir={args.out}",
@@ -63,8 +64,7 @@ def demo(args: argparse.Namespace) -> int:
     result = train(cfg, TrainOptions(overwrite=True))   # a rerun of the demo replaces (moves aside) the last one
     print("[3/3] official nuScenes evaluation on the held-out val scenes:")
     print(format_metrics(result.metrics))
-    verdict = "reached" if result.metrics["mAP"] >= TARGET_MAP else "NOT reached"
-    print(f"target val mAP >= {TARGET_MAP}: {verdict} (mAP {result.metrics['mAP']:.4f}, NDS {result.metrics['NDS']:.4f})")
+    print("the result of this job measured on a 2-core CPU machine, for comparison: docs/benchmark.md")
 
     summary = {"data": str(root), "run_dir": str(result.run_dir),
                "checkpoint": str(result.last_checkpoint / "model.safetensors"),

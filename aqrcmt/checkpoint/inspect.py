@@ -1,17 +1,22 @@
-"""A checkpoint's keys, shapes and dtypes, grouped by module, with totals (``aqrcmt inspect FILE``).
+"""A checkpoint's training summary (config, step, metrics) and its keys, shapes and dtypes, grouped by module,
+with totals (``aqrcmt inspect FILE|DIR``).
 
 Works on any :class:`~aqrcmt.checkpoint.convert.SourceCheckpoint`: aqrcmt safetensors files and official / mmcv
 ``.pth`` checkpoints alike.
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from typing import Any, Optional
 
 import torch
 
 from aqrcmt.checkpoint.convert import SourceCheckpoint
 
 _METADATA_WIDTH = 100
+SUMMARY_KEYS = ("config", "step", "epoch")   # the metadata a training run stores, shown by format_summary
+_SUMMARY_METRICS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
 
 
 def group_name(key: str, depth: int) -> str:
@@ -49,9 +54,26 @@ def format_listing(checkpoint: SourceCheckpoint, depth: int = 1, keys: bool = Tr
     return "\n".join(lines)
 
 
-def format_metadata(checkpoint: SourceCheckpoint) -> str:
+def format_summary(meta: dict[str, Any], metrics: Optional[dict[str, Any]]) -> str:
+    """What a training run stored: the config's name, step and epoch, and the checkpoint's metrics.json (the
+    official mAP, NDS and the five TP errors). Empty for a checkpoint that stores none of them."""
+    lines = []
+    if "config" in meta:
+        name = json.loads(meta["config"]).get("name") or "a config .json"
+        lines.append(f"config: {name} (stored in full: evaluate / predict need no --config)")
+    if "step" in meta:
+        lines.append(f"step {meta['step']}" + (f", epoch {meta['epoch']}" if "epoch" in meta else ""))
+    if metrics is not None:
+        lines.append("metrics.json: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in _SUMMARY_METRICS if k in metrics))
+    return "\n".join(lines)
+
+
+def format_metadata(checkpoint: SourceCheckpoint, skip: tuple[str, ...] = ()) -> str:
+    """The other metadata entries, one line each, long values cut at 100 characters."""
     lines = []
     for name, value in checkpoint.meta.items():
+        if name in skip:
+            continue
         text = " ".join(str(value).split())
         if len(text) > _METADATA_WIDTH:
             text = text[:_METADATA_WIDTH] + f"... ({len(text)} chars)"

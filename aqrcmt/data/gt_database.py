@@ -24,6 +24,12 @@ from aqrcmt.data.transforms import Sample
 
 MIN_CROP_SIDE = 10  # px: smaller projected boxes are not stored as crops
 _DATABASE_ENTRIES = ("objects", "dbinfos.pkl")
+DEFAULT_FOLDER = "aqrcmt_gt_database"   # under the nuScenes root, where `aqrcmt build-gt-database` writes
+
+
+def default_database(root: str | Path) -> Path:
+    """The dbinfos.pkl that `aqrcmt build-gt-database` writes by default for the nuScenes at `root`."""
+    return Path(root) / DEFAULT_FOLDER / "dbinfos.pkl"
 
 
 def build_gt_database(dataset: NuScenesDataset, out_dir: str | Path) -> Path:

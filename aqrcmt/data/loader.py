@@ -3,6 +3,7 @@ epoch pins the sampler's order, the dataset's epoch and the worker seeds."""
 from __future__ import annotations
 
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 from aqrcmt.config import Config, ConfigError, DataConfig
 from aqrcmt.data.collate import collate
 from aqrcmt.data.dataset import NuScenesDataset
+from aqrcmt.data.gt_database import default_database
 from aqrcmt.data.gt_paste import GTPaster
 from aqrcmt.data.index import load_info_pkl, load_or_build_infos
 from aqrcmt.data.sampler import ShardedSampler
@@ -37,10 +39,12 @@ def build_dataset(cfg: Config, split: str, train: bool, samples: Optional[Collec
     data = cfg.data
     paste = None
     if train and data.augment.enabled and data.augment.gt_paste:
-        if not data.augment.gt_paste_database:
-            raise ConfigError("data.augment.gt_paste needs data.augment.gt_paste_database (a dbinfos.pkl written "
-                             "by `aqrcmt build-gt-database`)")
-        paste = GTPaster(data.augment.gt_paste_database)
+        database = Path(data.augment.gt_paste_database or default_database(data.root))
+        if not database.is_file():
+            raise ConfigError(f"data.augment.gt_paste: no GT database at {database}; build it with `aqrcmt "
+                              f"build-gt-database --config {cfg.name or 'CONFIG'} --root {data.root} --version "
+                              f"{data.version}` (or pass --set data.augment.gt_paste=false)")
+        paste = GTPaster(database)
     pipeline = Pipeline(data.augment, cfg.model.lidar.voxel.point_cloud_range, cfg.model.camera.image_size,
                         train=train, paste=paste)
     infos = _split_infos(data, split)

@@ -1,14 +1,16 @@
 """Pictures of what the model sees and predicts for one sample: BEV, the six cameras, the AQR maps.
 
-- BEV (:func:`render_bev`): LiDAR points coloured by height, the ego vehicle, range rings every 10 m, GT boxes
-  (dashed) and predictions (solid, a line from the centre to the front, the score), in the class colours;
-  x right, y up, metres.
+- BEV (:func:`render_bev`): LiDAR points coloured by height (with its colour bar), the ego vehicle, range rings
+  every 10 m, GT boxes (dashed, in :data:`GT_COLOR`) and predictions (solid, in the class colours, a line from the
+  centre to the front, the score); x right, y up, metres.
 - Cameras (:func:`render_cameras`): the six network inputs (test resize/crop) in the rig's layout
-  (:data:`aqrcmt.structures.CAMERA_LAYOUT`), the 3-D boxes projected with the batch's ``lidar2img``: GT thin and
-  white, predictions in the class colours with a cross on the front face. Edges are clipped at a near plane
-  in front of the camera (nothing behind it is drawn) and at the image border.
-- AQR (:func:`render_aqr`): the rendered BEV and camera weight maps next to the mean |feature| they modulate,
-  the rendered queries' positions marked.
+  (:data:`aqrcmt.structures.CAMERA_LAYOUT`), enlarged :data:`CAMERA_SCALE` times, the 3-D boxes projected with
+  the batch's ``lidar2img``: GT thin in :data:`GT_COLOR`, predictions in the class colours with a cross on the
+  front face and a label (class, score) on a dark patch above the box. Edges are clipped at a near plane in front
+  of the camera (nothing behind it is drawn) and at the image border.
+- AQR (:func:`render_aqr`): the rendered BEV and camera weight maps, each on its own colour scale, next to the
+  mean |feature| they modulate; the rendered queries marked, the detections ringed; the BEV panels in metres,
+  oriented as the BEV picture.
 
 Pictures are (H, W, 3) uint8 RGB arrays (:func:`save_png` writes one; TensorBoard takes them as HWC).
 Matplotlib draws through its Agg canvas (no global pyplot state), the camera views through PIL.
@@ -24,7 +26,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Polygon, Rectangle
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from aqrcmt.structures import CAMERA_LAYOUT, CAMERA_NAMES, CLASS_NAMES
 from aqrcmt.data.box_geometry import bev_corners, box_corners
@@ -33,12 +35,16 @@ from aqrcmt.eval.predict import predict_dataset
 from aqrcmt.models.aqr.monitor import AQRView
 from aqrcmt.structures import Batch, Detections, SampleMeta
 
-# One colour per class (RGB), in CLASS_NAMES order.
+# One colour per class (RGB), in CLASS_NAMES order: car blue, truck orange, construction vehicle brown, bus red,
+# trailer purple, barrier grey, motorcycle olive, bicycle cyan, pedestrian green, traffic cone yellow; ten hues
+# apart, none of them the GT colour (magenta).
 CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
-    (255, 158, 0), (255, 99, 71), (233, 150, 70), (255, 69, 0), (255, 140, 0),
-    (112, 128, 144), (255, 61, 99), (220, 20, 60), (0, 0, 230), (47, 79, 79),
+    (31, 119, 255), (255, 127, 14), (140, 86, 75), (214, 39, 40), (148, 103, 189),
+    (160, 160, 160), (188, 189, 34), (23, 190, 207), (44, 200, 44), (255, 215, 0),
 )
-GT_COLOR = (255, 255, 255)
+GT_COLOR = (255, 0, 255)
+CAMERA_SCALE = 2                     # the camera mosaic shows the network inputs at twice their size
+FONT_SIZE = 14                       # px, labels in the camera mosaic
 NEAR_DEPTH = 0.1                     # m: box edges are cut where they come closer to the camera plane than this
 # Corner pairs of box_corners (bottom/top of BEV corners 0..3): the bottom ring, the top ring, the verticals.
 BOX_EDGES: tuple[tuple[int, int], ...] = ((0, 2), (2, 4), (4, 6), (6, 0), (1, 3), (3, 5), (5, 7), (7, 1),
@@ -106,19 +112,23 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, lidar2img: np.ndarray,
                width: int = 2, front_cross: bool = True) -> np.ndarray:
     """A copy of `image` (H, W, 3) uint8 with the 3-D `boxes` (n, >= 7) drawn through `lidar2img` (4, 4).
 
-    colors: one RGB per box; texts: an optional label per box, written at its highest visible point;
-    front_cross: also draw the diagonals of the front face.
+    colors: one RGB per box; texts: an optional label per box, written on a dark patch just above the box's highest
+    visible point (below the image's top edge); front_cross: also draw the diagonals of the front face.
     """
     canvas = Image.fromarray(np.ascontiguousarray(image))
     draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=FONT_SIZE)
     edges = BOX_EDGES + FRONT_CROSS if front_cross else BOX_EDGES
     for i, segments in enumerate(project_box_edges(boxes, lidar2img, image.shape[:2], edges)):
         for u0, v0, u1, v1 in segments:
             draw.line([(float(u0), float(v0)), (float(u1), float(v1))], fill=tuple(colors[i]), width=width)
         if texts is not None and len(segments):
-            top = segments[np.argmin(np.minimum(segments[:, 1], segments[:, 3]))]
-            u, v = (top[0], top[1]) if top[1] <= top[3] else (top[2], top[3])
-            draw.text((float(u), max(float(v) - 10, 0.0)), texts[i], fill=tuple(colors[i]))
+            us, vs = segments[:, 0::2].ravel(), segments[:, 1::2].ravel()
+            _, top, right, bottom = draw.textbbox((0, 0), texts[i], font=font)
+            u = float(np.clip(us.min(), 0, max(image.shape[1] - right, 0)))
+            v = float(np.clip(vs.min() - bottom - 2, 0, image.shape[0]))
+            draw.rectangle((u - 1, v + top - 1, u + right + 1, v + bottom + 1), fill=(0, 0, 0))
+            draw.text((u, v), texts[i], fill=tuple(colors[i]), font=font)
     return np.asarray(canvas)
 
 
@@ -142,20 +152,20 @@ def render_bev(points: np.ndarray, point_cloud_range: Sequence[float], gt_boxes:
                gt_labels: np.ndarray, detections: Detections, title: str = "") -> np.ndarray:
     """BEV picture (H, W, 3) uint8 of points (N, >= 3), GT (n, >= 7) with labels (n,), and `detections`."""
     x_min, y_min, z_min, x_max, y_max, z_max = (float(v) for v in point_cloud_range)
-    figure = Figure(figsize=(8, 8), dpi=100)
+    figure = Figure(figsize=(9, 8), dpi=100)
     ax = figure.add_subplot()
     ax.set_facecolor("black")
-    if len(points):
-        ax.scatter(points[:, 0], points[:, 1], c=points[:, 2], s=0.3, cmap="viridis", vmin=z_min, vmax=z_max,
-                   linewidths=0)
+    heights = ax.scatter(points[:, 0], points[:, 1], c=points[:, 2], s=0.3, cmap="viridis", vmin=z_min, vmax=z_max,
+                         linewidths=0)
+    figure.colorbar(heights, ax=ax, shrink=0.7, pad=0.02, label="point height z (m, LiDAR frame)")
     for radius in np.arange(RING_STEP, max(abs(x_min), x_max, abs(y_min), y_max) * 1.5, RING_STEP):
         ax.add_patch(Circle((0, 0), radius, fill=False, color="0.5", lw=0.5, ls=":"))
         ax.text(radius * 0.7071, radius * 0.7071, f"{radius:.0f} m", color="0.6", fontsize=7)
     ax.add_patch(Rectangle((-EGO_SIZE[0] / 2, -EGO_SIZE[1] / 2), *EGO_SIZE, color="white"))
     gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 9)
-    for corners, label in zip(bev_corners(gt_boxes), np.asarray(gt_labels)):
-        ax.add_patch(Polygon(corners, closed=True, fill=False, ls="--", lw=1.0,
-                             color=np.array(class_color(label)) / 255))
+    gt_color = np.array(GT_COLOR) / 255
+    for corners in bev_corners(gt_boxes):
+        ax.add_patch(Polygon(corners, closed=True, fill=False, ls="--", lw=1.2, color=gt_color))
     boxes = detections.boxes.detach().cpu().double().numpy().reshape(-1, 9)
     for box, corners, label, score in zip(boxes, bev_corners(boxes), detections.labels.tolist(),
                                           detections.scores.tolist()):
@@ -163,29 +173,37 @@ def render_bev(points: np.ndarray, point_cloud_range: Sequence[float], gt_boxes:
         ax.add_patch(Polygon(corners, closed=True, fill=False, lw=1.5, color=color))
         front = box[:2] + box[3] / 2 * np.array([np.cos(box[6]), np.sin(box[6])])
         ax.plot([box[0], front[0]], [box[1], front[1]], color=color, lw=1.5)
-        ax.text(corners[0, 0], corners[0, 1], f"{score:.2f}", color=color, fontsize=6)
-    present = sorted(set(np.asarray(gt_labels).tolist()) | set(detections.labels.tolist()))
-    for label in present:
-        ax.plot([], [], color=np.array(class_color(label)) / 255, label=CLASS_NAMES[label])
-    if present:
-        ax.legend(loc="upper right", fontsize=7, facecolor="0.2", labelcolor="white")
+        ax.text(corners[:, 0].max(), corners[:, 1].max(), f"{score:.2f}", color="white", fontsize=8,
+                bbox={"facecolor": color, "alpha": 0.6, "pad": 1, "linewidth": 0})
+    ax.plot([], [], color=gt_color, ls="--", label=f"ground truth ({len(gt_boxes)})")
+    for label in sorted(set(detections.labels.tolist())):
+        count = int((detections.labels == label).sum())
+        ax.plot([], [], color=np.array(class_color(label)) / 255, label=f"predicted {CLASS_NAMES[label]} ({count})")
+    if not len(detections.labels):
+        ax.plot([], [], color="white", label="no prediction shown")
+    ax.legend(loc="upper right", fontsize=8, facecolor="0.2", labelcolor="white")
     ax.set_xlim(x_min, x_max)
     ax.set_ylim(y_min, y_max)
     ax.set_aspect("equal")
     ax.set_xlabel("x (m)")
     ax.set_ylabel("y (m)")
-    ax.set_title(title or "BEV: GT dashed, predictions solid", fontsize=9)
+    ax.set_title(title or "BEV: ground truth dashed, predictions solid (score on each)", fontsize=9)
     figure.tight_layout()
     return _figure_array(figure)
 
 
 def render_cameras(images: np.ndarray, lidar2img: np.ndarray, gt_boxes: np.ndarray, detections: Detections
                    ) -> np.ndarray:
-    """The six views (V, H, W, 3) uint8 RGB in the rig's layout (2H, 3W, 3) with GT and predicted boxes drawn."""
-    views, height, width = images.shape[:3]
+    """The six views (V, H, W, 3) uint8 RGB, enlarged :data:`CAMERA_SCALE` times, in the rig's layout
+    (2 s H, 3 s W, 3) with GT and predicted boxes drawn."""
+    views = images.shape[0]
     if views != len(CAMERA_NAMES) or np.shape(lidar2img) != (views, 4, 4):
         raise ValueError(f"render_cameras: expected {len(CAMERA_NAMES)} views and ({len(CAMERA_NAMES)}, 4, 4) "
                          f"projections, got {views} and {np.shape(lidar2img)}")
+    height, width = images.shape[1] * CAMERA_SCALE, images.shape[2] * CAMERA_SCALE
+    lidar2img = np.array(lidar2img, dtype=np.float64)
+    lidar2img[:, :2] *= CAMERA_SCALE                                  # pixel rows u, v of the enlarged views
+    font = ImageFont.load_default(size=FONT_SIZE)
     boxes = detections.boxes.detach().cpu().double().numpy().reshape(-1, 9)
     colors = [class_color(label) for label in detections.labels.tolist()]
     texts = [f"{CLASS_NAMES[label]} {score:.2f}" for label, score in zip(detections.labels.tolist(),
@@ -193,53 +211,80 @@ def render_cameras(images: np.ndarray, lidar2img: np.ndarray, gt_boxes: np.ndarr
     gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 9)
     mosaic = np.zeros((2 * height, 3 * width, 3), dtype=np.uint8)
     for v, name in enumerate(CAMERA_NAMES):
-        view = draw_boxes(images[v], gt_boxes, lidar2img[v], [GT_COLOR] * len(gt_boxes), width=1,
+        enlarged = np.asarray(Image.fromarray(images[v]).resize((width, height), Image.Resampling.BILINEAR))
+        view = draw_boxes(enlarged, gt_boxes, lidar2img[v], [GT_COLOR] * len(gt_boxes), width=1,
                           front_cross=False)
         view = draw_boxes(view, boxes, lidar2img[v], colors, texts)
         canvas = Image.fromarray(view)
-        ImageDraw.Draw(canvas).text((4, 4), name, fill=(255, 255, 0))
+        draw = ImageDraw.Draw(canvas)
+        draw.rectangle(draw.textbbox((4, 4), name, font=font), fill=(0, 0, 0))
+        draw.text((4, 4), name, fill=(255, 255, 255), font=font)
         row, col = CAMERA_LAYOUT[name]
         mosaic[row * height:(row + 1) * height, col * width:(col + 1) * width] = np.asarray(canvas)
     return mosaic
 
 
-def render_aqr(view: AQRView, title: str = "") -> np.ndarray:
+def render_aqr(view: AQRView, title: str = "", point_cloud_range: Optional[Sequence[float]] = None,
+               detections: Optional[np.ndarray] = None) -> np.ndarray:
     """AQR picture (H, W, 3) uint8: BEV weight map and BEV features (left), camera weight maps (right, top) and
-    camera features (right, bottom) in the rig's layout; one colour scale for all maps; rendered queries in red."""
+    camera features (right, bottom) in the rig's layout; each weight map on its own colour scale (its colour bar
+    beside it); rendered queries as red dots.
+
+    point_cloud_range: the BEV map's extent (x_min, y_min, z_min, x_max, y_max, z_max); given, the BEV panels are
+    in metres (x right, y up, as :func:`render_bev`), else in map pixels. detections: (n, 2) x, y (m) of the
+    detections, ringed in white on the BEV panels (needs `point_cloud_range`).
+    """
     bev_map = view.bev_map.float().cpu().numpy()
     cam_maps = view.camera_maps.float().cpu().numpy()
-    vmax = max(float(bev_map.max()), float(cam_maps.max()), 1e-6)
-    figure = Figure(figsize=(18, 9), dpi=80)
+    figure = Figure(figsize=(20, 10), dpi=80, layout="constrained")
     grid = figure.add_gridspec(4, 5)
+    extent, to_bev = None, (lambda yx: yx[:, ::-1])                   # (y, x) pixels -> plotted (x, y)
+    if point_cloud_range is not None:
+        x_min, y_min, _, x_max, y_max, _ = (float(v) for v in point_cloud_range)
+        extent = (x_min, x_max, y_min, y_max)
+        cell = np.array([(x_max - x_min) / bev_map.shape[1], (y_max - y_min) / bev_map.shape[0]])
+        to_bev = (lambda yx: np.array([x_min, y_min]) + (yx[:, ::-1] + 0.5) * cell)   # pixel centres -> metres
 
-    def panel(spec, data: np.ndarray, name: str, queries: np.ndarray, origin: str, scale: Optional[float] = None):
+    def panel(spec, data: np.ndarray, name: str, points: np.ndarray, origin: str, bev: bool = False,
+              scale_bar: bool = False):
         ax = figure.add_subplot(spec)
-        image = ax.imshow(data, origin=origin, cmap="viridis", vmin=None if scale is None else 0, vmax=scale)
+        image = ax.imshow(data, origin=origin, cmap="viridis", extent=extent if bev else None,
+                          vmin=float(data.min()), vmax=max(float(data.max()), float(data.min()) + 1e-6))
         ax.autoscale(False)                                                      # keep the map's extent
-        if len(queries):
-            ax.scatter(queries[:, 1], queries[:, 0], s=4, c="red", linewidths=0)    # (y, x) pixels
-        ax.set_title(name, fontsize=8)
-        ax.axis("off")
-        return image
+        if len(points):
+            ax.scatter(points[:, 0], points[:, 1], s=4, c="red", linewidths=0)
+        if bev and detections is not None and extent is not None and len(detections):
+            ax.scatter(detections[:, 0], detections[:, 1], s=60, facecolors="none", edgecolors="white",
+                       linewidths=1.2)
+        ax.set_title(name, fontsize=9)
+        if bev and extent is not None:
+            ax.set_xlabel("x (m)", fontsize=8)
+            ax.set_ylabel("y (m)", fontsize=8)
+            ax.tick_params(labelsize=7)
+        else:
+            ax.axis("off")
+        if scale_bar:
+            figure.colorbar(image, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
 
-    bev_queries = np.zeros((0, 2)) if view.bev_queries is None else view.bev_queries.float().cpu().numpy()
-    mapped = panel(grid[:2, :2], bev_map, f"BEV weight map (mean {bev_map.mean():.3g}, max {bev_map.max():.3g})",
-                   bev_queries, "lower", vmax)
+    bev_points = np.zeros((0, 2)) if view.bev_queries is None else to_bev(view.bev_queries.float().cpu().numpy())
+    ringed = "" if detections is None or extent is None else ", detections ringed"
+    panel(grid[:2, :2], bev_map, f"BEV weight map (mean {bev_map.mean():.3g}, max {bev_map.max():.3g}){ringed}",
+          bev_points, "lower", bev=True, scale_bar=True)
     if view.bev_features is not None:
-        panel(grid[2:, :2], view.bev_features.cpu().numpy(), "BEV features (mean |x| over channels)", bev_queries,
-              "lower")
+        panel(grid[2:, :2], view.bev_features.cpu().numpy(), "BEV features (mean |x| over channels)", bev_points,
+              "lower", bev=True, scale_bar=True)
     for v, name in enumerate(CAMERA_NAMES[: len(cam_maps)]):
         row, col = CAMERA_LAYOUT[name]
-        queries = np.zeros((0, 2))
+        points = np.zeros((0, 2))
         if view.camera_queries is not None and view.camera_valid is not None:
-            queries = view.camera_queries[:, v][view.camera_valid[:, v]].float().cpu().numpy()
-        panel(grid[row, 2 + col], cam_maps[v], f"{name} map (mean {cam_maps[v].mean():.3g})", queries, "upper",
-              vmax)
+            points = view.camera_queries[:, v][view.camera_valid[:, v]].float().cpu().numpy()[:, ::-1]
+        panel(grid[row, 2 + col], cam_maps[v], f"{name} map (mean {cam_maps[v].mean():.3g})", points, "upper",
+              scale_bar=True)
         if view.camera_features is not None:
-            panel(grid[2 + row, 2 + col], view.camera_features[v].cpu().numpy(), f"{name} features", queries,
+            panel(grid[2 + row, 2 + col], view.camera_features[v].cpu().numpy(), f"{name} features", points,
                   "upper")
-    figure.colorbar(mapped, ax=figure.axes[:1], shrink=0.8)
-    figure.suptitle(title or "AQR: weight maps (top) and the features they modulate (bottom), queries in red")
+    figure.suptitle(title or "AQR: weight maps (top) and the features they modulate (bottom); rendered queries as "
+                    "red dots; each map on its own colour scale")
     return _figure_array(figure)
 
 
@@ -255,12 +300,14 @@ def sample_pictures(batch: Batch, index: int, detections: Detections, point_clou
     gt_labels = batch.gt_labels[index].numpy()
     token = batch.metas[index].sample_token if batch.metas else ""
     pictures = {"bev": render_bev(batch.points[index].numpy(), point_cloud_range, gt_boxes, gt_labels, shown,
-                                  title=f"{token}: GT dashed, predictions (score >= {score_threshold:g}) solid")}
+                                  title=f"{token}: ground truth dashed, predictions (score >= {score_threshold:g}) "
+                                        "solid")}
     if batch.images is not None and batch.lidar2img is not None:
         pictures["cameras"] = render_cameras(denormalize_images(batch.images[index]),
                                              batch.lidar2img[index].double().numpy(), gt_boxes, shown)
     if aqr_view is not None:
-        pictures["aqr"] = render_aqr(aqr_view)
+        pictures["aqr"] = render_aqr(aqr_view, point_cloud_range=point_cloud_range,
+                                     detections=shown.boxes[:, :2].detach().cpu().numpy())
     return pictures
 
 

@@ -11,6 +11,7 @@ and casts its input (the official model also keeps this module in fp32).
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import spconv.pytorch as spconv
@@ -23,6 +24,12 @@ from aqrcmt.config import LidarConfig
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
+
+# spconv's SparseConvTensor is built through torch.fx's ProxyableClassMeta, which asks torch.fx.is_fx_tracing();
+# torch then warns (once per process) that this function is ambiguous for export. The notice is about spconv's use
+# of a torch API, not about this model, and nothing here traces with fx: it is dropped.
+logging.getLogger("torch.fx._symbolic_trace").addFilter(
+    lambda record: not record.getMessage().startswith("is_fx_tracing will return true"))
 
 
 def _bn1d(channels: int) -> nn.BatchNorm1d:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aqrcmt.checkpoint.convert import convert, summary
 from aqrcmt.tools.errors import add_debug_flag, run_command
+from aqrcmt.tools.options import HelpFormatter, add_key_pattern_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="aqrcmt preset name or config .json of the model")
     parser.add_argument("--reverse", action="store_true",
                         help="aqrcmt -> official: write {'meta', 'state_dict'} for the original code")
-    parser.add_argument("--allow-missing", action="append", default=[], metavar="PATTERN",
-                        help="glob of expected keys that may be absent (repeatable)")
-    parser.add_argument("--allow-unexpected", action="append", default=[], metavar="PATTERN",
-                        help="glob of source keys to drop instead of refusing (repeatable)")
+    add_key_pattern_options(parser, "the source")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="unpickle arbitrary objects (old checkpoints' metadata); only for trusted files")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
@@ -40,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aqrcmt.convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m aqrcmt.convert", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)

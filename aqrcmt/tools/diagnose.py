@@ -7,7 +7,7 @@ the BEV map and the six camera maps, and the alarms and notices (aqrcmt.training
 settings would raise in training. ``--set key=value ...`` overrides any config field first.
 
 Queries are random by default (:func:`aqrcmt.models.aqr.diagnose.random_scene`); with ``--checkpoint`` and
-``--data`` they come from the model: the AQR step's inputs are captured on one real sample and its generator's
+``--root`` they come from the model: the AQR step's inputs are captured on one real sample and its generator's
 weights are used.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from aqrcmt.models.aqr.diagnose import Scene, measure, random_scene, reference_s
 from aqrcmt.models.aqr.monitor import AQRView
 from aqrcmt.presets import load_config
 from aqrcmt.tools.errors import CommandError
+from aqrcmt.tools.options import add_out_option, add_root_option, add_set_option
 from aqrcmt.training.alarms import check_aqr_signals
 
 
@@ -73,30 +74,29 @@ def debug_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="preset name or config .json")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override config fields, e.g. model.aqr.render.sigma_bev=2.0")
-    parser.add_argument("--checkpoint", help="model weights (.safetensors); with --data: real queries and features")
-    parser.add_argument("--data", help="nuScenes (or synthetic nuScenes) root for --checkpoint")
-    parser.add_argument("--out", default="aqr_diagnose", help="folder for the PNGs (default: %(default)s)")
+    add_set_option(parser)
+    parser.add_argument("--checkpoint", help="model weights (.safetensors); with --root: real queries and features")
+    add_root_option(parser, help="nuScenes (or synthetic nuScenes) root for --checkpoint")
+    add_out_option(parser, "folder for the PNGs", default="aqr_diagnose")
     parser.add_argument("--num-queries", type=int, default=900, help="random queries per sample")
     parser.add_argument("--batch", type=int, default=2, help="random samples")
     parser.add_argument("--weight-mean", type=float, default=0.45, help="random query weight mean")
     parser.add_argument("--weight-std", type=float, default=0.1, help="random query weight std")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random queries")
     parser.add_argument("--no-sweep", action="store_true", help="only the reference settings")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     device = torch.device(args.device)
-    if bool(args.checkpoint) != bool(args.data):
-        raise CommandError("--checkpoint and --data go together (real queries need both)")
+    if bool(args.checkpoint) != bool(args.root):
+        raise CommandError("--checkpoint and --root go together (real queries need both)")
     if args.num_queries < 1 or args.batch < 1 or args.weight_std < 0:
         raise CommandError(f"--num-queries and --batch must be >= 1 and --weight-std >= 0, got {args.num_queries}, "
                            f"{args.batch}, {args.weight_std}")
     if args.checkpoint:
-        scene = model_scene(cfg, args.checkpoint, args.data, device)
+        scene = model_scene(cfg, args.checkpoint, args.root, device)
     else:
         scene = random_scene(cfg, num_queries=args.num_queries, batch=args.batch, weight_mean=args.weight_mean,
                              weight_std=args.weight_std, seed=args.seed, device=device)
@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     for label, stem, render, modulate in reference_settings(cfg):
         stats, bev_map, camera_maps = measure(scene, render, modulate)
         rows.append((label, stats))
-        save_png(render_aqr(AQRView(bev_map[0], camera_maps[0]), title=label), out_dir / f"maps_{stem}.png")
+        save_png(render_aqr(AQRView(bev_map[0], camera_maps[0]), title=label,
+                            point_cloud_range=cfg.model.lidar.voxel.point_cloud_range), out_dir / f"maps_{stem}.png")
     print(debug_table(rows))
     alarms = check_aqr_signals(rows[-1][1], cfg.model.aqr.monitor, step=0)   # the last row: the config itself
     print(f"\nhealth checks of config {cfg.name} (model.aqr.monitor levels): "

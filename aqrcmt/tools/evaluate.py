@@ -1,6 +1,6 @@
 """``aqrcmt evaluate``: official nuScenes detection metrics for a results file or for a checkpoint.
 
-    aqrcmt evaluate --results results_nusc.json --root data/nuscenes --version v1.0-trainval --eval-set val
+    aqrcmt evaluate --results results_nusc.json --root data/nuscenes --version v1.0-trainval --split val
     aqrcmt evaluate --checkpoint runs/tiny/best [--config tiny] [--split mini_val] [--robustness]
                     [--condition night|rain|fog|clear]
     aqrcmt evaluate --checkpoint CKPT --corruptions all|failures|NAME... [--severities 1 2 3] [--compare CKPT2]
@@ -34,6 +34,7 @@ from aqrcmt.eval.robustness import (
 )
 from aqrcmt.tools.checkpoint_options import add_config_arguments, load_checkpoint
 from aqrcmt.tools.errors import CommandError
+from aqrcmt.tools.options import add_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--results", help="a results JSON in the official submission format")
     source.add_argument("--checkpoint", help="aqrcmt weights: a .safetensors file or a checkpoint directory")
     add_config_arguments(parser)
-    parser.add_argument("--eval-set", "--split", dest="eval_set",
-                        help="split to evaluate (default: the config's data.val_split)")
+    add_option(parser, "--split", aliases=("--eval-set",),
+               help="split to evaluate (default: the config's data.val_split; --results needs it)")
     parser.add_argument("--out", default=None, help="output folder (default: next to the results/checkpoint)")
     benchmark = parser.add_mutually_exclusive_group()
     benchmark.add_argument("--robustness", action="store_true",
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="with --checkpoint: sensor corruptions, 'all', 'failures' (the sensor failures: "
                                 f"{', '.join(FAILURES)}) or some of: {', '.join(CORRUPTIONS)}")
     parser.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES),
-                        help="corruption severities (default: 1 2 3)")
+                        help="corruption severities")
     parser.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruptions' random draws")
     parser.add_argument("--compare", metavar="CKPT2", help="with --corruptions: a second checkpoint, side by side")
     parser.add_argument("--device", default="cpu", help="torch device for --checkpoint (e.g. cuda)")
@@ -67,14 +68,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate_results(args: argparse.Namespace) -> int:
     missing = [flag for flag, value in (("--root", args.root), ("--version", args.version),
-                                        ("--eval-set", args.eval_set)) if not value]
+                                        ("--split", args.split)) if not value]
     if missing:
         raise EvaluationError(f"--results needs {', '.join(missing)}")
     out = Path(args.out) if args.out else Path(args.results).parent / f"{Path(args.results).stem}_eval{_suffix(args)}"
-    metrics = evaluate_results_file(args.results, args.root, args.version, args.eval_set, out,
+    metrics = evaluate_results_file(args.results, args.root, args.version, args.split, out,
                                     condition=args.condition)
     print(format_metrics(metrics))
-    print(f"metrics written to {out}")
+    samples = len(json.loads(Path(args.results).read_text())["results"])
+    print(f"{samples} samples of {_scored(args.split, args.condition)} scored; metrics: {out / 'metrics.json'}")
     return 0
 
 
@@ -84,7 +86,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     if args.compare:
         raise EvaluationError("--compare needs --corruptions")
     model, cfg, weights_path = load_checkpoint(args.checkpoint, args)
-    split = args.eval_set or cfg.data.val_split
+    split = args.split or cfg.data.val_split
     out = Path(args.out) if args.out else weights_path.parent / f"eval_{split}{_suffix(args)}"
 
     loader = build_dataloader(cfg, split, train=False, samples=_condition_samples(cfg, split, args.condition))
@@ -95,7 +97,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     if args.robustness:
         print(format_robustness(table))
         atomic_write_bytes(out / "robustness.json", json.dumps(table, indent=2).encode())
-    print(f"metrics written to {out}")
+    print(f"{len(loader.dataset)} samples of {_scored(split, args.condition)} scored; metrics: "
+          f"{out / CLEAN.name / 'metrics.json'}" + (f", the drops' in {out}/" if args.robustness else ""))
     return 0
 
 
@@ -109,7 +112,7 @@ def _evaluate_corruptions(args: argparse.Namespace) -> int:
     tables, out = {}, None
     for label, checkpoint in zip(labels, checkpoints):
         model, cfg, weights_path = load_checkpoint(checkpoint, args)
-        split = args.eval_set or cfg.data.val_split
+        split = args.split or cfg.data.val_split
         out = out or (Path(args.out) if args.out else weights_path.parent / f"robustness_{split}{_suffix(args)}")
         loader = build_dataloader(cfg, split, train=False, samples=_condition_samples(cfg, split, args.condition))
         tables[label] = evaluate_corruptions(model, loader, cfg.data.root, cfg.data.version, split, out / label,
@@ -119,13 +122,17 @@ def _evaluate_corruptions(args: argparse.Namespace) -> int:
               "severities": args.severities, "models": tables}
     atomic_write_bytes(out / "robustness.json", json.dumps(report, indent=2).encode())
     markdown = format_corruptions(tables)
-    scored = split if args.condition is None else f"{split}, {args.condition} scenes"
     atomic_write_bytes(out / "robustness.md",
-                       f"# Robustness ({scored}, corruption seed {args.corruption_seed})\n\n{markdown}\n".encode())
+                       f"# Robustness ({_scored(split, args.condition)}, corruption seed {args.corruption_seed})\n\n{markdown}\n".encode())
     plot_corruptions(tables, out / "robustness.png")
     print(markdown)
     print(f"robustness written to {out}")
     return 0
+
+
+def _scored(split: str, condition: Optional[str]) -> str:
+    """What was scored: the split, or its scenes of `condition`."""
+    return split if condition is None else f"{split}, {condition} scenes"
 
 
 def _suffix(args: argparse.Namespace) -> str:

@@ -14,18 +14,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="root directory to write (created if missing; an existing non-empty one is refused)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder (the new root is written beside it, then swapped in)")
-    parser.add_argument("--version", default="v1.0-mini", choices=sorted(TRAIN_VAL_SPLITS))
+    parser.add_argument("--version", default="v1.0-mini", choices=sorted(TRAIN_VAL_SPLITS),
+                        help="nuScenes version to imitate (its official split names)")
     parser.add_argument("--scenes", type=int, default=3,
                         help="total scenes; a third (>= 1) go to val (at most 10 for v1.0-mini)")
     parser.add_argument("--samples-per-scene", type=int, default=6, help="key frames per scene (>= 2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the scenes' random draws")
     parser.add_argument("--image-size", type=int, nargs=2, default=list(DEFAULT_IMAGE_SIZE), metavar=("W", "H"),
                         help="camera image size; 1600 900 is the real one")
     defaults = ConditionShares()
     for name in CONDITIONS:
         parser.add_argument(f"--{name}-share", type=float, default=getattr(defaults, name), metavar="P",
                             help=f"share of {name} scenes, in [0, 1] (drawn per scene, independently of the other "
-                                 "conditions; the first scene of each split stays clear; default %(default)s)")
+                                 "conditions; the first scene of each split stays clear)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from aqrcmt.overrides import apply_overrides
 from aqrcmt.structures import Detections, SampleMeta
 from aqrcmt.tools.checkpoint_options import add_config_arguments, load_checkpoint
 from aqrcmt.tools.errors import CommandError
+from aqrcmt.tools.options import add_out_option
 
 if TYPE_CHECKING:
     from aqrcmt.export.runtime import OnnxDetector
@@ -45,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--info-pkl", help="read the samples from this mmdet3d-format nuscenes_infos_*.pkl")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--samples", type=int, help="the first N samples of the split (default: all)")
-    which.add_argument("--token", nargs="+", default=[], help="these sample tokens")
-    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    which.add_argument("--token", nargs="+", default=[], help="these sample tokens (default: all)")
+    add_out_option(parser, "output folder (must not exist or be empty)", required=True)
     parser.add_argument("--score-threshold", type=float, default=0.3, help="lowest score drawn in the pictures")
     parser.add_argument("--device", default="cpu", help="torch device (e.g. cuda)")
 

@@ -11,8 +11,9 @@ Checks, each at a level of :class:`~aqrcmt.config.AQRMonitorConfig` (the AQR sig
 - the evaluations: mAP below a level from an epoch on, NDS not rising from one evaluation to the next.
 
 The loss and evaluation checks do not need AQR. An :class:`Alarm` names signal, value, level and step;
-:class:`AlarmDelivery` prints it once (on the process that owns the delivery: the main one), appends it to
-``alarms.jsonl`` in the run directory and passes counts and text to the tracker callbacks.
+:class:`AlarmDelivery` prints it (on the process that owns the delivery: the main one; a notice only the first
+time its signal leaves its band in an epoch), appends it to ``alarms.jsonl`` in the run directory and passes counts
+and text to the tracker callbacks.
 """
 from __future__ import annotations
 
@@ -127,8 +128,10 @@ def check_evaluations(history: Sequence[dict], cfg: HealthConfig) -> list[Alarm]
 
 
 class AlarmDelivery:
-    """Delivers alarms: one printed line each, a line of JSON each in `jsonl_path`, counts and text to the
-    tracker callbacks. Built active on the main process only (``active=False`` elsewhere: nothing delivered).
+    """Delivers alarms: one printed line each (a notice once per signal and epoch: a band the config's settings
+    sit outside would otherwise print at every monitored step), a line of JSON each in `jsonl_path` (every one),
+    counts and text to the tracker callbacks. Built active on the main process only (``active=False`` elsewhere:
+    nothing delivered).
 
     log_scalars(values, step) and log_text(tag, text, step) are the tracker's (None: not logged).
     """
@@ -142,13 +145,19 @@ class AlarmDelivery:
         self.log_scalars = log_scalars
         self.log_text = log_text
         self.counts: Counter[str] = Counter()
+        self.printed_notices: set[tuple[str, Optional[int]]] = set()    # (signal, epoch)
 
-    def deliver(self, alarms: Sequence[Alarm]) -> None:
+    def deliver(self, alarms: Sequence[Alarm], epoch: Optional[int] = None) -> None:
+        """Deliver the alarms of one step of `epoch` (None: no epoch, every notice printed)."""
         if not self.active or not alarms:
             return
         with open(self.jsonl_path, "a", encoding="utf-8") as f:
             for alarm in alarms:
-                self.print_line(alarm.line())
+                if alarm.level == "alarm" or epoch is None:
+                    self.print_line(alarm.line())
+                elif (alarm.signal, epoch) not in self.printed_notices:
+                    self.printed_notices.add((alarm.signal, epoch))
+                    self.print_line(f"{alarm.line()}; not printed again in epoch {epoch} (all in alarms.jsonl)")
                 f.write(json.dumps(asdict(alarm)) + "\n")
         self.counts.update(alarm.level for alarm in alarms)
         step = alarms[-1].step

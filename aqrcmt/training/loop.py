@@ -148,9 +148,9 @@ class Run:
 # ------------------------------------------------------------------------------------------------------
 # Setup
 # ------------------------------------------------------------------------------------------------------
-def check_val_split(cfg: Config) -> None:
+def check_val_split(cfg: Config) -> int:
     """Fail before training when ``data.val_split`` cannot be evaluated: it must exist, hold samples and its first
-    sample must load (the RNG streams are left as they were)."""
+    sample must load (the RNG streams are left as they were). Returns its sample count."""
     split = cfg.data.val_split
     try:
         with ckpt.preserved_rng():
@@ -158,6 +158,7 @@ def check_val_split(cfg: Config) -> None:
             if len(dataset) == 0:
                 raise ValueError("it has no samples")
             dataset[0]
+            return len(dataset)
     except (ValueError, LookupError, OSError, RuntimeError) as error:
         raise ValidationSplitError(f"data.val_split {split!r} cannot be evaluated: {error} (checked before "
                                    f"training, so that no trained epoch is lost to it)") from error
@@ -300,7 +301,12 @@ def setup(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> Run:
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     schedule = Schedule(optimizer, cfg.optim, total_steps)
-    check_val_split(cfg)
+    val_samples = check_val_split(cfg)
+    epochs = -(-total_steps // steps_per_epoch)
+    accelerator.print(f"data: {len(loader.dataset)} train samples ({cfg.data.train_split}), {val_samples} val samples "
+                      f"({cfg.data.val_split}); batch {cfg.data.batch_size} per process x {accelerator.num_processes} "
+                      f"process(es) x {accumulation} accumulated; {total_steps} steps = {epochs} epoch(s) of "
+                      f"{steps_per_epoch}")
 
     # ---- resumed state (eval_only: the weights only) ----
     progress, resumed_rng, resumed_scaler = ckpt.TrainingProgress(), None, None
@@ -369,6 +375,7 @@ def save_checkpoint(run: Run) -> Path:
     accelerator.wait_for_everyone()
     path = Path(gather_object([str(path)])[0]) if accelerator.num_processes > 1 else path
     run.last_checkpoint, run.last_save_time = path, time.monotonic()
+    accelerator.print(f"checkpoint saved: {path} (step {run.progress.step}, epoch {run.progress.epoch})")
     return path
 
 
@@ -424,6 +431,16 @@ def log_validation_pictures(run: Run, score_threshold: float = 0.3) -> None:
                               score_threshold=score_threshold)
 
 
+def validation_scalars(metrics: dict) -> dict[str, float]:
+    """The TensorBoard scalars of an evaluation: val/mAP, val/NDS, the five TP errors (val/mATE ...) and each
+    class's AP and TP errors (val_class/AP/car, ...; undefined ones left out)."""
+    from aqrcmt.eval.nuscenes_eval import TP_METRICS
+
+    scalars = {f"val/{k}": float(metrics[k]) for k in ("mAP", "NDS", *TP_METRICS.values())}
+    scalars.update({f"val_class/{k}": float(v) for k, v in metrics.items() if "/" in k and v is not None})
+    return scalars
+
+
 def evaluate_checkpoint(run: Run, path: Path) -> None:
     """Evaluate the current model, saved as checkpoint `path`: metrics.json beside it (a resume counts it from
     there), metrics_history.json, best/ by NDS. The devkit's files go to run_dir/eval/step_N."""
@@ -438,7 +455,7 @@ def evaluate_checkpoint(run: Run, path: Path) -> None:
         if is_best:
             ckpt.update_best(run.run_dir, path)
     accelerator.wait_for_everyone()
-    accelerator.log({"val/mAP": metrics["mAP"], "val/NDS": metrics["NDS"]}, step=progress.step)
+    accelerator.log(validation_scalars(metrics), step=progress.step)
     log_validation_pictures(run)
     accelerator.print(f"eval at step {progress.step} (epoch {progress.epoch}): "
                       f"mAP {metrics['mAP']:.4f}  NDS {metrics['NDS']:.4f}")
@@ -569,7 +586,7 @@ def act_on_alarms(run: Run, alarms: list[Alarm]) -> None:
     differ between processes), so every process saves and stops together.
     """
     accelerator, mode = run.accelerator, run.cfg.train.health.on_alarm
-    run.alarms.deliver(alarms)
+    run.alarms.deliver(alarms, run.progress.epoch)
     if mode == "warn":
         return
     first = next((a.line() for a in alarms if a.level == "alarm"), None)
