@@ -28,7 +28,7 @@ def _info_pkl(path: Path) -> None:
                      for name in CAMERA_NAMES},
             "lidar2ego_translation": [0.0, 0.0, 1.8], "lidar2ego_rotation": [1.0, 0.0, 0.0, 0.0],
             "ego2global_translation": [0.0, 0.0, 0.0], "ego2global_rotation": [1.0, 0.0, 0.0, 0.0],
-            "gt_boxes": np.zeros((2, 7)), "gt_names": np.array(["car", "bus"]), "gt_velocity": np.zeros((2, 2)),
+            "gt_boxes": np.array([[0.0, 0.0, 0.0, 4.5, 1.8, 1.6, 0.0], [8.0, 0.0, 0.0, 11.0, 2.9, 3.5, 0.0]]), "gt_names": np.array(["car", "bus"]), "gt_velocity": np.zeros((2, 2)),
             "num_lidar_pts": np.array([3, 4])}
     path.write_bytes(pickle.dumps({"infos": [info], "metadata": {"version": "v1.0-mini"}}, protocol=4))
 

@@ -23,7 +23,7 @@ EXIT_BAD_SAMPLES = 1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="nuScenes root (holds v1.0-*/, samples/, sweeps/)")
-    parser.add_argument("--version", default="v1.0-trainval", choices=VERSIONS)
+    parser.add_argument("--version", default="v1.0-trainval", choices=VERSIONS, help="nuScenes version")
     parser.add_argument("--split", nargs="+", required=True, help="splits to check (official or of splits.json)")
     parser.add_argument("--info-pkl", help="read the split's samples from this mmdet3d info .pkl (one --split)")
     parser.add_argument("--sweeps", type=int, default=Config().data.sweeps,

@@ -86,13 +86,13 @@ def _load(args: argparse.Namespace) -> tuple[Config, CmtDetector | OnnxDetector]
 
 
 def _load_export(args: argparse.Namespace) -> tuple[Config, OnnxDetector]:
-    """The export folder's detector and config, with --override, --root and --version applied."""
+    """The export folder's detector and config, with --set, --root and --version applied."""
     if args.checkpoint or not args.model:
         raise CommandError("--engine onnx runs --model DIR, a folder written by `aqrcmt export` (not --checkpoint)")
     from aqrcmt.export.runtime import OnnxDetector
 
     detector = OnnxDetector(args.model, args.device)
-    cfg = apply_overrides(detector.config, args.override)
+    cfg = apply_overrides(detector.config, args.set)
     for field, value in (("root", args.root), ("version", args.version)):
         if value:
             setattr(cfg.data, field, value)
