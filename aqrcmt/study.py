@@ -29,7 +29,7 @@ import math
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -345,9 +345,7 @@ def evaluate_model(plan: StudyPlan, cfg: Config, weights: Path, data_root: Path,
 def corruption_mra(plan: StudyPlan, arm_name: str, data_root: Path) -> dict:
     """Clean and corrupted NDS (each corruption at plan.robustness_severity) of (arm, first seed) on the failure
     split: :func:`aqrcmt.eval.robustness.corruption_table`, RA = NDS corrupted / NDS clean, mRA their mean."""
-    run_dir = plan.out / "arms" / arm_name / f"seed_{plan.seeds[0]}"
-    cfg = load_config(str(run_dir / "config.json"))
-    detector = _load(cfg, _final_weights(run_dir))
+    run_dir, cfg, detector = _first_seed_detector(plan, arm_name)
     folder = run_dir / "eval" / "robustness"
     clean = _score(detector, cfg, data_root, cfg.data.version, FAILURE_SPLIT, folder / "clean")[0]["all"]
     corrupted = {}
@@ -358,16 +356,18 @@ def corruption_mra(plan: StudyPlan, arm_name: str, data_root: Path) -> dict:
     return corruption_table(clean, corrupted)
 
 
-def _final_weights(run_dir: Path) -> Path:
-    return sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+def _first_seed_detector(plan: StudyPlan, arm_name: str) -> tuple[Path, Config, CmtDetector]:
+    """(run directory, config, detector of its last checkpoint) of (arm, first seed)."""
+    run_dir = plan.out / "arms" / arm_name / f"seed_{plan.seeds[0]}"
+    cfg = load_config(str(run_dir / "config.json"))
+    weights = sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+    return run_dir, cfg, _load(cfg, weights)
 
 
 def draw_failure_maps(plan: StudyPlan, arm_name: str, data_root: Path) -> list[Path]:
     """The rendered weight maps of (arm, first seed) on the first failure-split batch under LiDAR drop and under
     3 views dropped: ``out/maps_<arm>_<scenario>.png``."""
-    run_dir = plan.out / "arms" / arm_name / f"seed_{plan.seeds[0]}"
-    cfg = load_config(str(run_dir / "config.json"))
-    detector = _load(cfg, _final_weights(run_dir))
+    _, cfg, detector = _first_seed_detector(plan, arm_name)
     paths = []
     for name, severity in (("lidar_drop", 1), ("view_drop", 3)):
         loader = build_dataloader(cfg, FAILURE_SPLIT, train=False)

@@ -390,9 +390,6 @@ CORRUPTIONS: dict[str, CorruptionKind] = {
     "object_failure": CorruptionKind("lidar", ((0.25,), (0.5,), (0.75,)), "fraction of the GT boxes whose points "
                                      "are removed (the field's half: severity 2)", _object_failure),
 }
-# The sensor-failure scenarios of nuScenes-R (``--corruptions failures``); beam_reduction is its "beam reduction".
-FAILURES: tuple[str, ...] = ("lidar_drop", "camera_drop", "view_drop", "beam_reduction", "limited_fov",
-                             "object_failure")
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,9 @@ def model_scene(cfg: Config, checkpoint: str, data_root: str, device: torch.devi
 
     def capture(module, args, kwargs):
         x, x_img = args
-        lidar_w, camera_w, bev, cameras = module.query_weights(x, x_img, **kwargs)
-        captured["scene"] = Scene(lidar_w, camera_w, bev, cameras, x, x_img, source=f"model: {checkpoint}")
+        routing, bev, cameras = module.query_weights(x, x_img, **kwargs)
+        captured["scene"] = Scene(routing.lidar_weight, routing.camera_weight, bev, cameras, x, x_img,
+                                  source=f"model: {checkpoint}")
 
     handle = aqr.register_forward_pre_hook(capture, with_kwargs=True)
     loader = build_dataloader(cfg, cfg.data.val_split, train=False)

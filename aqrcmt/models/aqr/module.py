@@ -72,8 +72,8 @@ class AQRModulation(nn.Module):
     def query_weights(self, x: torch.Tensor, x_img: torch.Tensor, *, query_pos: torch.Tensor,
                       bev_pos: torch.Tensor, rv_pos: torch.Tensor, reference_points: torch.Tensor,
                       lidar2img: torch.Tensor, img_shape: tuple[int, int],
-                      num_dn: int = 0) -> tuple[torch.Tensor, torch.Tensor, Projection, Projection]:
-        """(LiDAR weights, camera weights) (B, Q) of the queries to render, and their BEV / camera projections.
+                      num_dn: int = 0) -> tuple[QueryRouting, Projection, Projection]:
+        """The weights (B, Q) and positions of the queries to render, and their BEV / camera projections.
 
         Arguments as for forward; Q = Nq, or Nq - num_dn when denoising queries are not rendered.
         """
@@ -89,7 +89,9 @@ class AQRModulation(nn.Module):
         bev = project_to_bev(reference_points, self.bev_size)
         cameras = project_to_cameras(reference_points, self.pc_range, lidar2img, img_shape, tuple(x_img.shape[-2:]))
         lidar_w, camera_w = self.weight_generator(query_pos, x, bev_pos, x_img, rv_pos, bev, cameras)
-        return lidar_w, camera_w, bev, cameras
+        low = reference_points.new_tensor(self.pc_range[:2])
+        xy = reference_points[..., :2].detach() * (reference_points.new_tensor(self.pc_range[3:5]) - low) + low
+        return QueryRouting(lidar_w, camera_w, xy, cameras.valid), bev, cameras
 
     def forward(self, x: torch.Tensor, x_img: torch.Tensor, *, query_pos: torch.Tensor, bev_pos: torch.Tensor,
                 rv_pos: torch.Tensor, reference_points: torch.Tensor, lidar2img: torch.Tensor,
@@ -100,14 +102,11 @@ class AQRModulation(nn.Module):
         bev_pos: (H*W, C); rv_pos: (B*V, h, w, C); reference_points: (B, Nq, 3) in [0, 1];
         lidar2img: (B, V, 4, 4); img_shape: (H_img, W_img); num_dn: denoising queries at the front of Nq.
         """
-        lidar_w, camera_w, bev, cameras = self.query_weights(
+        routing, bev, cameras = self.query_weights(
             x, x_img, query_pos=query_pos, bev_pos=bev_pos, rv_pos=rv_pos, reference_points=reference_points,
             lidar2img=lidar2img, img_shape=img_shape, num_dn=num_dn)
+        lidar_w, camera_w = routing.lidar_weight, routing.camera_weight
         bev_map, camera_maps = render_weight_maps(lidar_w, camera_w, bev, cameras, self.cfg.render)
-        first = 0 if self.cfg.render_dn_queries else num_dn
-        low = reference_points.new_tensor(self.pc_range[:2])
-        xy = reference_points[:, first:, :2].detach() * (reference_points.new_tensor(self.pc_range[3:5]) - low) + low
-        routing = QueryRouting(lidar_w, camera_w, xy, cameras.valid)
         self.last_routing = QueryRouting(*(t.detach() for t in routing))
 
         monitored = self.monitor_this_step

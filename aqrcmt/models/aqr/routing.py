@@ -46,9 +46,9 @@ def routing_targets(routing: QueryRouting, sensors: SensorStates) -> RoutingTarg
     lidar_state = sensors.lidar.to(routing.xy.device).long()[:, None]                        # (B, 1)
     fov = sensors.lidar_fov.to(routing.xy)
     xy = routing.xy.detach()
-    distance = xy.norm(dim=-1).clamp(min=1e-6)
-    cos_from_front = (xy * fov[:, None, :2]).sum(-1) / distance
-    in_sector = (cos_from_front >= torch.cos(fov[:, None, 2])) | (xy.norm(dim=-1) < 1e-6)   # (B, Q)
+    distance = xy.norm(dim=-1)
+    cos_from_front = (xy * fov[:, None, :2]).sum(-1) / distance.clamp(min=1e-6)
+    in_sector = (cos_from_front >= torch.cos(fov[:, None, 2])) | (distance < 1e-6)   # (B, Q); at the sensor: in
     lidar = ((lidar_state == SENSOR_INTACT) & in_sector).float()
     lidar_known = (lidar_state != SENSOR_DEGRADED).expand_as(lidar)
 
