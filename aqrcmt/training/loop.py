@@ -399,7 +399,9 @@ def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir
     loader = build_dataloader(cfg, cfg.data.val_split, train=False, num_processes=accelerator.num_processes,
                               process_index=accelerator.process_index, seed=cfg.train.seed)
     with ckpt.preserved_rng():
-        local = predict_dataset(detector, loader, accelerator.device, autocast=accelerator.autocast)
+        local = predict_dataset(detector, loader, accelerator.device, autocast=accelerator.autocast,
+                                progress=f"evaluate {cfg.data.val_split} ({out_dir.name})"
+                                if accelerator.is_main_process else None)
     everything = gather_object(local) if accelerator.num_processes > 1 else local
     metrics: dict = {}
     if accelerator.is_main_process:
