@@ -149,11 +149,16 @@ class Detections:
 
     boxes:  (n, 9) float32 (x, y, z gravity centre, dx, dy, dz, yaw, vx, vy), LiDAR frame.
     scores: (n,) float32 in [0, 1], sorted descending.
-    labels: (n,) int64 class indices.
+    labels: (n,) int64 class indices into CLASS_NAMES (their names: :attr:`names`).
     """
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
+
+    @property
+    def names(self) -> list[str]:
+        """(n,) the class name of each detection, e.g. 'car'."""
+        return [CLASS_NAMES[label] for label in self.labels.tolist()]
 
     def transformed(self, transform: torch.Tensor) -> "Detections":
         """The detections moved by a rigid 4x4 `transform` (e.g. lidar2global), see :func:`transform_boxes`."""

@@ -69,6 +69,63 @@ def test_the_old_spellings_are_left_out_of_help_and_the_one_names_are_in(capsys)
         assert new in text and old not in text, (command, text)
 
 
+# What each command reads (a config: its --config, or configs' NAME; a dataset: a nuScenes root), and the least it
+# parses with. Every command is listed, so a new one has to be placed here (and so gets checked).
+READS: dict[str, tuple[set[str], list[str]]] = {
+    "configs": ({"config"}, []),
+    "train": ({"config", "dataset"}, ["--config", "tiny"]),
+    "evaluate": ({"config", "dataset"}, ["--checkpoint", "c"]),
+    "predict": ({"config", "dataset"}, ["--checkpoint", "c", "--out", "o"]),
+    "make-synthetic-nuscenes": (set(), ["--out", "o"]),                  # writes a dataset
+    "create-infos": ({"dataset"}, []),
+    "build-gt-database": ({"config", "dataset"}, []),
+    "convert": ({"config", "dataset"}, ["s", "d", "--config", "tiny"]),  # the root is stored with the config
+    "inspect": (set(), ["c"]),
+    "diagnose": ({"config", "dataset"}, ["--config", "tiny_aqr"]),
+    "export": ({"config", "dataset"}, ["--checkpoint", "c", "--out", "o"]),
+    "study": (set(), ["--out", "o"]),                                    # builds its own synthetic benchmarks
+    "check-data": ({"dataset"}, ["--split", "val"]),
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_taking_a_config_accepts_set_and_every_one_reading_a_dataset_accepts_root(command: str) -> None:
+    """Walks every `aqrcmt` command: --set (old spelling --override) where it takes a config, --root (old spelling
+    --data unless required) where it reads a nuScenes root, both as aqrcmt/tools/options.py spells them."""
+    assert set(READS) == set(COMMANDS)
+    reads, argv = READS[command]
+    sub = _command_parser(command)
+    actions = {flag: a for a in sub._actions for flag in a.option_strings}
+    assert "--config" not in actions or "config" in reads, f"{command} takes --config: list it as such"
+    root = ["--root", "/data/nuscenes"] if "--root" in actions else []
+    if "config" in reads:
+        args = sub.parse_args(argv + root + ["--set", "a=1", "b=2", "--override", "c=3"])
+        assert args.set == ["a=1", "b=2", "c=3"]
+    else:
+        assert "--set" not in actions
+    if "dataset" in reads:
+        assert sub.parse_args(argv + root).root == "/data/nuscenes"
+        assert actions["--root"].required or sub.parse_args(argv + ["--data", "r"]).root == "r"
+    else:
+        assert "--root" not in actions
+
+
+def test_convert_stores_the_config_with_set_and_root_applied(tmp_path: Path, capsys) -> None:
+    """`aqrcmt convert --set k=v --root R` writes the config with k=v and data.root=R into the safetensors, where
+    evaluate and predict read it."""
+    from test_convert import LIDAR, synthetic_state_dict, write_mmcv_checkpoint
+
+    from aqrcmt.checkpoint.manifest import load_manifest
+    from aqrcmt.checkpoint.weights import stored_config
+
+    src = write_mmcv_checkpoint(tmp_path / "lidar.pth", synthetic_state_dict(load_manifest(LIDAR)))
+    dst = tmp_path / "lidar.safetensors"
+    assert main(["convert", str(src), str(dst), "--config", LIDAR, "--root", "/data/nuscenes",
+                 "--set", "data.val_split=mini_val", "model.head.score_threshold=0.2"]) == 0
+    cfg = stored_config(dst)
+    assert (cfg.data.root, cfg.data.val_split, cfg.model.head.score_threshold) == ("/data/nuscenes", "mini_val", 0.2)
+
+
 def _command_parser(command: str) -> argparse.ArgumentParser:
     """The sub-parser of `command` as `aqrcmt` builds it."""
     parser = build_parser(command)

@@ -324,10 +324,11 @@ def fork_generator_settings(manifests: Sequence[Manifest], result: Conversion) -
     return dict(FORK_GENERATOR_SETTINGS) if "aqr_fork_weight_generator" in converted else {}
 
 
-def convert(src: Path, dst: Path, config_name: str, *, reverse: bool = False, unsafe_load: bool = False,
-            allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = (),
+def convert(src: Path, dst: Path, config_name: str, *, overrides: Sequence[str] = (), reverse: bool = False,
+            unsafe_load: bool = False, allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = (),
             overwrite: bool = False) -> Conversion:
-    """Convert `src` to `dst` for the model of `config_name` (preset name or .json path).
+    """Convert `src` to `dst` for the model of `config_name` (preset name or .json path) with `overrides`
+    (``key.path=value``) applied; the safetensors output stores that config.
 
     Raises CheckpointError (nothing written) when the source is unreadable or does not match, ConfigError
     for an unknown config.
@@ -338,7 +339,7 @@ def convert(src: Path, dst: Path, config_name: str, *, reverse: bool = False, un
         raise CheckpointError(f"destination {dst} exists; pass --overwrite to replace it")
     if not dst.parent.is_dir():
         raise CheckpointError(f"destination folder {dst.parent} does not exist")
-    cfg = load_config(config_name)
+    cfg = load_config(config_name, list(overrides))
     try:
         manifests = manifests_for(cfg.model)
     except ValueError as e:

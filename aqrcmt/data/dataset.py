@@ -39,6 +39,67 @@ def resolve_path(path: str, root: Path) -> Path:
     return Path(path) if Path(path).is_absolute() else root / path
 
 
+def lidar2global(info: dict) -> np.ndarray:
+    """(4, 4) float64 key-frame LiDAR -> global (m) of an info: ego2global @ lidar2ego."""
+    return pose_matrix(info["ego2global_translation"], info["ego2global_rotation"]) @ \
+        pose_matrix(info["lidar2ego_translation"], info["lidar2ego_rotation"])
+
+
+def camera_matrices(info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Intrinsics K4 (6, 4, 4) and lidar2cam (6, 4, 4), float64, of an info's cameras in CAMERA_NAMES order;
+    lidar2cam = [[R^T, -R^T t], [0, 1]] of the camera's sensor2lidar rotation R and translation t (m)."""
+    intrinsics, lidar2cam = np.tile(np.eye(4), (6, 1, 1)), np.zeros((6, 4, 4))
+    for i, name in enumerate(CAMERA_NAMES):
+        cam = info["cams"][name]
+        intrinsics[i, :3, :3] = cam["cam_intrinsic"]
+        rotation = np.asarray(cam["sensor2lidar_rotation"])
+        lidar2cam[i, :3, :3] = rotation.T
+        lidar2cam[i, :3, 3] = -rotation.T @ np.asarray(cam["sensor2lidar_translation"])
+        lidar2cam[i, 3, 3] = 1.0
+    return intrinsics, lidar2cam
+
+
+def lidar_points(info: dict, root: str | Path, sweeps: int) -> np.ndarray:
+    """(N, 5) float32 x, y, z (m), intensity, time lag (s) of an info's key frame (lag 0) and up to `sweeps - 1`
+    previous sweeps moved into the key frame's LiDAR frame; the files resolved under `root`
+    (:func:`resolve_path`). BadSampleError names a missing, truncated or non-finite file."""
+    frames = []
+    for points, sweep in _raw_frames(info, Path(root), sweeps):
+        if sweep is None:
+            points[:, 4] = 0.0
+        else:
+            rotation = np.asarray(sweep["sensor2lidar_rotation"])
+            points[:, :3] = points[:, :3] @ rotation.T.astype(np.float32) + \
+                np.asarray(sweep["sensor2lidar_translation"], dtype=np.float32)
+            points[:, 4] = (info["timestamp"] - sweep["timestamp"]) / 1e6
+        frames.append(points)
+    return np.concatenate(frames)
+
+
+def _raw_frames(info: dict, root: Path, sweeps: int) -> list[tuple[np.ndarray, Optional[dict]]]:
+    """The key frame's and up to `sweeps - 1` sweeps' raw points, each with its sweep entry (None: key frame)."""
+    frames = [(_read_points(resolve_path(info["lidar_path"], root), info["token"]), None)]
+    for sweep in info["sweeps"][: sweeps - 1]:
+        frames.append((_read_points(resolve_path(sweep["data_path"], root), info["token"]), sweep))
+    return frames
+
+
+def _read_points(path: Path, token: str) -> np.ndarray:
+    """(N, 5) float32 of a .pcd.bin as stored: x, y, z, intensity, ring."""
+    if not path.is_file():
+        raise BadSampleError(f"sample {token}: LiDAR file {path} does not exist")
+    size = path.stat().st_size
+    if size % (4 * POINT_DIM):
+        raise BadSampleError(f"sample {token}: LiDAR file {path} is truncated ({size} bytes is not a multiple "
+                             f"of {4 * POINT_DIM}, i.e. {POINT_DIM} float32 per point)")
+    points = np.fromfile(path, dtype=np.float32).reshape(-1, POINT_DIM)
+    if len(points) == 0:
+        raise BadSampleError(f"sample {token}: LiDAR file {path} holds no points")
+    if not np.isfinite(points).all():
+        raise BadSampleError(f"sample {token}: LiDAR file {path} holds NaN or infinite values")
+    return points
+
+
 class NuScenesDataset(Dataset):
     """Samples of one split: ``dataset[i]`` is the i-th info loaded and passed through `pipeline`.
 
@@ -145,8 +206,6 @@ class NuScenesDataset(Dataset):
         """
         info = self.infos[index]
         token = info["token"]
-        lidar2ego = pose_matrix(info["lidar2ego_translation"], info["lidar2ego_rotation"])
-        ego2global = pose_matrix(info["ego2global_translation"], info["ego2global_rotation"])
         boxes, labels = self._gt(info)
         if self.train and len(boxes) == 0:
             raise BadSampleError(f"sample {token}: no GT box with LiDAR points of the {len(CLASS_NAMES)} classes "
@@ -156,7 +215,7 @@ class NuScenesDataset(Dataset):
             lidar_info = self.infos[self.earlier_index(index, corruption.delay("lidar"))]
             camera_info = self.infos[self.earlier_index(index, corruption.delay("camera"))]
         sample = Sample(token=token, points=self.load_points(lidar_info), gt_boxes=boxes, gt_labels=labels,
-                        lidar2global=ego2global @ lidar2ego, timestamp=info["timestamp"] / 1e6,
+                        lidar2global=lidar2global(info), timestamp=info["timestamp"] / 1e6,
                         scene_name=info.get("scene_name", ""))
         if self.load_images:
             sample.images, sample.intrinsics, sample.lidar2cam = self.load_cameras(info, camera_info)
@@ -175,46 +234,15 @@ class NuScenesDataset(Dataset):
         labels = np.array([CLASS_NAMES.index(n) for n in names[keep]], dtype=np.int64)
         return boxes[keep], labels
 
-    def _read_points(self, path: Path, token: str) -> np.ndarray:
-        """(N, 5) float32 of a .pcd.bin as stored: x, y, z, intensity, ring."""
-        if not path.is_file():
-            raise BadSampleError(f"sample {token}: LiDAR file {path} does not exist")
-        size = path.stat().st_size
-        if size % (4 * POINT_DIM):
-            raise BadSampleError(f"sample {token}: LiDAR file {path} is truncated ({size} bytes is not a multiple "
-                                 f"of {4 * POINT_DIM}, i.e. {POINT_DIM} float32 per point)")
-        points = np.fromfile(path, dtype=np.float32).reshape(-1, POINT_DIM)
-        if len(points) == 0:
-            raise BadSampleError(f"sample {token}: LiDAR file {path} holds no points")
-        if not np.isfinite(points).all():
-            raise BadSampleError(f"sample {token}: LiDAR file {path} holds NaN or infinite values")
-        return points
-
-    def _raw_frames(self, info: dict) -> list[tuple[np.ndarray, Optional[dict]]]:
-        """The key frame's and up to `sweeps - 1` sweeps' raw points, each with its sweep entry (None: key frame)."""
-        frames = [(self._read_points(resolve_path(info["lidar_path"], self.root), info["token"]), None)]
-        for sweep in info["sweeps"][: self.sweeps - 1]:
-            frames.append((self._read_points(resolve_path(sweep["data_path"], self.root), info["token"]), sweep))
-        return frames
-
     def load_points(self, info: dict) -> np.ndarray:
         """Key frame (time lag 0) + up to `sweeps - 1` previous sweeps moved into the key frame's LiDAR frame."""
-        frames = []
-        for points, sweep in self._raw_frames(info):
-            if sweep is None:
-                points[:, 4] = 0.0
-            else:
-                rotation = np.asarray(sweep["sensor2lidar_rotation"])
-                points[:, :3] = points[:, :3] @ rotation.T.astype(np.float32) + \
-                    np.asarray(sweep["sensor2lidar_translation"], dtype=np.float32)
-                points[:, 4] = (info["timestamp"] - sweep["timestamp"]) / 1e6
-            frames.append(points)
-        return np.concatenate(frames)
+        return lidar_points(info, self.root, self.sweeps)
 
     def load_rings(self, info: dict) -> np.ndarray:
         """(N,) int64 ring (beam) index of every point :meth:`load_points` returns, in the same order (column 4 of
         the raw files, which load_points replaces by the time lag)."""
-        return np.concatenate([points[:, 4] for points, _ in self._raw_frames(info)]).astype(np.int64)
+        return np.concatenate([points[:, 4] for points, _ in _raw_frames(info, self.root, self.sweeps)]
+                              ).astype(np.int64)
 
     def earlier_index(self, index: int, key_frames: int) -> int:
         """The index of the sample `key_frames` key frames before sample `index` in its scene (following the
@@ -239,12 +267,10 @@ class NuScenesDataset(Dataset):
         records), intrinsics K4 (6, 4, 4) and lidar2cam (6, 4, 4) of an info; the images from `image_info` instead
         when given (a delayed camera: an earlier frame's images)."""
         image_info = info if image_info is None else image_info
-        images, intrinsics, lidar2cam = [], np.tile(np.eye(4), (6, 1, 1)), np.zeros((6, 4, 4))
-        paths = []
-        for i, name in enumerate(CAMERA_NAMES):
+        images, paths = [], []
+        for name in CAMERA_NAMES:
             if name not in info["cams"]:
                 raise BadSampleError(f"sample {info['token']}: the index has no camera {name}")
-            cam = info["cams"][name]
             path = resolve_path(image_info["cams"][name]["data_path"], self.root)
             image = read_image(path, f"sample {info['token']}: {name} image")
             recorded = (image_info["cams"][name].get("width"), image_info["cams"][name].get("height"))
@@ -254,13 +280,8 @@ class NuScenesDataset(Dataset):
                                      f"size its intrinsics are for)")
             images.append(image)
             paths.append(path)
-            intrinsics[i, :3, :3] = cam["cam_intrinsic"]
-            rotation = np.asarray(cam["sensor2lidar_rotation"])   # lidar2cam = [[R^T, -R^T t], [0, 1]]
-            lidar2cam[i, :3, :3] = rotation.T
-            lidar2cam[i, :3, 3] = -rotation.T @ np.asarray(cam["sensor2lidar_translation"])
-            lidar2cam[i, 3, 3] = 1.0
         _check_same_size(images, paths, info["token"])
-        return np.stack(images), intrinsics, lidar2cam
+        return (np.stack(images), *camera_matrices(info))
 
 
 class _DatasetFrames:

@@ -123,48 +123,53 @@ def _sensor_info(nusc, sample_data_token: str, global2lidar: np.ndarray, kind: s
 
 
 def build_infos(nusc, scene_names: Sequence[str], max_sweeps: int, with_annotations: bool = True) -> list[dict]:
-    """mmdet3d-style info dicts of every sample of the named scenes present in `nusc`, sorted by timestamp.
+    """mmdet3d-style info dicts of every sample of the named scenes present in `nusc`, sorted by timestamp
+    (each one :func:`sample_info`)."""
+    wanted = set(scene_names)
+    scene_of = {s["token"]: s["name"] for s in nusc.scene if s["name"] in wanted}
+    infos = [sample_info(nusc, sample, max_sweeps, with_annotations, scene_of[sample["scene_token"]])
+             for sample in nusc.sample if sample["scene_token"] in scene_of]
+    return sorted(infos, key=lambda i: i["timestamp"])
+
+
+def sample_info(nusc, sample: dict, max_sweeps: int, with_annotations: bool = True, scene_name: str = "") -> dict:
+    """The mmdet3d-style info of one devkit `sample` record: its LiDAR file, up to `max_sweeps` previous sweeps
+    and the six cameras, each with the calibrated_sensor and ego_pose records composed into sensor -> key-frame
+    LiDAR (``sensor2lidar_rotation`` / ``_translation``), the key frame's poses and (with annotations) its GT.
 
     The records read are checked first (:func:`check_numbers`): poses and calibrations finite, camera
     intrinsics invertible, annotations with finite poses and sizes > 0; DatasetError names sample, record, field.
     """
-    wanted = set(scene_names)
-    scene_of = {s["token"]: s["name"] for s in nusc.scene if s["name"] in wanted}
-    infos = []
-    for sample in nusc.sample:
-        if sample["scene_token"] not in scene_of:
-            continue
-        lidar_token = sample["data"]["LIDAR_TOP"]
-        lidar_record = nusc.get("sample_data", lidar_token)
-        calib = nusc.get("calibrated_sensor", lidar_record["calibrated_sensor_token"])
-        pose = nusc.get("ego_pose", lidar_record["ego_pose_token"])
-        where = f"sample {sample['token']}: sample_data {lidar_token} (LIDAR_TOP)"
-        _check_pose(calib, f"{where}: calibrated_sensor {calib['token']}")
-        _check_pose(pose, f"{where}: ego_pose {pose['token']}")
-        lidar2ego = pose_matrix(calib["translation"], calib["rotation"])
-        ego2global = pose_matrix(pose["translation"], pose["rotation"])
-        global2lidar = np.linalg.inv(ego2global @ lidar2ego)
-        info: dict[str, Any] = {
-            "lidar_path": str(nusc.get_sample_data_path(lidar_token)),
-            "token": sample["token"],
-            "prev": sample["prev"],
-            "scene_name": scene_of[sample["scene_token"]],
-            "sweeps": [],
-            "cams": {cam: _sensor_info(nusc, sample["data"][cam], global2lidar, cam) for cam in CAMERA_NAMES},
-            "lidar2ego_translation": calib["translation"],
-            "lidar2ego_rotation": calib["rotation"],
-            "ego2global_translation": pose["translation"],
-            "ego2global_rotation": pose["rotation"],
-            "timestamp": sample["timestamp"],
-        }
-        previous = lidar_record["prev"]
-        while previous and len(info["sweeps"]) < max_sweeps:
-            info["sweeps"].append(_sensor_info(nusc, previous, global2lidar, "lidar"))
-            previous = nusc.get("sample_data", previous)["prev"]
-        if with_annotations:
-            info.update(_annotation_fields(nusc, sample, lidar_token, global2lidar))
-        infos.append(info)
-    return sorted(infos, key=lambda i: i["timestamp"])
+    lidar_token = sample["data"]["LIDAR_TOP"]
+    lidar_record = nusc.get("sample_data", lidar_token)
+    calib = nusc.get("calibrated_sensor", lidar_record["calibrated_sensor_token"])
+    pose = nusc.get("ego_pose", lidar_record["ego_pose_token"])
+    where = f"sample {sample['token']}: sample_data {lidar_token} (LIDAR_TOP)"
+    _check_pose(calib, f"{where}: calibrated_sensor {calib['token']}")
+    _check_pose(pose, f"{where}: ego_pose {pose['token']}")
+    lidar2ego = pose_matrix(calib["translation"], calib["rotation"])
+    ego2global = pose_matrix(pose["translation"], pose["rotation"])
+    global2lidar = np.linalg.inv(ego2global @ lidar2ego)
+    info: dict[str, Any] = {
+        "lidar_path": str(nusc.get_sample_data_path(lidar_token)),
+        "token": sample["token"],
+        "prev": sample["prev"],
+        "scene_name": scene_name,
+        "sweeps": [],
+        "cams": {cam: _sensor_info(nusc, sample["data"][cam], global2lidar, cam) for cam in CAMERA_NAMES},
+        "lidar2ego_translation": calib["translation"],
+        "lidar2ego_rotation": calib["rotation"],
+        "ego2global_translation": pose["translation"],
+        "ego2global_rotation": pose["rotation"],
+        "timestamp": sample["timestamp"],
+    }
+    previous = lidar_record["prev"]
+    while previous and len(info["sweeps"]) < max_sweeps:
+        info["sweeps"].append(_sensor_info(nusc, previous, global2lidar, "lidar"))
+        previous = nusc.get("sample_data", previous)["prev"]
+    if with_annotations:
+        info.update(_annotation_fields(nusc, sample, lidar_token, global2lidar))
+    return info
 
 
 def _annotation_fields(nusc, sample: dict, lidar_token: str, global2lidar: np.ndarray) -> dict[str, np.ndarray]:

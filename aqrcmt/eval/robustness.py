@@ -63,10 +63,11 @@ def standard_drops(with_lidar: bool, with_camera: bool) -> list[ModalityDrop]:
 
 def evaluate_robustness(model: torch.nn.Module, loader: Iterable[Batch], root: str | Path, version: str,
                         eval_set: str, output_dir: str | Path, drops: Optional[Sequence[ModalityDrop]] = None,
-                        device: torch.device | str = "cpu",
-                        condition: Optional[str] = None) -> dict[str, dict[str, Any]]:
+                        device: torch.device | str = "cpu", condition: Optional[str] = None,
+                        progress: bool = False) -> dict[str, dict[str, Any]]:
     """Official metrics per drop (default :func:`standard_drops` of the model's modalities), each evaluation
-    written to ``output_dir/<drop name>/``. Returns {drop name: metrics dict}.
+    written to ``output_dir/<drop name>/``. Returns {drop name: metrics dict}. progress: a labelled bar per drop
+    (:func:`predict_dataset`).
 
     condition: the loader serves the samples of `eval_set`'s scenes with this condition, and only they are
     scored (:func:`aqrcmt.data.splits.scenes_with_condition`); the same in :func:`evaluate_corruptions`."""
@@ -77,7 +78,8 @@ def evaluate_robustness(model: torch.nn.Module, loader: Iterable[Batch], root: s
         drops = standard_drops(with_lidar, with_camera)
     table: dict[str, dict[str, Any]] = {}
     for drop in drops:
-        predicted = predict_dataset(model, loader, device, transform=drop)
+        predicted = predict_dataset(model, loader, device, transform=drop,
+                                    progress=f"evaluate {eval_set}: {drop.name}" if progress else None)
         table[drop.name] = evaluate_detections(
             [det for _, det in predicted], [meta for meta, _ in predicted], root, version, eval_set,
             Path(output_dir) / drop.name.replace(" ", "_"),
@@ -110,9 +112,11 @@ def format_robustness(table: dict[str, dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------------
 def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[Batch], root: str | Path, version: str,
                          eval_set: str, output_dir: str | Path, corruptions: Sequence[SensorCorruption],
-                         device: torch.device | str = "cpu", condition: Optional[str] = None) -> dict[str, Any]:
+                         device: torch.device | str = "cpu", condition: Optional[str] = None,
+                         progress: bool = False) -> dict[str, Any]:
     """Official metrics clean and under each corruption (applied by the loader's dataset to every loaded sample),
-    each evaluation written to ``output_dir/<name>_s<severity>/``. Returns :func:`corruption_table`'s table."""
+    each evaluation written to ``output_dir/<name>_s<severity>/``. Returns :func:`corruption_table`'s table.
+    progress: a labelled bar per evaluation (:func:`predict_dataset`)."""
     dataset = getattr(loader, "dataset", None)
     if not hasattr(dataset, "set_corruption"):
         raise ValueError(f"the loader's dataset ({type(dataset).__name__}) cannot apply sensor corruptions")
@@ -120,7 +124,8 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[Batch], root: 
     output_dir = Path(output_dir)
 
     def evaluate(folder: str) -> dict[str, Any]:
-        predicted = predict_dataset(model, loader, device)
+        predicted = predict_dataset(model, loader, device,
+                                    progress=f"evaluate {eval_set}: {folder}" if progress else None)
         return evaluate_detections([det for _, det in predicted], [meta for meta, _ in predicted], root, version,
                                    eval_set, output_dir / folder, use_camera=with_camera is not False,
                                    use_lidar=with_lidar is not False, condition=condition)

@@ -17,12 +17,13 @@ from aqrcmt.data.dataset import check_samples
 from aqrcmt.data.loader import build_dataset
 from aqrcmt.data.splits import VERSIONS
 from aqrcmt.tools.errors import CommandError
+from aqrcmt.tools.options import add_root_option
 
 EXIT_BAD_SAMPLES = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", required=True, help="nuScenes root (holds v1.0-*/, samples/, sweeps/)")
+    add_root_option(parser, help="nuScenes root (holds v1.0-*/, samples/, sweeps/)", required=True)
     parser.add_argument("--version", default="v1.0-trainval", choices=VERSIONS, help="nuScenes version")
     parser.add_argument("--split", nargs="+", required=True, help="splits to check (official or of splits.json)")
     parser.add_argument("--info-pkl", help="read the split's samples from this mmdet3d info .pkl (one --split)")

@@ -13,13 +13,17 @@ from pathlib import Path
 
 from aqrcmt.checkpoint.convert import convert, summary
 from aqrcmt.tools.errors import add_debug_flag, run_command
-from aqrcmt.tools.options import HelpFormatter, add_key_pattern_options
+from aqrcmt.tools.options import (HelpFormatter, add_key_pattern_options, add_root_option, add_set_option,
+                                  config_overrides)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", type=Path, help="official checkpoint (.pth), or with --reverse an aqrcmt .safetensors")
     parser.add_argument("dst", type=Path, help="output: .safetensors, or with --reverse an mmdet3d .pth")
     parser.add_argument("--config", required=True, help="aqrcmt preset name or config .json of the model")
+    add_set_option(parser)
+    add_root_option(parser, help="nuScenes root stored with the converted config, so that evaluate and predict "
+                                 "need no --root (default: the config's data.root)")
     parser.add_argument("--reverse", action="store_true",
                         help="aqrcmt -> official: write {'meta', 'state_dict'} for the original code")
     add_key_pattern_options(parser, "the source")
@@ -29,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = convert(args.src, args.dst, args.config, reverse=args.reverse, unsafe_load=args.unsafe_load,
-                     allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
-                     overwrite=args.overwrite)
+    result = convert(args.src, args.dst, args.config, overrides=config_overrides(args), reverse=args.reverse,
+                     unsafe_load=args.unsafe_load, allow_missing=args.allow_missing,
+                     allow_unexpected=args.allow_unexpected, overwrite=args.overwrite)
     print(summary(result))
     print(f"wrote {args.dst}")
     return 0

@@ -92,7 +92,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> int:
     loader = build_dataloader(cfg, split, train=False, samples=_condition_samples(cfg, split, args.condition))
     drops = None if args.robustness else [CLEAN]
     table = evaluate_robustness(model, loader, cfg.data.root, cfg.data.version, split, out, drops=drops,
-                                device=args.device, condition=args.condition)
+                                device=args.device, condition=args.condition, progress=True)
     print(format_metrics(table[CLEAN.name]))
     if args.robustness:
         print(format_robustness(table))
@@ -116,7 +116,8 @@ def _evaluate_corruptions(args: argparse.Namespace) -> int:
         out = out or (Path(args.out) if args.out else weights_path.parent / f"robustness_{split}{_suffix(args)}")
         loader = build_dataloader(cfg, split, train=False, samples=_condition_samples(cfg, split, args.condition))
         tables[label] = evaluate_corruptions(model, loader, cfg.data.root, cfg.data.version, split, out / label,
-                                             corruptions, device=args.device, condition=args.condition)
+                                             corruptions, device=args.device, condition=args.condition,
+                                             progress=True)
         tables[label]["checkpoint"] = str(checkpoint)
     report = {"split": split, "condition": args.condition, "seed": args.corruption_seed,
               "severities": args.severities, "models": tables}

@@ -399,7 +399,9 @@ def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir
     loader = build_dataloader(cfg, cfg.data.val_split, train=False, num_processes=accelerator.num_processes,
                               process_index=accelerator.process_index, seed=cfg.train.seed)
     with ckpt.preserved_rng():
-        local = predict_dataset(detector, loader, accelerator.device, autocast=accelerator.autocast)
+        local = predict_dataset(detector, loader, accelerator.device, autocast=accelerator.autocast,
+                                progress=f"evaluate {cfg.data.val_split} ({out_dir.name})"
+                                if accelerator.is_main_process else None)
     everything = gather_object(local) if accelerator.num_processes > 1 else local
     metrics: dict = {}
     if accelerator.is_main_process:
@@ -520,6 +522,9 @@ def count_nonfinite_step(run: Run) -> None:
             + (f"; this run resumed from {run.resumed_from}" if run.resumed_from else ""))
 
 
+AQR_SECTION = "aqr"   # the TensorBoard tag prefix of the AQR health signals and maps
+
+
 @dataclass
 class ThroughputWindow:
     """Samples (all processes) since the last logged step, for samples_per_s."""
@@ -546,12 +551,16 @@ def log_step(run: Run, output: LossOutput, grad_norm: torch.Tensor, window: Thro
         bar.set_postfix(loss=f"{scalars['loss/total']:.3f}", lr=f"{scalars['lr']:.2e}",
                         gnorm=f"{scalars['grad_norm']:.2f}")
         window.start, window.samples = time.perf_counter(), 0
-    if output.monitor is not None:
-        accelerator.log({f"aqr/{k}": v for k, v in output.monitor.items()}, step=step)
+    if output.monitor is not None:       # TensorBoard's "aqr" section: every AQR signal and the maps' picture
+        accelerator.log({f"{AQR_SECTION}/{k}": v for k, v in output.monitor.items()}, step=step)
         if accelerator.is_main_process and (step - 1) % cfg.model.aqr.monitor.image_interval == 0:
             from aqrcmt.eval.visualize import render_aqr, save_png
-            save_png(render_aqr(run.detector.pts_bbox_head.aqr.monitor.last_view),
-                     run.run_dir / "aqr_maps" / f"step_{step:08d}.png")
+            picture = render_aqr(run.detector.pts_bbox_head.aqr.monitor.last_view,
+                                 point_cloud_range=cfg.model.lidar.voxel.point_cloud_range)
+            save_png(picture, run.run_dir / "aqr_maps" / f"step_{step:08d}.png")
+            if cfg.train.tracker == "tensorboard":
+                accelerator.get_tracker("tensorboard", unwrap=True).add_image(f"{AQR_SECTION}/maps", picture, step,
+                                                                               dataformats="HWC")
     return scalars
 
 
