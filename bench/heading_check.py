@@ -51,8 +51,8 @@ def label_errors(samples) -> np.ndarray:
     return np.array(errors)
 
 
-def prediction_errors(cfg, checkpoint: str, split: str) -> dict[int, np.ndarray]:
-    detector, _ = load_detector_from_checkpoint(checkpoint, cfg=cfg)
+def prediction_errors(detector, loader) -> dict[int, np.ndarray]:
+    """Per class: |yaw error| (rad) of the predictions (score > 0.2) matched to GT of that class within 2 m."""
     truth = {}
 
     def keep_gt(batch, _):
@@ -60,7 +60,7 @@ def prediction_errors(cfg, checkpoint: str, split: str) -> dict[int, np.ndarray]
             truth[meta.sample_token] = (boxes.numpy(), labels.numpy())
 
     errors: dict[int, list[float]] = {}
-    for meta, found in predict_dataset(detector, build_dataloader(cfg, split, train=False), on_batch=keep_gt):
+    for meta, found in predict_dataset(detector, loader, on_batch=keep_gt):
         gt_boxes, gt_labels = truth[meta.sample_token]
         confident = found.scores.numpy() > 0.2
         boxes, labels = found.boxes.numpy()[confident], found.labels.numpy()[confident]
@@ -93,7 +93,8 @@ def main() -> None:
         print(f"labels vs points, {name}: {len(errors)} vehicles, axis error median {np.median(errors):.2f} rad, "
               f"mean {errors.mean():.2f} rad")
     if args.checkpoint:
-        for label, errors in prediction_errors(cfg, args.checkpoint, split).items():
+        detector, _ = load_detector_from_checkpoint(args.checkpoint, cfg=cfg)
+        for label, errors in prediction_errors(detector, build_dataloader(cfg, split, train=False)).items():
             axis = np.minimum(errors, np.pi - errors)
             print(f"predictions, {CLASS_NAMES[label]:<22} n={len(errors):4d}  yaw error {errors.mean():.2f} rad, "
                   f"axis error {axis.mean():.2f} rad, > 90 deg off {np.mean(errors > np.pi / 2):.0%}")

@@ -99,3 +99,22 @@ def test_pretrained_weights_of_another_config_are_refused(quick_study: Path, tmp
     err = capsys.readouterr().err
     assert str(wrong) in err and "does not fit" in err
     assert not (out / "arms").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--finetune-steps", "0"), ("--router-loss-weight", "-1"),
+                                           ("--router-loss-weight", "nan")])
+def test_bad_plan_options_are_refused(tmp_path, capsys, option, value):
+    assert main(["study", "--out", str(tmp_path / "s"), "--quick", option, value]) == 2
+    err = capsys.readouterr().err
+    assert option in err and value in err and not (tmp_path / "s").exists()
+
+
+def test_plan_options_reach_the_plan(tmp_path, monkeypatch):
+    import aqrcmt.tools.study as study_tool
+    plans = []
+    monkeypatch.setattr(study_tool, "run_study", lambda plan: plans.append(plan) or tmp_path / "report.md")
+    assert main(["study", "--out", str(tmp_path / "s"), "--arms", "supervised_e2e", "--seeds", "0",
+                 "--finetune-steps", "300", "--router-loss-weight", "20", "--no-corruptions"]) == 0
+    (plan,) = plans
+    assert (plan.arms, plan.seeds, plan.finetune_steps, plan.router_loss_weight, plan.robustness_corruptions) == \
+        (("supervised_e2e",), (0,), 300, 20.0, ())

@@ -3,11 +3,13 @@
     aqrcmt study --out study/            # the full study (docs/aqr_study.md)
     aqrcmt study --out study/ --quick    # every arm for a few steps on one seed (the end-to-end check)
     aqrcmt study --out study/ --arms control supervised_frozen --seeds 0 1
+    aqrcmt study --out probe/ --arms supervised_e2e --seeds 0 --router-loss-weight 20 --finetune-steps 300 --no-corruptions
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -22,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"arms to run (default: all of {', '.join(ARM_NAMES)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                         help="training seeds of every arm (default: 0 1 2; --quick: 0)")
+    parser.add_argument("--finetune-steps", type=int, default=None, metavar="N",
+                        help="fine-tuning steps of every arm and seed (default: 100; --quick: 4)")
+    parser.add_argument("--router-loss-weight", type=float, default=None, metavar="W",
+                        help="router supervision weight of the supervised arms (default: 1)")
+    parser.add_argument("--no-corruptions", action="store_true",
+                        help="leave out the corruption table (mRA of the control and the best arm)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,9 +42,16 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {out}: cannot write there ({existing} is not a writable folder)")
     if args.seeds is not None and (not args.seeds or len(set(args.seeds)) != len(args.seeds)):
         raise CommandError(f"--seeds must name distinct seeds, got {args.seeds}")
+    if args.finetune_steps is not None and args.finetune_steps < 1:
+        raise CommandError(f"--finetune-steps must be >= 1, got {args.finetune_steps}")
+    if args.router_loss_weight is not None and not (math.isfinite(args.router_loss_weight)
+                                                    and args.router_loss_weight > 0):
+        raise CommandError(f"--router-loss-weight must be a finite number > 0, got {args.router_loss_weight}")
     plan = StudyPlan.quick(out, tuple(args.arms)) if args.quick else StudyPlan(out=out, arms=tuple(args.arms))
-    if args.seeds is not None:
-        plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
+    changes = {"seeds": None if args.seeds is None else tuple(args.seeds), "finetune_steps": args.finetune_steps,
+               "router_loss_weight": args.router_loss_weight,
+               "robustness_corruptions": () if args.no_corruptions else None}
+    plan = dataclasses.replace(plan, **{key: value for key, value in changes.items() if value is not None})
     report = run_study(plan)
     print(f"report: {report}")
     return 0
