@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 PathLike = str | os.PathLike
-LEFTOVER_SUFFIXES = (".partial", ".replaced", ".tmp")
 # .<name>.pid<PID>@<host>.<random>.<suffix>; <random> is mkstemp's / mkdtemp's (letters, digits, "_": no dot)
 _WRITER = re.compile(r"\.(?P<name>.+)\.pid(?P<pid>\d+)@(?P<host>.+)\.[a-z0-9_]+\.(?:partial|replaced|tmp)")
+_UNNAMED_WRITER = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+\.(?:partial|replaced|tmp)")   # older aqrcmt
 
 
 def _temporary_prefix(destination: Path) -> str:
@@ -122,10 +122,13 @@ def find_leftovers(folder: PathLike, name: str | None = None) -> list[Leftover]:
     """The temporaries in `folder` beside the destination called `name` (None: beside any)."""
     found = []
     for path in sorted(Path(folder).glob(f".{'*' if name is None else glob.escape(name)}.*")):
-        if path.suffix not in LEFTOVER_SUFFIXES:
-            continue
         match = _WRITER.fullmatch(path.name)
-        found.append(Leftover(path, int(match["pid"]), match["host"]) if match else Leftover(path, None, None))
+        if match is not None and name in (None, match["name"]):
+            found.append(Leftover(path, int(match["pid"]), match["host"]))
+            continue
+        match = _UNNAMED_WRITER.fullmatch(path.name)
+        if match is not None and name in (None, match["name"]):
+            found.append(Leftover(path, None, None))
     return found
 
 

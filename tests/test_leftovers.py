@@ -47,13 +47,16 @@ def test_temporaries_name_their_writer_and_only_dead_writers_leftovers_are_remov
     dead = _leftover(tmp_path, "out", _dead_pid())
     live = _leftover(tmp_path, "out", os.getpid())
     remote = _leftover(tmp_path, "out", 1, host="another-node.cluster")
-    other_name = _leftover(tmp_path, "other", _dead_pid())
+    unnamed = tmp_path / ".out.x1y2z3w4.partial"      # an older aqrcmt's: no writer in the name
+    unnamed.mkdir()
+    other_name = _leftover(tmp_path, "out.x", _dead_pid())
     removed, kept = prune_dead_leftovers(tmp_path, "out")
     assert [r.path for r in removed] == [dead] and not dead.exists()
-    assert sorted(k.path for k in kept) == sorted([live, remote]) and live.is_dir() and remote.is_dir()
-    assert other_name.is_dir()                        # beside another destination: not looked at
-    removed, kept = prune_dead_leftovers(tmp_path, exclusive=True)   # a lock holder: other hosts' are dead too
-    assert sorted(r.path for r in removed) == sorted([remote, other_name]) and [k.path for k in kept] == [live]
+    assert sorted(k.path for k in kept) == sorted([live, remote, unnamed]) and all(k.path.is_dir() for k in kept)
+    assert other_name.is_dir()                        # beside another destination ("out.x"): not looked at
+    removed, kept = prune_dead_leftovers(tmp_path, exclusive=True)   # a lock holder: the unknown ones are dead too
+    assert sorted(r.path for r in removed) == sorted([remote, unnamed, other_name])
+    assert [k.path for k in kept] == [live]
 
 
 def test_a_killed_generator_leaves_the_root_untouched_and_the_next_run_prunes_its_leftover(tmp_path):
