@@ -6,6 +6,7 @@ The runs use the `tiny` config with key-frame points only, small images and few 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -101,9 +102,10 @@ def test_two_nodes_on_one_run_directory_train_checkpoint_stop_on_sigterm_and_res
         assert all(node.poll() is None for node in nodes), [node.communicate()[1][-3000:] for node in nodes]
         assert time.monotonic() < end, f"{first} did not appear"
         time.sleep(0.1)
-    assert RunLock.path_for(run).is_file()
     workers = [w for node in nodes for w in _workers(node)]
     assert sorted(w.environ()["RANK"] for w in workers) == ["0", "1"]
+    main = next(w for w in workers if w.environ()["RANK"] == "0")
+    assert json.loads(RunLock.path_for(run).read_text())["pid"] == main.pid    # held by the main process only
     for node in nodes:
         node.send_signal(signal.SIGTERM)
     outputs = [node.communicate(timeout=600) for node in nodes]
