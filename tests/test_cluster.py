@@ -69,18 +69,33 @@ def _node(rank: int, port: int) -> list[str]:
             "--main_process_port", str(port)]
 
 
+@pytest.fixture
+def launches():
+    """The launchers a test started; after it, any still running is killed with its workers (a failed test
+    leaves no training process behind)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for launcher in started:
+        if launcher.poll() is None:
+            for process in [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]:
+                process.kill()
+            launcher.communicate()
+
+
 def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(launcher.pid).children(recursive=True) if "main.py" in " ".join(p.cmdline())]
 
 
 @pytest.mark.slow
-def test_the_other_process_waits_for_an_evaluation_longer_than_the_collective_timeout(synthetic_root, tmp_path):
+def test_the_other_process_waits_for_an_evaluation_longer_than_the_collective_timeout(synthetic_root, tmp_path,
+                                                                                     launches):
     """A 15 s process-group timeout, a 40 s evaluation on the main process: the run finishes with its metrics."""
     script = tmp_path / "slow_evaluation_main.py"
     script.write_text(SLOW_EVALUATION.format(seconds=40, main=str(MAIN)))
     run = tmp_path / "run"
     proc = _start([*LAUNCH, "--num_machines", "1"], script,
                   _args(synthetic_root, run, "train.max_steps=2", "train.collective_timeout_minutes=0.25"))
+    launches.append(proc)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     assert "slow evaluation: sleeping" in stdout and re.search(r"^mAP \d\.\d{4}  NDS \d\.\d{4}$", stdout, re.M)
@@ -88,7 +103,8 @@ def test_the_other_process_waits_for_an_evaluation_longer_than_the_collective_ti
 
 
 @pytest.mark.slow
-def test_two_nodes_on_one_run_directory_train_checkpoint_stop_on_sigterm_and_resume(synthetic_root, tmp_path):
+def test_two_nodes_on_one_run_directory_train_checkpoint_stop_on_sigterm_and_resume(synthetic_root, tmp_path,
+                                                                                    launches):
     """Two launchers (machine rank 0 and 1, one process each) on the same run directory, as on a shared file
     system: the lock is held on the node of the main process only; SIGTERM to both launchers (what scancel
     does) stops the run with one checkpoint of both processes; the same two launches with --resume auto finish it."""
@@ -96,6 +112,7 @@ def test_two_nodes_on_one_run_directory_train_checkpoint_stop_on_sigterm_and_res
     args = _args(synthetic_root, run, "train.max_steps=5", "train.checkpoint_every_steps=1")
     port = _free_port()
     nodes = [_start(_node(rank, port), MAIN, args) for rank in (0, 1)]
+    launches += nodes
     first = run / "checkpoints" / ckpt.checkpoint_name(1)
     end = time.monotonic() + 600
     while not first.exists():
@@ -108,7 +125,7 @@ def test_two_nodes_on_one_run_directory_train_checkpoint_stop_on_sigterm_and_res
     assert json.loads(RunLock.path_for(run).read_text())["pid"] == main.pid    # held by the main process only
     for node in nodes:
         node.send_signal(signal.SIGTERM)
-    outputs = [node.communicate(timeout=600) for node in nodes]
+    outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [128 + signal.SIGTERM] * 2     # each launcher: its signal
     stderr = "\n".join(err for _, err in outputs)
     assert "Traceback" not in stderr
@@ -121,7 +138,8 @@ def test_two_nodes_on_one_run_directory_train_checkpoint_stop_on_sigterm_and_res
 
     port = _free_port()
     resumed = [_start(_node(rank, port), MAIN, [*args, "--resume", "auto"]) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600) for node in resumed]
+    launches += resumed
+    outputs = [node.communicate(timeout=300) for node in resumed]
     assert [node.returncode for node in resumed] == [0, 0], [err[-3000:] for _, err in outputs]
     assert f"resumed from {saved}" in outputs[0][0]
     assert ckpt.resolve_resume(run, "latest").name == ckpt.checkpoint_name(5)

@@ -115,7 +115,8 @@ class Run:
     cfg: Config
     accelerator: Accelerator
     detector: CmtDetector                      # unwrapped (what is saved, evaluated and monitored)
-    model: nn.Module                           # LossModel(detector) as prepared by Accelerate (DDP when multi-process)
+    model: Optional[nn.Module]                 # LossModel(detector) as prepared by Accelerate (DDP when multi-process);
+                                               # None after close_run
     optimizer: torch.optim.Optimizer
     schedule: Schedule                         # spans the run's length: total_steps
     loader: EpochDataLoader
@@ -125,7 +126,7 @@ class Run:
     alarms: AlarmDelivery
     resumed_from: Optional[Path]               # the checkpoint this run was resumed from
     resumed_rng: Optional[dict[str, Any]]      # this process's RNG state to continue from (resume), used once
-    evaluation_wait: Optional[dist.ProcessGroup]   # evaluation_wait_group(): None with one process
+    evaluation_wait: Optional[dist.ProcessGroup]   # evaluation_wait_group(): None with one process, after close_run
     stop: StopRequests = field(default_factory=StopRequests)   # the signals this process received
     last_checkpoint: Optional[Path] = None
     last_save_time: float = field(default_factory=time.monotonic)   # for train.checkpoint_every_minutes
@@ -685,8 +686,16 @@ def stop_for_signal(run: Run, signum: signal.Signals) -> None:
 
 def close_run(run: Run) -> None:
     """The ordered end of a run that every process reached together (finished, or stopped by an alarm or a
-    signal): all processes meet, the trackers flush, then the process group is destroyed."""
+    signal): all processes meet, the prepared model and the evaluation's wait group are released, the trackers
+    flush, then the process groups are destroyed.
+
+    Released first because DDP's reducer holds the process group: a group whose last reference went only with
+    the interpreter's shutdown was destroyed there, where the gloo group's destructor could wait forever for
+    its worker threads (seen on the process of the second node of a 2-node run, which then never exited).
+    """
     run.accelerator.wait_for_everyone()
+    run.model = run.evaluation_wait = None
+    run.accelerator.free_memory()       # Accelerate's own references to the prepared model, then gc
     run.accelerator.end_training()
 
 
