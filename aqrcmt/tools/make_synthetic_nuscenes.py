@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
+from aqrcmt.atomic import Leftover, prune_dead_leftovers
 from aqrcmt.data.splits import TRAIN_VAL_SPLITS
 from aqrcmt.data.synthetic import DEFAULT_IMAGE_SIZE, ConditionShares, make_synthetic_nuscenes
 from aqrcmt.data.synthetic.world import CONDITIONS
@@ -29,7 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "conditions; the first scene of each split stays clear)")
 
 
+def _names(leftovers: list[Leftover]) -> str:
+    return ", ".join(f"{leftover.path.name} ({leftover.writer()})" for leftover in leftovers)
+
+
 def run(args: argparse.Namespace) -> int:
+    out = Path(os.path.abspath(args.out))
+    removed, kept = prune_dead_leftovers(out.parent, out.name)   # what killed runs left beside --out
+    if removed:
+        print(f"removed {len(removed)} leftover(s) beside {out} of killed runs: {_names(removed)}")
+    if kept:
+        print(f"kept {len(kept)} leftover(s) beside {out} of runs that still run or whose writer cannot be "
+              f"checked from here: {_names(kept)}")
     try:
         root = make_synthetic_nuscenes(args.out, version=args.version, scenes=args.scenes,
                                        samples_per_scene=args.samples_per_scene, seed=args.seed,

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from aqrcmt.atomic import atomic_write_bytes, staged_directory
+from aqrcmt.atomic import atomic_write_bytes, prune_dead_leftovers, staged_directory
 from aqrcmt.checkpoint.io import (CHECKSUMS, CheckpointError, load_safetensors, save_safetensors_atomic, sha256_of,
                                   torch_save_atomic, verify_checksums)
 
@@ -129,14 +129,11 @@ def _prune(ckpt_root: Path, keep_last: int, protect: str) -> None:
 
 
 def prune_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Remove the temporaries a killed or failed writer left in `run_dir` and its checkpoints/ (staged
-    ``.<name>.*.partial`` / ``.replaced`` folders, ``.<name>.*.tmp`` files: :mod:`aqrcmt.atomic`); returns them.
-    Only while this job holds the run directory's lock (no other writer is running)."""
-    stale = [p for folder in (run_dir, run_dir / "checkpoints")
-             for pattern in (".*.partial", ".*.replaced", ".*.tmp") for p in folder.glob(pattern)]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    return stale
+    """Remove the temporaries that dead writers left in `run_dir` and its checkpoints/ (staged folders and
+    temporary files: :func:`aqrcmt.atomic.prune_dead_leftovers`); returns them. Only while this job holds the
+    run directory's lock: no other job writes there, so leftovers of writers on other hosts are dead too."""
+    return [leftover.path for folder in (run_dir, run_dir / "checkpoints")
+            for leftover in prune_dead_leftovers(folder, exclusive=True)[0]]
 
 
 def rng_file_name(rank: int) -> str:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from torch import nn
@@ -114,7 +115,8 @@ class Run:
     cfg: Config
     accelerator: Accelerator
     detector: CmtDetector                      # unwrapped (what is saved, evaluated and monitored)
-    model: nn.Module                           # LossModel(detector) as prepared by Accelerate (DDP when multi-process)
+    model: Optional[nn.Module]                 # LossModel(detector) as prepared by Accelerate (DDP when multi-process);
+                                               # None after close_run
     optimizer: torch.optim.Optimizer
     schedule: Schedule                         # spans the run's length: total_steps
     loader: EpochDataLoader
@@ -124,6 +126,7 @@ class Run:
     alarms: AlarmDelivery
     resumed_from: Optional[Path]               # the checkpoint this run was resumed from
     resumed_rng: Optional[dict[str, Any]]      # this process's RNG state to continue from (resume), used once
+    evaluation_wait: Optional[dist.ProcessGroup]   # evaluation_wait_group(): None with one process, after close_run
     stop: StopRequests = field(default_factory=StopRequests)   # the signals this process received
     last_checkpoint: Optional[Path] = None
     last_save_time: float = field(default_factory=time.monotonic)   # for train.checkpoint_every_minutes
@@ -193,6 +196,19 @@ def build_accelerator(cfg: Config) -> Accelerator:
                                      timeout=timedelta(minutes=cfg.train.collective_timeout_minutes))
     return Accelerator(mixed_precision=mixed_precision, log_with=cfg.train.tracker,
                        project_dir=cfg.train.output_dir, cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
+
+
+EVALUATION_WAIT_TIMEOUT = timedelta(days=7)   # longer than any evaluation: in effect no timer
+
+
+def evaluation_wait_group(accelerator: Accelerator) -> Optional[dist.ProcessGroup]:
+    """A gloo group of all processes in which the others wait for the main process's evaluation (one barrier,
+    :func:`evaluate`), under :data:`EVALUATION_WAIT_TIMEOUT` instead of ``train.collective_timeout_minutes``:
+    the devkit's time grows with the val split and is no hang. None with one process. Every process calls it
+    (creating a group is collective)."""
+    if accelerator.num_processes == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=EVALUATION_WAIT_TIMEOUT)
 
 
 def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> Optional[run_dirs.RunLock]:
@@ -345,7 +361,7 @@ def setup(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> Run:
     return Run(cfg, accelerator, accelerator.unwrap_model(model).detector, model, optimizer, schedule, loader,
                steps_per_epoch * accumulation, progress, LossTrend(cfg.train.health),
                alarm_delivery(accelerator, cfg.train.tracker, run_dir), resumed_from=resume_dir,
-               resumed_rng=resumed_rng)
+               resumed_rng=resumed_rng, evaluation_wait=evaluation_wait_group(accelerator))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -387,12 +403,14 @@ def ensure_checkpoint(run: Run) -> Path:
     return save_checkpoint(run)
 
 
-def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir: Path) -> dict:
+def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir: Path,
+             wait_group: Optional[dist.ProcessGroup]) -> dict:
     """Official nuScenes metrics of `detector` on cfg.data.val_split (every process takes part, all get them).
 
     Each process predicts its shard; the main process evaluates the gathered detections and writes the
-    results file and the devkit's outputs to `out_dir`. The training RNG streams are left as they were (the
-    data pipeline draws from them).
+    results file and the devkit's outputs to `out_dir`, while the others wait in a barrier of `wait_group`
+    (:func:`evaluation_wait_group`), not under the collective timeout. The training RNG streams are left as
+    they were (the data pipeline draws from them).
     """
     from aqrcmt.eval.nuscenes_eval import evaluate_detections
 
@@ -409,7 +427,10 @@ def evaluate(accelerator: Accelerator, detector: nn.Module, cfg: Config, out_dir
         metrics = evaluate_detections([d for _, d in unique.values()], [m for m, _ in unique.values()],
                                       root=cfg.data.root, version=cfg.data.version, eval_set=cfg.data.val_split,
                                       output_dir=out_dir)
-    return gather_object([metrics])[0] if accelerator.num_processes > 1 else metrics
+    if wait_group is None:
+        return metrics
+    dist.barrier(group=wait_group)
+    return gather_object([metrics])[0]
 
 
 def log_validation_pictures(run: Run, score_threshold: float = 0.3) -> None:
@@ -447,7 +468,8 @@ def evaluate_checkpoint(run: Run, path: Path) -> None:
     """Evaluate the current model, saved as checkpoint `path`: metrics.json beside it (a resume counts it from
     there), metrics_history.json, best/ by NDS. The devkit's files go to run_dir/eval/step_N."""
     accelerator, progress = run.accelerator, run.progress
-    metrics = evaluate(accelerator, run.detector, run.cfg, run.run_dir / "eval" / ckpt.checkpoint_name(progress.step))
+    metrics = evaluate(accelerator, run.detector, run.cfg, run.run_dir / "eval" / ckpt.checkpoint_name(progress.step),
+                       run.evaluation_wait)
     metrics = {**metrics, "step": progress.step, "epoch": progress.epoch}
     is_best = metrics["NDS"] > progress.best_nds
     _with_evaluation(progress, metrics)
@@ -673,8 +695,16 @@ def stop_for_signal(run: Run, signum: signal.Signals) -> None:
 
 def close_run(run: Run) -> None:
     """The ordered end of a run that every process reached together (finished, or stopped by an alarm or a
-    signal): all processes meet, the trackers flush, then the process group is destroyed."""
+    signal): all processes meet, the prepared model and the evaluation's wait group are released, the trackers
+    flush, then the process groups are destroyed.
+
+    Released first because DDP's reducer holds the process group: a group whose last reference went only with
+    the interpreter's shutdown was destroyed there, where the gloo group's destructor could wait forever for
+    its worker threads (seen on the process of the second node of a 2-node run, which then never exited).
+    """
     run.accelerator.wait_for_everyone()
+    run.model = run.evaluation_wait = None
+    run.accelerator.free_memory()       # Accelerate's own references to the prepared model, then gc
     run.accelerator.end_training()
 
 
@@ -693,7 +723,7 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
             run.stop = requests
             try:
                 if options.eval_only:
-                    run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval")
+                    run.metrics = evaluate(accelerator, run.detector, cfg, run.run_dir / "eval", run.evaluation_wait)
                     if accelerator.is_main_process:
                         ckpt.write_metrics(run.run_dir / "eval", run.metrics)
                 else:
