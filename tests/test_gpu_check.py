@@ -14,7 +14,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 PACKAGE = SCRIPT.with_name("gpucheck")          # the check's modules, imported by the script as `gpucheck`
-PARTS = ("correctness", "kernels", "inference", "training")
+PARTS = ("correctness", "kernels", "inference", "training", "export")
 
 
 @pytest.fixture(scope="module")
