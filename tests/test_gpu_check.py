@@ -14,7 +14,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 PACKAGE = SCRIPT.with_name("gpucheck")          # the check's modules, imported by the script as `gpucheck`
-PARTS = ("correctness", "kernels", "inference", "training")
+PARTS = ("correctness", "kernels", "inference", "training", "export")
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,7 @@ def test_smoke_run_measures_what_the_protocol_names(smoke_report) -> None:
         stages = sum(row[f"{stage}_ms"] for stage in ("voxelization", "lidar_backbone", "camera_backbone_neck",
                                                        "head", "decode"))
         assert stages > 0 and row["fps"] == pytest.approx(1e3 / row["total_ms"])
+    assert parts["export"]["status"] == "skipped" and parts["export"]["reason"].startswith("no CUDA: onnxruntime's")
     checks = {check["check"]: check for check in parts["training"]["checks"]}
     assert checks["recompiles after warm-up"]["value"] == 0
     assert {"AQR share of the step, eager", "AQR share of the step, compiled"} <= set(checks)

@@ -4,7 +4,8 @@
     DIR/model.onnx                     the same graph in ONNX (standard domain only), format onnx
     DIR/lidar_front_end.safetensors    weights of the part that stays outside the graph (models with LiDAR)
     DIR/manifest.json                  inputs / outputs (shape, dtype, meaning), the config, the checkpoint's
-                                       sha256, the opset, what runs outside the graph
+                                       sha256, the opset, the precision with the exported program's measured
+                                       difference from eager fp32, what runs outside the graph
 
 The folder is assembled beside DIR and renamed into place at the end (``aqrcmt.atomic.staged_directory``).
 """
@@ -20,7 +21,9 @@ from aqrcmt.atomic import atomic_write_bytes, staged_directory
 from aqrcmt.checkpoint.io import save_safetensors_atomic, sha256_of
 from aqrcmt.config import Config
 from aqrcmt.errors import AqrcmtError
-from aqrcmt.export.graph import export_onnx, export_program, front_end_state, input_specs
+from aqrcmt.export.graph import (DenseGraph, export_onnx, export_program, front_end_state, input_specs,
+                                 max_differences, sample_inputs)
+from aqrcmt.export.precision import HALF_MODULES, PRECISIONS, with_precision
 from aqrcmt.models.detector import CmtDetector
 
 MANIFEST = "manifest.json"
@@ -73,15 +76,30 @@ def output_specs(detector: CmtDetector) -> list[dict[str, Any]]:
     ]
 
 
-def build_manifest(cfg: Config, detector: CmtDetector, checkpoint: Path, formats: list[str]) -> dict[str, Any]:
-    """The manifest of an export of `detector` (built from `cfg`) from the weights file `checkpoint`."""
+def measure_precision(detector: CmtDetector, program: torch.export.ExportedProgram, precision: str) -> dict:
+    """The manifest's ``precision`` field: the name, the float16 modules, and the largest |difference| of the
+    exported program's per-query scores and boxes from eager fp32 `detector` on one synthetic sample."""
+    inputs = sample_inputs(detector)
+    with torch.no_grad():
+        difference = max_differences(DenseGraph(detector)(*inputs), program.module()(*inputs))
+    return {"name": precision,
+            "float16_modules": [name for name in HALF_MODULES if getattr(detector, name, None) is not None]
+            if precision == "fp16" else [],
+            "max_abs_difference_vs_eager_fp32": {"input": "aqrcmt.data.synthetic_batch sample (seed 0)",
+                                                 **difference}}
+
+
+def build_manifest(cfg: Config, detector: CmtDetector, checkpoint: Path, formats: list[str],
+                   precision: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of an export of `detector` (built from `cfg`) from the weights file `checkpoint`;
+    `precision`: :func:`measure_precision`'s record."""
     files = {fmt: FILES[fmt] for fmt in formats}
     if detector.with_lidar:
         files["lidar_front_end"] = FILES["lidar_front_end"]
     return {
         "format": "aqrcmt-export", "format_version": 1,
         "files": files,
-        "precision": "fp32",
+        "precision": precision,
         "opset": OPSET if "onnx" in formats else None,
         "torch_version": torch.__version__,
         "batch_size": 1,
@@ -93,17 +111,22 @@ def build_manifest(cfg: Config, detector: CmtDetector, checkpoint: Path, formats
     }
 
 
-def write_export(cfg: Config, detector: CmtDetector, checkpoint: Path, out: Path, *, fmt: str) -> dict[str, Any]:
+def write_export(cfg: Config, detector: CmtDetector, checkpoint: Path, out: Path, *, fmt: str,
+                 precision: str = "fp32") -> dict[str, Any]:
     """Export `detector` (the model of `cfg`, weights from `checkpoint`) into the folder `out` (missing or
-    empty) in fp32; returns the manifest. Raises ExportError for an unknown format or a missing extra."""
+    empty) in `precision` (:mod:`aqrcmt.export.precision`); returns the manifest. Raises ExportError for an
+    unknown format or precision, or a missing extra."""
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     formats = ["torch", "onnx"] if fmt == "both" else [fmt]
     if "onnx" in formats:
         require_export_extra()
-    manifest = build_manifest(cfg, detector, checkpoint, formats)
+    detector = detector.cpu().eval()
     with staged_directory(out, replace=False) as staging:
-        program = export_program(detector)
+        program = export_program(with_precision(detector, precision))
+        manifest = build_manifest(cfg, detector, checkpoint, formats, measure_precision(detector, program, precision))
         if "torch" in formats:
             torch.export.save(program, staging / FILES["torch"])
         if "onnx" in formats:

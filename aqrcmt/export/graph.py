@@ -178,6 +178,25 @@ def example_inputs(detector: CmtDetector) -> tuple[Tensor, ...]:
                  else torch.zeros(spec["shape"], dtype=spec["dtype"]) for spec in input_specs(detector))
 
 
+def sample_inputs(detector: CmtDetector, seed: int = 0) -> tuple[Tensor, ...]:
+    """The graph inputs of one synthetic sample (``synthetic_batch``: 6 boxes on ground points, random images),
+    the BEV map made by `detector`'s own LiDAR front end."""
+    from aqrcmt.data.synthetic_batch import synthetic_batch
+
+    batch = synthetic_batch(detector.cfg, batch_size=1, num_boxes=(6,), seed=seed)
+    with torch.no_grad():
+        return tuple(detector.sparse_bev(batch.points) if spec["name"] == "bev"
+                     else getattr(batch, spec["name"]).to(spec["dtype"]) for spec in input_specs(detector))
+
+
+def max_differences(expected: tuple[Tensor, ...], got: tuple[Tensor, ...]) -> dict[str, float]:
+    """Largest |difference| between two sets of graph outputs over every query and class: ``scores`` (of
+    query_scores), ``boxes`` (of query_boxes: m, rad, m/s) and ``boxes_relative`` (divided by max(1, |value|))."""
+    box = (expected[4].float() - got[4].float()).abs()
+    return {"scores": (expected[3].float() - got[3].float()).abs().max().item(), "boxes": box.max().item(),
+            "boxes_relative": (box / expected[4].float().abs().clamp(min=1.0)).max().item()}
+
+
 def export_program(detector: CmtDetector) -> torch.export.ExportedProgram:
     """torch.export of :class:`DenseGraph` (CPU, eval mode, batch 1), decomposed to standard ATen ops."""
     detector = detector.cpu().eval()

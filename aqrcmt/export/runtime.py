@@ -31,6 +31,26 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def cpu_float16_fallbacks(path: Path) -> list[str]:
+    """The op types of the ONNX model at `path` that take float16 inputs but have no float16 kernel in
+    onnxruntime's CPU provider (its kernel registry): the CPU provider runs those in float32 between inserted
+    casts, so an fp16 graph on the CPU computes them as fp32 ones and gains no speed."""
+    import onnx
+    from onnxruntime.capi import _pybind_state
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    graph = model.graph
+    dtypes = {value.name: value.type.tensor_type.elem_type
+              for value in (*graph.value_info, *graph.input, *graph.output)}
+    dtypes.update({tensor.name: tensor.data_type for tensor in graph.initializer})
+    half_ops = {node.op_type for node in graph.node
+                if any(dtypes.get(name) == onnx.TensorProto.FLOAT16 for name in node.input)}
+    cpu_half = {kernel.op_name for kernel in _pybind_state.get_all_opkernel_def()
+                if kernel.provider == "CPUExecutionProvider" and kernel.domain in ("", "ai.onnx")
+                and any("tensor(float16)" in types for types in kernel.type_constraints.values())}
+    return sorted(half_ops - cpu_half)
+
+
 class OnnxDetector(nn.Module):
     """An export folder (``aqrcmt export --format onnx``) as a detector: ``predict(batch) -> list[Detections]``.
 
@@ -63,8 +83,17 @@ class OnnxDetector(nn.Module):
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(directory / self.manifest["files"]["onnx"]), options,
-                                                    providers=providers_for(device))
+        path = directory / self.manifest["files"]["onnx"]
+        providers = providers_for(device)
+        from onnxruntime.capi import onnxruntime_pybind11_state as status
+
+        refusals = (status.Fail, status.InvalidGraph, status.InvalidProtobuf, status.InvalidArgument,
+                    status.NotImplemented, status.EPFail, status.RuntimeException)
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        except refusals as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ExportError(f"{path}: onnxruntime ({', '.join(providers)}) cannot run it: {reason}") from None
         self.img_shape = tuple(self.cfg.camera.image_size)
 
     @torch.no_grad()

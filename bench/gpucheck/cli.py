@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from .correctness import part_correctness
+from .export import export_skip_reason, part_export
 from .inference import part_inference
 from .kernel_speed import part_kernels
 from .part import Part, run_part, skip_part
@@ -23,7 +24,8 @@ from .report import environment, markdown
 from .training import part_training
 
 PARTS: dict[str, Callable[[Part, Plan], None]] = {
-    "correctness": part_correctness, "kernels": part_kernels, "inference": part_inference, "training": part_training}
+    "correctness": part_correctness, "kernels": part_kernels, "inference": part_inference, "training": part_training,
+    "export": part_export}
 
 
 def run(plan: Plan, out: Path, parts: list[str]) -> dict:
@@ -33,6 +35,8 @@ def run(plan: Plan, out: Path, parts: list[str]) -> dict:
             report["parts"][name] = skip_part(name, "not selected (--parts)")
         elif name == "correctness" and plan.triton_sizes is None:
             report["parts"][name] = skip_part(name, plan.triton_skip_reason)
+        elif name == "export" and export_skip_reason(plan.device):
+            report["parts"][name] = skip_part(name, export_skip_reason(plan.device))
         else:
             print(f"[gpu_check] {name} (budget {plan.budgets_s[name]:.0f} s) ...", flush=True)
             report["parts"][name] = run_part(name, plan.budgets_s[name], lambda part: PARTS[name](part, plan))

@@ -67,8 +67,8 @@ def make_plan(smoke: bool, device: torch.device, compile_backend: Optional[str],
     else:
         triton_sizes, reason = None, "no CUDA and TRITON_INTERPRET!=1: Triton not run"
     full = cuda and not smoke
-    budgets = {"correctness": 90, "kernels": 75, "inference": 180, "training": 120} if cuda else \
-        {"correctness": 60, "kernels": 90, "inference": 120, "training": 150}
+    budgets = {"correctness": 90, "kernels": 75, "inference": 180, "training": 120, "export": 60} if cuda else \
+        {"correctness": 60, "kernels": 90, "inference": 120, "training": 150, "export": 60}
     if smoke:          # the smoke work is small; generous budgets keep a loaded test machine from cutting it
         budgets = dict.fromkeys(budgets, 600)
     return Plan(
