@@ -90,14 +90,20 @@ def _check_pose(record: dict, where: str) -> None:
     check_numbers(record["rotation"], (4,), where, "rotation")
 
 
+def _checked_calibration_and_pose(nusc, sample_data: dict, where: str) -> tuple[dict, dict]:
+    """The calibrated_sensor and ego_pose records of a sample_data record, checked (``where`` names it)."""
+    calib = nusc.get("calibrated_sensor", sample_data["calibrated_sensor_token"])
+    pose = nusc.get("ego_pose", sample_data["ego_pose_token"])
+    _check_pose(calib, f"{where}: calibrated_sensor {calib['token']}")
+    _check_pose(pose, f"{where}: ego_pose {pose['token']}")
+    return calib, pose
+
+
 def _sensor_info(nusc, sample_data_token: str, global2lidar: np.ndarray, kind: str) -> dict[str, Any]:
     """One sweep/camera entry: path, poses, timestamp, sensor2lidar (column vectors: p_l = R p_s + t), K (cameras)."""
     record = nusc.get("sample_data", sample_data_token)
-    calib = nusc.get("calibrated_sensor", record["calibrated_sensor_token"])
-    pose = nusc.get("ego_pose", record["ego_pose_token"])
     where = f"sample_data {sample_data_token} ({kind})"
-    _check_pose(calib, f"{where}: calibrated_sensor {calib['token']}")
-    _check_pose(pose, f"{where}: ego_pose {pose['token']}")
+    calib, pose = _checked_calibration_and_pose(nusc, record, where)
     if kind != "lidar":
         check_numbers(calib["camera_intrinsic"], (3, 3), f"{where}: calibrated_sensor {calib['token']}",
                       "camera_intrinsic")
@@ -142,11 +148,8 @@ def sample_info(nusc, sample: dict, max_sweeps: int, with_annotations: bool = Tr
     """
     lidar_token = sample["data"]["LIDAR_TOP"]
     lidar_record = nusc.get("sample_data", lidar_token)
-    calib = nusc.get("calibrated_sensor", lidar_record["calibrated_sensor_token"])
-    pose = nusc.get("ego_pose", lidar_record["ego_pose_token"])
     where = f"sample {sample['token']}: sample_data {lidar_token} (LIDAR_TOP)"
-    _check_pose(calib, f"{where}: calibrated_sensor {calib['token']}")
-    _check_pose(pose, f"{where}: ego_pose {pose['token']}")
+    calib, pose = _checked_calibration_and_pose(nusc, lidar_record, where)
     lidar2ego = pose_matrix(calib["translation"], calib["rotation"])
     ego2global = pose_matrix(pose["translation"], pose["rotation"])
     global2lidar = np.linalg.inv(ego2global @ lidar2ego)
