@@ -170,6 +170,9 @@ class AQRGeneratorConfig:
     use_type_embed: bool = True
     activation: Literal["sigmoid", "tanh"] = "sigmoid"
     bias_init: float = 2.0
+    # joint: one softmax over the BEV and camera windows (the fork); per_modality: a softmax per window, each
+    # holding half the attention mass, so a blank modality stays visible to the weight head
+    attention: Literal["joint", "per_modality"] = "joint"
 
     def validate(self, key: str = "model.aqr.generator") -> None:
         _positive(self, key, "num_heads", "ffn_dim", "camera_window", "bev_window")

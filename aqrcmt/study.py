@@ -115,6 +115,7 @@ class StudyPlan:
     router_loss_weight: float = 1.0
     robustness_corruptions: tuple[str, ...] = tuple(c for c in CORRUPTIONS if c not in FAILURES)
     robustness_severity: int = 2
+    overrides: tuple[str, ...] = ()      # config overrides applied to every arm after its own (``--set``)
 
     @classmethod
     def quick(cls, out: Path, arms: tuple[str, ...] = ARM_NAMES) -> "StudyPlan":
@@ -233,7 +234,7 @@ def arm_config(plan: StudyPlan, arm: Arm, seed: int, data_root: Path, run_dir: P
     return load_config(arm.preset, [*_base_overrides(plan, data_root, run_dir, seed),
                                     f"data.augment.failures={json.dumps(TRAIN_FAILURE_PROBABILITIES)}",
                                     f"train.max_steps={plan.finetune_steps}", f"optim.lr={plan.finetune_lr}",
-                                    f"optim.lr_mults={json.dumps(lr_mults)}", *overrides])
+                                    f"optim.lr_mults={json.dumps(lr_mults)}", *overrides, *plan.overrides])
 
 
 def run_arm(plan: StudyPlan, arm: Arm, seed: int, data_root: Path, conditions_root: Path, weights: Path,

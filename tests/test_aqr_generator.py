@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from aqrcmt.config import AQRGeneratorConfig
-from aqrcmt.models.aqr.generator import AQRWeightGenerator, gather_window_indices, window_offsets
+from aqrcmt.models.aqr.generator import (AQRWeightGenerator, LocalCrossAttention, gather_window_indices,
+                                         window_offsets)
 from aqrcmt.models.aqr.projection import Projection
 
 C, BEV, CAM, V = 16, (6, 7), (4, 9), 3
@@ -119,3 +120,39 @@ def test_parameter_names_follow_the_fork():
     assert shapes["encoder.post_norm.weight"] == (256,)
     assert shapes["weight_predictor.weight"] == (2, 256) and shapes["bev_type_embed"] == (256,)
     assert len(shapes) == 18
+
+
+def _window_attention_inputs(batch=2, queries=5, tokens=30, bev_keys=4, camera_keys=6):
+    torch.manual_seed(0)
+    attention = LocalCrossAttention(C, num_heads=4, dropout=0.0).eval()
+    for parameter in attention.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)                           # biases too: they must cancel right
+    query, keys, values = torch.randn(batch, queries, C), torch.randn(batch, tokens, C), torch.randn(batch, tokens, C)
+    index = torch.randint(0, tokens, (batch, queries, bev_keys + camera_keys))
+    keep = torch.rand(batch, queries, bev_keys + camera_keys) > 0.3
+    keep[..., 0] = keep[..., bev_keys] = True                               # every group keeps a key
+    return attention, (query, keys, values, index), keep, bev_keys
+
+
+def test_per_modality_attention_is_the_mean_of_each_window_attended_alone():
+    attention, inputs, keep, split = _window_attention_inputs()
+    bev_only, camera_only = keep.clone(), keep.clone()
+    bev_only[..., split:] = False
+    camera_only[..., :split] = False
+    expected = 0.5 * (attention(*inputs, bev_only) + attention(*inputs, camera_only))
+    torch.testing.assert_close(attention(*inputs, keep, split), expected, rtol=1e-5, atol=1e-5)
+    assert (attention(*inputs, keep) - expected).abs().max() > 1e-3      # one joint softmax is another thing
+
+
+def test_per_modality_attention_of_a_query_no_camera_sees_uses_half_its_bev_window():
+    attention, (query, keys, values, index), keep, split = _window_attention_inputs()
+    keep[0, 0, split:] = False                                             # query 0 of sample 0: no camera key
+    query.requires_grad_(True)
+    out = attention(query, keys, values, index, keep, split)
+    bev_only = keep.clone()
+    bev_only[..., split:] = False
+    alone = attention(query, keys, values, index, bev_only)
+    bias = attention.attn.out_proj.bias
+    torch.testing.assert_close(out[0, 0], 0.5 * (alone[0, 0] + bias), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(query.grad).all() and query.grad[0, 0].abs().sum() > 0

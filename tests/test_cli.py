@@ -83,7 +83,7 @@ READS: dict[str, tuple[set[str], list[str]]] = {
     "inspect": (set(), ["c"]),
     "diagnose": ({"config", "dataset"}, ["--config", "tiny_aqr"]),
     "export": ({"config", "dataset"}, ["--checkpoint", "c", "--out", "o"]),
-    "study": (set(), ["--out", "o"]),                                    # builds its own synthetic benchmarks
+    "study": ({"config"}, ["--out", "o"]),                          # its arms' presets; builds its own benchmarks
     "check-data": ({"dataset"}, ["--split", "val"]),
 }
 

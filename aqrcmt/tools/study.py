@@ -4,6 +4,7 @@
     aqrcmt study --out study/ --quick    # every arm for a few steps on one seed (the end-to-end check)
     aqrcmt study --out study/ --arms control supervised_frozen --seeds 0 1
     aqrcmt study --out probe/ --arms supervised_e2e --seeds 0 --router-loss-weight 20 --finetune-steps 300 --no-corruptions
+    aqrcmt study --out probe/ --arms supervised_e2e --seeds 0 --set model.aqr.generator.attention=per_modality
 """
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import math
 import os
 from pathlib import Path
 
-from aqrcmt.study import ARM_NAMES, StudyPlan, run_study
+from aqrcmt.config import ConfigError
+from aqrcmt.presets import load_config
+from aqrcmt.study import ARMS, ARM_NAMES, StudyPlan, run_study
 from aqrcmt.tools.errors import CommandError
+from aqrcmt.tools.options import add_set_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="router supervision weight of the supervised arms (default: 1)")
     parser.add_argument("--no-corruptions", action="store_true",
                         help="leave out the corruption table (mRA of the control and the best arm)")
+    add_set_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,10 +52,15 @@ def run(args: argparse.Namespace) -> int:
     if args.router_loss_weight is not None and not (math.isfinite(args.router_loss_weight)
                                                     and args.router_loss_weight > 0):
         raise CommandError(f"--router-loss-weight must be a finite number > 0, got {args.router_loss_weight}")
+    for arm in ARMS:    # a bad --set is refused before anything is written
+        try:
+            load_config(arm.preset, args.set)
+        except ConfigError as err:
+            raise CommandError(f"--set: {err}") from None
     plan = StudyPlan.quick(out, tuple(args.arms)) if args.quick else StudyPlan(out=out, arms=tuple(args.arms))
     changes = {"seeds": None if args.seeds is None else tuple(args.seeds), "finetune_steps": args.finetune_steps,
                "router_loss_weight": args.router_loss_weight,
-               "robustness_corruptions": () if args.no_corruptions else None}
+               "robustness_corruptions": () if args.no_corruptions else None, "overrides": tuple(args.set) or None}
     plan = dataclasses.replace(plan, **{key: value for key, value in changes.items() if value is not None})
     report = run_study(plan)
     print(f"report: {report}")

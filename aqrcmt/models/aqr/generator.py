@@ -14,6 +14,8 @@ Parameter names follow the fork (``encoder.layers.0.attentions.0.attn.in_proj_we
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,6 +71,13 @@ class PackedAttentionProjections(nn.Module):
         return F.linear(x, self.in_proj_weight[rows], self.in_proj_bias[rows])
 
 
+def masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis of `scores` restricted to `keep` (broadcast bool); all zeros where no key is kept."""
+    kept_any = keep.any(-1, keepdim=True)
+    probs = scores.masked_fill(~keep, float("-inf")).masked_fill(~kept_any, 0.0).softmax(-1)
+    return probs * kept_any
+
+
 class LocalCrossAttention(nn.Module):
     """Multi-head attention of each query over its own gathered key set.
 
@@ -88,9 +97,11 @@ class LocalCrossAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
-                keep: torch.Tensor) -> torch.Tensor:
+                keep: torch.Tensor, split: Optional[int] = None) -> torch.Tensor:
         """query (B, Q, C) (content + position); keys/values (B, N, C) all tokens, un-projected;
-        index/keep (B, Q, K) gathered window tokens. Returns (B, Q, C)."""
+        index/keep (B, Q, K) gathered window tokens; split: None for one softmax over the K keys, or S for a
+        softmax over the first S keys and one over the rest, each weighted 1/2 (a group with no usable key adds
+        nothing). Returns (B, Q, C)."""
         b, q, c = query.shape
         k_count, heads, head_dim = index.shape[-1], self.num_heads, c // self.num_heads
         tokens = keys.shape[1]
@@ -102,7 +113,12 @@ class LocalCrossAttention(nn.Module):
         q_proj = self.attn.project(query, 0).view(b * q, heads, head_dim) * head_dim ** -0.5
         q_in = torch.einsum("nhd,hdc->nhc", q_proj, w_k)                                    # (BQ, h, C)
         scores = torch.bmm(q_in, k_win.transpose(1, 2))                                      # (BQ, h, K)
-        probs = scores.masked_fill(~keep.view(b * q, 1, k_count), float("-inf")).softmax(-1)
+        keep = keep.view(b * q, 1, k_count)
+        if split is None:
+            probs = masked_softmax(scores, keep)
+        else:
+            groups = zip(scores.split([split, k_count - split], -1), keep.split([split, k_count - split], -1))
+            probs = torch.cat([0.5 * masked_softmax(part, part_keep) for part, part_keep in groups], -1)
         probs = F.dropout(probs, self.dropout, self.training)
         mixed = torch.bmm(probs, v_win)                                                      # (BQ, h, C)
         out = torch.einsum("nhc,hdc->nhd", mixed, w_v) + b_v * probs.sum(-1, keepdim=True)
@@ -136,8 +152,8 @@ class LocalDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, target: torch.Tensor, query_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                index: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        target = target + self.dropout(self.attentions[0](target + query_pos, keys, values, index, keep))
+                index: torch.Tensor, keep: torch.Tensor, split: Optional[int] = None) -> torch.Tensor:
+        target = target + self.dropout(self.attentions[0](target + query_pos, keys, values, index, keep, split))
         target = self.norms[0](target)
         return self.norms[1](self.ffns[0](target))
 
@@ -151,11 +167,11 @@ class LocalDecoder(nn.Module):
         self.post_norm = nn.LayerNorm(dim)
 
     def forward(self, query_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
-                keep: torch.Tensor) -> torch.Tensor:
+                keep: torch.Tensor, split: Optional[int] = None) -> torch.Tensor:
         """(B, Q, C) query features; arguments as for LocalCrossAttention."""
         target = torch.zeros_like(query_pos)
         for layer in self.layers:
-            target = layer(target, query_pos, keys, values, index, keep)
+            target = layer(target, query_pos, keys, values, index, keep, split)
         return self.post_norm(target)
 
 
@@ -225,6 +241,7 @@ class AQRWeightGenerator(nn.Module):
         index = torch.cat([bev_index, cam_index + bev_h * bev_w], dim=-1)
         keep = torch.cat([bev_keep, cam_keep], dim=-1)
 
-        logits = self.weight_predictor(self.encoder(query_pos, keys, values, index, keep))
+        split = self.cfg.bev_window ** 2 if self.cfg.attention == "per_modality" else None
+        logits = self.weight_predictor(self.encoder(query_pos, keys, values, index, keep, split))
         weights = self.scale * torch.sigmoid(logits) if self.cfg.activation == "sigmoid" else torch.tanh(logits)
         return weights[..., 0], weights[..., 1]
