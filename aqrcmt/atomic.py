@@ -142,8 +142,8 @@ def writer_running(leftover: Leftover) -> bool | None:
         os.kill(leftover.pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:       # a process of another user
-        return True
+    except PermissionError:       # a process of another user: running
+        pass
     return True
 
 
