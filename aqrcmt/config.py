@@ -130,6 +130,9 @@ class HeadConfig:
     # Not in the released CMT: the tiny CPU configs use it so that queries see their neighbourhood from step 0.
     locality_sigma_bev: float = 0.0                        # metres
     locality_sigma_camera: float = 0.0                     # camera feature-map pixels
+    # Local cross-attention (aqrcmt/models/local_attention.py): > 0 = each query attends only to the memory tokens
+    # near it, every BEV cell within this many locality_sigma_bev kept; 0 = dense attention (the release).
+    local_attention_sigmas: float = 0.0
     # decoding
     post_center_range: tuple[float, ...] = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
     max_num: int = 300
@@ -146,7 +149,7 @@ class HeadConfig:
         _non_negative(self, key, "dn_noise_scale", "dn_noise_trans", "dn_max_gt", "loss_cls_weight",
                       "loss_bbox_weight", "focal_gamma")
         _in_range(self, key, "focal_alpha", 0.0, 1.0)
-        _non_negative(self, key, "locality_sigma_bev", "locality_sigma_camera")
+        _non_negative(self, key, "locality_sigma_bev", "locality_sigma_camera", "local_attention_sigmas")
         _check(len(self.code_weights) == 10 and all(w >= 0 for w in self.code_weights), f"{key}.code_weights",
                "needs 10 values >= 0")
         _check(self.final_kernel in (1, 3), f"{key}.final_kernel", f"must be 1 or 3, got {self.final_kernel}")
@@ -323,6 +326,9 @@ class ModelConfig:
                    "must be > 0 when the locality prior is on (locality_sigma_camera > 0) and the LiDAR branch is")
             _check(head.locality_sigma_camera > 0 or not self.camera.enabled, f"{key}.head.locality_sigma_camera",
                    "must be > 0 when the locality prior is on (locality_sigma_bev > 0) and the camera branch is")
+        _check(head.local_attention_sigmas == 0 or head.locality_enabled, f"{key}.head.local_attention_sigmas",
+               f"local attention ({head.local_attention_sigmas}) needs the locality prior "
+               "(model.head.locality_sigma_bev / locality_sigma_camera > 0)")
 
     @property
     def bev_size(self) -> tuple[int, int]:

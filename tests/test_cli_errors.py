@@ -88,6 +88,8 @@ def _case(tmp: Path, name: str) -> tuple[str, list[str], str]:
         "inspect missing directory": ("aqrcmt", ["inspect", str(tmp / "used")], str(tmp / "used" / "model.safetensors")),
         "demo no steps": ("demo", ["--steps", "0", "--out", str(tmp / "run"), "--root", str(tmp / "data")],
                           "--steps must be >= 1, got 0"),
+        "demo negative threads": ("demo", ["--threads", "-1", "--out", str(tmp / "run"), "--root", str(tmp / "data")],
+                                  "--threads must be >= 0, got -1"),
         "demo bad override": ("demo", ["--out", str(tmp / "run"), "--data", str(tmp / "data"), "--set",
                                        "optim.lr=fast"], "optim.lr"),
     }
@@ -102,7 +104,7 @@ CASES = ["synthetic over a used root", "synthetic bad scenes", "synthetic bad sh
          "train eval-only without weights", "train unknown failure", "train failure probability",
          "train router without AQR", "train identity start of a sum kernel", "aqrcmt train bad override",
          "aqrcmt train eval-only without weights", "configs unknown preset", "configs set without a name",
-         "inspect missing directory", "demo no steps", "demo bad override"]
+         "inspect missing directory", "demo no steps", "demo negative threads", "demo bad override"]
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -10,7 +10,6 @@ import torch
 from aqrcmt.config import ConfigError
 from aqrcmt.models import transformer
 from aqrcmt.models.locality import NOT_VISIBLE, cross_attention_locality_bias
-from aqrcmt.models.position_encoding import bev_grid_coords
 from aqrcmt.presets import load_config
 from test_head import tiny_head, tiny_inputs
 
@@ -18,10 +17,9 @@ PC_RANGE = (-54.0, -54.0, -5.0, 54.0, 54.0, 3.0)
 
 
 def test_bev_bias_is_the_log_gaussian_of_the_distance_in_metres():
-    coords = bev_grid_coords((4, 4))                                     # cells 27 m apart
     reference = torch.tensor([[[0.125, 0.125, 0.5], [0.5, 0.5, 0.5]]])   # centre of cell (0, 0); a cell corner
     bias = cross_attention_locality_bias(reference, pc_range=PC_RANGE, sigma_bev=10.0, sigma_camera=1.0,
-                                         bev_coords=coords)
+                                         bev_size=(4, 4))                # cells 27 m apart
     assert bias.shape == (1, 1, 2, 16)
     assert bias[0, 0, 0, 0] == 0.0
     assert math.isclose(bias[0, 0, 0, 1].item(), -27.0 ** 2 / 200, rel_tol=1e-6)
@@ -47,7 +45,8 @@ def test_camera_bias_peaks_at_the_projection_and_hides_views_that_do_not_see_the
 
 def test_config_needs_both_sigmas_for_a_fusion_model():
     load_config("tiny", ["model.head.locality_sigma_bev=6", "model.head.locality_sigma_camera=2"])
-    load_config("tiny", ["model.head.locality_sigma_bev=0", "model.head.locality_sigma_camera=0"])   # off
+    load_config("tiny", ["model.head.locality_sigma_bev=0", "model.head.locality_sigma_camera=0",      # off
+                         "model.head.local_attention_sigmas=0"])
     with pytest.raises(ConfigError, match="model.head.locality_sigma_camera"):
         load_config("tiny", ["model.head.locality_sigma_bev=6", "model.head.locality_sigma_camera=0"])
     with pytest.raises(ConfigError, match="model.head.locality_sigma_bev"):
@@ -81,8 +80,8 @@ def _cross_attention_near_share(head, radius_m: float) -> float:
 
 
 def test_locality_prior_makes_fresh_queries_attend_near_their_reference():
-    release, _ = tiny_head(locality_sigma_bev=0.0, locality_sigma_camera=0.0)
-    local, _ = tiny_head(locality_sigma_bev=6.0, locality_sigma_camera=2.0)
+    release, _ = tiny_head(locality_sigma_bev=0.0, locality_sigma_camera=0.0, local_attention_sigmas=0.0)
+    local, _ = tiny_head(locality_sigma_bev=6.0, locality_sigma_camera=2.0, local_attention_sigmas=0.0)
     uniform_share = float((torch.cdist(release.reference_points.weight[:, :2], release.bev_coords) * 108 < 10)
                           .float().mean())
     assert abs(_cross_attention_near_share(release, 10.0) - uniform_share) < 0.05

@@ -1,6 +1,7 @@
 """The main job on the embedded default: synthetic benchmark -> tiny AQR-CMT on CPU -> official metric on held-out scenes.
 
-    python train/demo.py [--out runs/demo] [--root data/synthetic_benchmark] [--steps 1100] [--set key=value ...]
+    python train/demo.py [--out runs/demo] [--root data/synthetic_benchmark] [--steps 1100] [--threads N]
+                         [--set key=value ...]
 
 1. writes the synthetic benchmark (``presets.MAIN_JOB_BENCHMARK``) in the devkit's format (skipped when it is
    already there): 30 scenes of 8 key frames, 20 train scenes and 10 val scenes that training never sees,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="tiny_aqr_recommended", help="preset to train (see `aqrcmt configs`)")
     p.add_argument("--steps", type=int, default=MAIN_JOB_STEPS,
                    help="training steps, the length of the learning-rate schedule")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op CPU threads (0: one per core left idle by other work, from the load average at "
+                        "start; more threads than free cores make a step several times slower)")
     add_set_option(p)
     add_debug_flag(p)
     args = p.parse_args(argv)
@@ -45,6 +50,8 @@ def demo(args: argparse.Namespace) -> int:
     """Steps 1-4 of the module docstring for the parsed `args`."""
     if args.steps < 1:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
+    if args.threads < 0:
+        raise CommandError(f"--threads must be >= 0, got {args.threads}")
     start = time.perf_counter()
     root = Path(args.root)
     cfg = load_config(args.config, [f"data.root={root}", f"data.version={MAIN_JOB_BENCHMARK.version}",
@@ -60,7 +67,12 @@ def demo(args: argparse.Namespace) -> int:
     from aqrcmt.eval.nuscenes_eval import format_metrics
     from aqrcmt.training.loop import TrainOptions, train
 
-    print(f"[2/3] training config '{cfg.name}' for {cfg.train.max_steps} steps on the train scenes")
+    import torch
+
+    threads = args.threads or idle_cores()
+    torch.set_num_threads(threads)
+    print(f"[2/3] training config '{cfg.name}' for {cfg.train.max_steps} steps on the train scenes, "
+          f"{threads} intra-op thread(s) ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; --threads)")
     result = train(cfg, TrainOptions(overwrite=True))   # a rerun of the demo replaces (moves aside) the last one
     print("[3/3] official nuScenes evaluation on the held-out val scenes:")
     print(format_metrics(result.metrics))
@@ -75,6 +87,11 @@ def demo(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print(f"TensorBoard: tensorboard --logdir {result.run_dir}")
     return 0
+
+
+def idle_cores() -> int:
+    """Cores not busy with other work now (at least 1): the core count minus the 1-minute load average."""
+    return max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from aqrcmt.models.assigner import hungarian_assign, match_cost
 from aqrcmt.models.bbox_coder import box_codes, decode_detections, encode_boxes
 from aqrcmt.models.camera_geometry import projection_matrices
 from aqrcmt.models.denoising import Denoising
+from aqrcmt.models.local_attention import LocalAttention
 from aqrcmt.models.locality import cross_attention_locality_bias
 from aqrcmt.models.losses import sigmoid_focal_loss, weighted_l1_loss
 from aqrcmt.models.position_encoding import (
@@ -168,11 +169,17 @@ class CmtHead(nn.Module):
 
         locality = None
         if self.cfg.locality_enabled:
-            locality = cross_attention_locality_bias(
-                reference, pc_range=self.pc_range, sigma_bev=self.cfg.locality_sigma_bev,
-                sigma_camera=self.cfg.locality_sigma_camera, bev_coords=self.bev_coords if self.with_lidar else None,
-                lidar2img=lidar2img if self.with_camera else None, img_shape=img_shape,
-                camera_feature_size=tuple(x_img.shape[-2:]) if self.with_camera else None)
+            prior = dict(pc_range=self.pc_range, sigma_bev=self.cfg.locality_sigma_bev,
+                         sigma_camera=self.cfg.locality_sigma_camera, lidar2img=lidar2img if self.with_camera else None,
+                         img_shape=img_shape, camera_feature_size=tuple(x_img.shape[-2:]) if self.with_camera else None)
+            if self.cfg.local_attention_sigmas > 0:
+                local = LocalAttention(reference, bev_size=self.bev_size, window=self.cfg.local_attention_sigmas,
+                                       bev_memory=self.with_lidar, **prior)
+                # a traced graph's shapes may not depend on the data: the same attention as a dense bias there
+                locality = local.dense_bias() if torch.compiler.is_compiling() else local
+            else:
+                locality = cross_attention_locality_bias(reference, bev_size=self.bev_size if self.with_lidar else None,
+                                                         **prior)
         features = self.transformer(query_pos, x, bev_pos, x_img, rv_pos,
                                     dn.attn_mask if dn is not None else None, cross_attn_bias=locality)
         preds = self.task_heads[0](torch.nan_to_num(features))

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from aqrcmt.models.local_attention import LocalAttention
+
 
 class PackedAttention(nn.Module):
     """Multi-head attention with packed q/k/v input projections (the layout of ``nn.MultiheadAttention``)."""
@@ -37,15 +39,19 @@ class PackedAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        """query (B, Nq, C), key / value (B, Nk, C) -> (B, Nq, C). attn_mask: (Nq, Nk) bool (True = may attend)
-        or a float bias broadcastable to (B, heads, Nq, Nk) added to the logits."""
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                attn_mask: Optional[Tensor | LocalAttention] = None) -> Tensor:
+        """query (B, Nq, C), key / value (B, Nk, C) -> (B, Nq, C). attn_mask: (Nq, Nk) bool (True = may attend),
+        a float bias broadcastable to (B, heads, Nq, Nk) added to the logits, or the key sets of local attention."""
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         q, k, v = (self._split_heads(F.linear(x, w, b)) for x, w, b in
                    ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
         dropout = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        if isinstance(attn_mask, LocalAttention):
+            out = attn_mask.attend(q, k, v, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def _split_heads(self, x: Tensor) -> Tensor:
@@ -60,7 +66,8 @@ class AttentionBlock(nn.Module):
         self.attn = PackedAttention(embed_dim, num_heads, attn_dropout)
         self.dropout = nn.Dropout(out_dropout)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                attn_mask: Optional[Tensor | LocalAttention] = None) -> Tensor:
         return self.dropout(self.attn(query, key, value, attn_mask))
 
 
@@ -89,9 +96,10 @@ class DecoderLayer(nn.Module):
         self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(3)])
 
     def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, key: Tensor,
-                self_attn_mask: Optional[Tensor], cross_attn_bias: Optional[Tensor] = None) -> Tensor:
+                self_attn_mask: Optional[Tensor], cross_attn_bias: Optional[Tensor | LocalAttention] = None) -> Tensor:
         """tgt / query_pos (B, Nq, C); memory (B, M, C) values; key = memory + key_pos (B, M, C);
-        cross_attn_bias: optional (B, 1, Nq, M) float added to the cross-attention logits."""
+        cross_attn_bias: optional (B, 1, Nq, M) float added to the cross-attention logits, or local attention's
+        key sets (aqrcmt/models/local_attention.py)."""
         q = tgt + query_pos
         tgt = self.norms[0](tgt + self.attentions[0](q, q, tgt, self_attn_mask))
         tgt = self.norms[1](tgt + self.attentions[1](tgt + query_pos, key, memory, cross_attn_bias))
@@ -111,7 +119,8 @@ class Decoder(nn.Module):
         self.checkpointing = checkpointing
 
     def forward(self, query_pos: Tensor, memory: Tensor, key_pos: Tensor,
-                self_attn_mask: Optional[Tensor] = None, cross_attn_bias: Optional[Tensor] = None) -> Tensor:
+                self_attn_mask: Optional[Tensor] = None,
+                cross_attn_bias: Optional[Tensor | LocalAttention] = None) -> Tensor:
         """query_pos (B, Nq, C), memory / key_pos (B, M, C) -> (num_layers, B, Nq, C); queries start at zero."""
         tgt = torch.zeros_like(query_pos)
         key = memory + key_pos
@@ -144,7 +153,8 @@ class CmtTransformer(nn.Module):
 
     def forward(self, query_pos: Tensor, bev_feat: Optional[Tensor], bev_pos: Optional[Tensor],
                 img_feat: Optional[Tensor], img_pos: Optional[Tensor],
-                self_attn_mask: Optional[Tensor] = None, cross_attn_bias: Optional[Tensor] = None) -> Tensor:
+                self_attn_mask: Optional[Tensor] = None,
+                cross_attn_bias: Optional[Tensor | LocalAttention] = None) -> Tensor:
         """Decode queries against the memory.
 
         query_pos: (B, Nq, C). bev_feat: (B, C, H, W) with bev_pos (H * W, C). img_feat: (B * V, C, h, w) with
