@@ -2,8 +2,11 @@
 PyTorch, the ONNX graph's domains, the manifest, and bad input."""
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import onnx
@@ -14,7 +17,7 @@ from aqrcmt.checkpoint.io import save_safetensors_atomic, sha256_of
 from aqrcmt.cli import main
 from aqrcmt.data.synthetic_batch import camera_ring, synthetic_batch
 from aqrcmt.export import bundle
-from aqrcmt.export.graph import DenseGraph, finish_detections, inverse_4x4, max_differences
+from aqrcmt.export.graph import DenseGraph, finish_detections, inverse_4x4, max_differences, sample_inputs
 from aqrcmt.export.precision import with_precision
 from aqrcmt.export.runtime import OnnxDetector
 from aqrcmt.inference import load_detector_from_checkpoint
@@ -22,8 +25,9 @@ from aqrcmt.models import build_model
 from aqrcmt.presets import load_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-# fp32: max |difference| of scores, and of box parameters (m, rad, m/s) relative to max(1, |value|): fp32 holds
-# about 7 significant digits, so a 50 m centre is exact to ~4e-6 m per rounding.
+# fp32: max |difference| of scores, and of box parameters (m, rad, m/s) relative to max(1, |value|): centres are
+# sigmoid(logit) * 108 m - 54 m, so at the released sizes eager fp32 already differs from itself on another thread
+# count by nearly 1e-4 m (docs/deployment.md, "fp32's own floor"; bench/export_fp32_floor.py).
 TOLERANCE = 1e-4
 PRESETS = ("tiny", "tiny_aqr")
 
@@ -133,6 +137,39 @@ def test_released_size_exports_equal_eager(preset: str, cases: tuple[str, ...], 
     found = _parity(checkpoint, tmp_path / "export", cases)
     for key, d in found.items():
         assert d["scores"] <= TOLERANCE and d["boxes_relative"] <= TOLERANCE, (key, d)
+
+
+def _bench_module(name: str):
+    """A script of bench/ as a module (bench/ is not importable from tests/)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module                          # its dataclasses look their module up while defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fp32_floor_measures_against_a_float64_run() -> None:
+    """bench/export_fp32_floor.py: the tapped graph returns DenseGraph's outputs and then its taps, and its
+    float64 run computes in float64 throughout, near eager fp32 but not equal to it."""
+    floor = _bench_module("export_fp32_floor")
+    torch.manual_seed(0)
+    detector = build_model(load_config("tiny").model).eval()
+    inputs = sample_inputs(detector)
+    exact = floor.TappedGraph(copy.deepcopy(detector).double())
+    graph = floor.TappedGraph(detector)
+    with torch.no_grad():
+        plain, tapped = DenseGraph(detector)(*inputs), graph(*inputs)
+        with floor.Float64():
+            exact_outputs = exact(*inputs)
+    assert [tap.name for tap in graph.taps] == [tap.name for tap in floor.TAPS]     # tiny has every tapped module
+    assert len(tapped) == len(plain) + len(floor.TAPS) and not graph.captured
+    for a, b in zip(plain, tapped):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert {t.dtype for t in exact_outputs if t.is_floating_point()} == {torch.float64}
+    differences = floor.output_differences(exact_outputs, tuple(t.double() if t.is_floating_point() else t
+                                                                for t in tapped))
+    assert len(differences) == 1 + len(floor.BOX_GROUPS)
+    assert 0 < differences[1] <= TOLERANCE and max(differences) <= TOLERANCE, differences
 
 
 # fp16 (the backbones and necks in float16): the exported program against the eager fp16 model differs only by
