@@ -31,11 +31,11 @@ def plain() -> dict[str, int]:
     return saved_bytes()
 
 
-def test_every_part_saves_and_the_groups_partition_the_total(plain) -> None:
+def test_every_trained_part_saves_and_voxelization_does_not(plain) -> None:
     for group in ("sparse encoder", "SECOND", "SECOND-FPN", "image backbone", "image neck", "head: decoder",
                   "head: embeddings, task heads", LOSSES):
         assert plain.get(group, 0) > 0, group
-    assert sum(plain.values()) == sum(saved_bytes().values())     # deterministic, each storage charged once
+    assert "voxelization" not in plain             # the points need no gradient: nothing is saved for them
 
 
 def test_module_groups_by_state_dict_name() -> None:
@@ -63,7 +63,7 @@ def test_batch_of_two_saves_about_twice(plain) -> None:
 def test_dropping_the_saved_tensors_counts_about_the_same(plain) -> None:
     dropped = saved_bytes(keep=False)
     assert dropped["SECOND"] == plain["SECOND"] and dropped["image backbone"] == plain["image backbone"]
-    assert sum(plain.values()) <= sum(dropped.values()) < 1.1 * sum(plain.values())
+    assert abs(sum(dropped.values()) - sum(plain.values())) < 0.02 * sum(plain.values())
 
 
 def test_aqr_is_charged_to_its_own_group() -> None:

@@ -8,7 +8,7 @@ before the forward (parameters, buffers, the batch) are not charged. Two modes:
 - ``keep=True``: the saved tensors stay in the graph (a backward can follow); :meth:`SavedTensorLedger.bytes_by_group`
   counts those still held by the graph, i.e. the activation memory alive when the backward starts.
 - ``keep=False``: each saved tensor is dropped at once (no backward possible), so a forward too large to hold
-  its activations can still be counted; a storage is charged once while any tensor on it is alive.
+  its activations can still be counted; a storage is charged once while it is alive.
 
 Not seen by the hooks: what an autograd Function keeps as plain ``ctx`` attributes (spconv's index pairs) and the
 inputs a ``torch.utils.checkpoint`` segment keeps for its recomputation (those appear in a measured peak only).
@@ -68,7 +68,7 @@ class SavedTensorLedger:
         self.excluded = {storage_key(t)[0] for t in (*root.parameters(), *root.buffers(), *existing)}
         self.stack: list[str] = []
         self.records: list[tuple[int, int, str, weakref.ref]] = []    # (address, bytes, group, holder)
-        self.alive: dict[int, weakref.ref] = {}                       # keep=False: address -> a tensor on it
+        self.alive: dict[int, weakref.ref] = {}                       # keep=False: address -> its storage
         self.handles: list = []
         self.hooks: Optional[torch.autograd.graph.saved_tensors_hooks] = None
 
@@ -85,7 +85,8 @@ class SavedTensorLedger:
         return module_group(self.stack[-1])
 
     def _pack(self, tensor: Tensor):
-        address, nbytes = storage_key(tensor)
+        storage = tensor.untyped_storage()
+        address, nbytes = storage.data_ptr(), storage.nbytes()
         if address == 0 or address in self.excluded:
             return tensor
         if self.keep:
@@ -94,8 +95,8 @@ class SavedTensorLedger:
             return held
         previous = self.alive.get(address)
         if previous is None or previous() is None:            # a new storage (or a freed address reused)
-            self.records.append((address, nbytes, self.group(), weakref.ref(tensor)))
-            self.alive[address] = weakref.ref(tensor)
+            self.alive[address] = weakref.ref(storage)         # alive while any tensor views it
+            self.records.append((address, nbytes, self.group(), self.alive[address]))
         return None
 
     @staticmethod
