@@ -169,14 +169,17 @@ def model_state(result: dict) -> tuple[int, int]:
 def gpu_estimate(result: dict, batch_size: int) -> tuple[float, bool]:
     """GiB per GPU at `batch_size` under bf16/fp16 autocast, and whether the backward's transient is included.
 
-    params (fp32) + gradients and AdamW state (fp32) + batch_size x (the 16-bit saved bytes + the measured fp32
-    transient of the backward scaled by the 16-bit/fp32 ratio of the saved bytes).
+    params (fp32) + gradients and AdamW state (fp32) + batch_size x (the 16-bit saved bytes without the CPU-only
+    attention matrices + the measured fp32 transient of the backward scaled by the 16-bit/fp32 ratio of the saved
+    bytes, both without those matrices).
     """
     params, state = model_state(result)
-    saved32, saved16 = sum(result["saved_fp32"].values()), sum(result["saved_bf16"].values())
+    attention = cpu_attention_bytes(load_config(result["preset"]).model)
+    saved32 = sum(result["saved_fp32"].values())
+    saved16 = sum(result["saved_bf16"].values()) - attention
     transient = 0.0
     if "peak_bytes" in result:
-        transient = max(0.0, result["peak_bytes"] - state - saved32) * saved16 / saved32
+        transient = max(0.0, result["peak_bytes"] - state - saved32) * saved16 / (saved32 - attention)
     return (params + state + batch_size * (saved16 + transient)) / GIB, "peak_bytes" in result
 
 
