@@ -184,8 +184,8 @@ def gpu_estimate(result: dict, batch_size: int) -> tuple[float, bool]:
 
 
 def by_module_table(result: dict, variants: dict[str, dict]) -> list[str]:
-    params_header = "| module | params (MiB) | grads + AdamW (MiB) | saved fp32 (MiB) | saved bf16 autocast (MiB) |"
-    header = params_header + "".join(f" saved, {name} (MiB) |" for name in variants)
+    header = "| module | params (MiB) | grads + AdamW (MiB) | saved fp32 (MiB) | saved bf16 autocast (MiB) |"
+    header += "".join(f" saved, {name} (MiB) |" for name in variants)
     lines = [header, "|" + "---|" * (5 + len(variants))]
     totals = [0.0] * (4 + len(variants))
     for group in GROUPS:
@@ -203,7 +203,7 @@ def by_module_table(result: dict, variants: dict[str, dict]) -> list[str]:
 
 def markdown(results: dict[str, dict], checkpointing: dict[str, dict[str, dict]], command: str,
              limit_gib: float) -> str:
-    lines = [f"# Memory plan of a training step, CPU (bench/memory_plan.py)", "",
+    lines = ["# Memory plan of a training step, CPU (bench/memory_plan.py)", "",
              f"Command: `{command}`. CPU: {cpu_model()}, "
              f"torch {torch.__version__}, one intra-op thread, each run in a fresh process limited to "
              f"{limit_gib:g} GiB of address space. Batch 1, fp32, {POINTS:,} points ({SWEEPS} sweeps), "
@@ -256,7 +256,8 @@ def markdown(results: dict[str, dict], checkpointing: dict[str, dict[str, dict]]
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
-    parser.add_argument("--checkpointing", nargs="*", choices=PRESETS, default=["cmt_voxel0100_r50_800x320_cbgs"],
+    parser.add_argument("--checkpointing", nargs="*", choices=PRESETS,
+                        default=["cmt_voxel0100_r50_800x320_cbgs", "cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs"],
                         help="presets also measured with model.camera / model.head checkpointing")
     parser.add_argument("--limit-gib", type=float, default=18.0, help="address-space limit of each run (GiB)")
     parser.add_argument("--cache", type=Path, default=None, help="keep each run's JSON here and reuse it")
