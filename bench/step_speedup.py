@@ -1,6 +1,7 @@
 """The tiny training step of this tree against another revision's, in one run on one machine.
 
     python bench/step_speedup.py --base 9fe5196 --out bench/results/step_speedup_cpu.md [--config tiny_aqr_recommended]
+                                 [--set model.head.local_attention_sigmas=3]
 
 Checks `--base` out into a temporary git worktree and times the same training step (loss forward + backward + clip
 + AdamW on collated batches of the synthetic nuScenes, data loading excluded, one intra-op thread) with each tree's
@@ -24,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def time_steps(root: str, config: str, steps: int) -> list[float]:
+def time_steps(root: str, config: str, steps: int, overrides: list[str]) -> list[float]:
     """Seconds per step of `steps` training steps (after one warm-up step) with the importable `aqrcmt`."""
     import torch
 
@@ -35,7 +36,7 @@ def time_steps(root: str, config: str, steps: int) -> list[float]:
     from aqrcmt.training.optim import freeze_and_build_optimizer
 
     torch.set_num_threads(1)
-    cfg = load_config(config, [f"data.root={root}", "data.version=v1.0-mini"])
+    cfg = load_config(config, [f"data.root={root}", "data.version=v1.0-mini", *overrides])
     loader = iter(build_dataloader(cfg, cfg.data.train_split, train=True))
     batches = [next(loader) for _ in range(steps + 1)]
     torch.manual_seed(0)
@@ -53,10 +54,13 @@ def time_steps(root: str, config: str, steps: int) -> list[float]:
     return times[1:]
 
 
-def run_worker(tree: Path, root: str, config: str, steps: int) -> list[float]:
+def run_worker(tree: Path, root: str, config: str, steps: int, overrides: list[str]) -> list[float]:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, __file__, "--worker", "--root", root, "--config", config,
-                          "--steps", str(steps)], env=env, cwd=tree, capture_output=True, text=True, check=True)
+    command = [sys.executable, __file__, "--worker", "--root", root, "--config", config, "--steps", str(steps)]
+    out = subprocess.run(command + [f"--set={item}" for item in overrides], env=env, cwd=tree, capture_output=True,
+                         text=True)
+    if out.returncode:
+        raise SystemExit(f"error: the step worker in {tree} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -68,10 +72,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed steps per process")
     p.add_argument("--out", help="markdown file to write")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for this tree only (an option the base may not have)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(time_steps(args.root, args.config, args.steps)))
+        print(json.dumps(time_steps(args.root, args.config, args.steps, args.set)))
         return 0
     if not args.base:
         p.error("--base is required")
@@ -87,8 +93,8 @@ def main() -> int:
         try:
             times: dict[str, list[float]] = {"base": [], "this tree": []}
             for _ in range(args.rounds):
-                for name, tree in (("base", base_tree), ("this tree", REPO)):
-                    times[name] += run_worker(tree, root, args.config, args.steps)
+                for name, tree, overrides in (("base", base_tree, []), ("this tree", REPO, args.set)):
+                    times[name] += run_worker(tree, root, args.config, args.steps, overrides)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)], check=True)
     median = {name: statistics.median(values) for name, values in times.items()}
@@ -96,9 +102,10 @@ def main() -> int:
                           text=True).stdout.strip()
     dirty = " (with uncommitted changes)" if subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD"]
                                                            ).returncode else ""
-    lines = [f"# Tiny training step: {head}{dirty} against {args.base}", "",
+    sets = "".join(f" --set {item}" for item in args.set)
+    lines = [f"# Tiny training step: {head}{dirty}{sets} against {args.base}", "",
              f"`python bench/step_speedup.py --base {args.base} --config {args.config} --rounds {args.rounds} "
-             f"--steps {args.steps}`; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"--steps {args.steps}{sets}`; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"one intra-op thread, {time.strftime('%Y-%m-%d')}; load average at the end "
              f"{os.getloadavg()[0]:.2f}. Alternating fresh processes, {args.rounds} x {args.steps} timed steps each.",
              "", "| tree | median s/step | min | max |", "|---|---|---|---|"]

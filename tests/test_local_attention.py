@@ -3,8 +3,6 @@ computed tile by tile; every token within the window is kept; the head's two pat
 config rules."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,8 +68,7 @@ def test_key_sets_hold_every_cell_within_the_window_and_the_views_that_see_the_q
 
 @pytest.mark.parametrize("with_lidar", [True, False], ids=["fusion", "camera_only"])
 def test_head_outputs_equal_with_tiles_and_with_the_dense_form(with_lidar):
-    head, cfg = tiny_head(with_lidar=with_lidar)
-    assert cfg.local_attention_sigmas > 0 and cfg.locality_sigma_bev > 0    # the tiny preset uses it
+    head, cfg = tiny_head(with_lidar=with_lidar, local_attention_sigmas=3.0)
     head.eval()
     inputs = tiny_inputs(head)
     with torch.no_grad():
@@ -87,7 +84,7 @@ def test_head_outputs_equal_with_tiles_and_with_the_dense_form(with_lidar):
 
 
 def test_local_attention_changes_the_head_less_than_the_prior_floor():
-    head, cfg = tiny_head()
+    head, cfg = tiny_head(local_attention_sigmas=3.0)
     inputs = tiny_inputs(head)
     head.eval()
     with torch.no_grad():
@@ -99,11 +96,12 @@ def test_local_attention_changes_the_head_less_than_the_prior_floor():
 
 
 def test_config_needs_the_prior():
-    load_config("tiny", ["model.head.local_attention_sigmas=0"])
+    local = ["model.head.local_attention_sigmas=3"]
+    assert load_config("tiny_aqr_recommended", local).model.head.local_attention_sigmas == 3.0
     with pytest.raises(ConfigError, match="model.head.local_attention_sigmas"):
-        load_config("tiny", ["model.head.locality_sigma_bev=0", "model.head.locality_sigma_camera=0"])
-    load_config("tiny", ["model.lidar.enabled=false"])                       # camera only: camera keys only
+        load_config("tiny", [*local, "model.head.locality_sigma_bev=0", "model.head.locality_sigma_camera=0"])
+    load_config("tiny", [*local, "model.lidar.enabled=false"])               # camera only: camera keys only
     with pytest.raises(ConfigError, match="model.head.local_attention_sigmas"):
         load_config("tiny", ["model.head.local_attention_sigmas=-1"])
-    assert load_config("cmt_voxel0100_r50_800x320_cbgs").model.head.local_attention_sigmas == 0   # release: dense
-    assert math.isclose(load_config("tiny_aqr_recommended").model.head.local_attention_sigmas, 3.0)
+    for preset in ("cmt_voxel0100_r50_800x320_cbgs", "tiny"):                 # dense unless asked for
+        assert load_config(preset).model.head.local_attention_sigmas == 0
