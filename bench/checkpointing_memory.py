@@ -28,16 +28,11 @@ from aqrcmt.atomic import atomic_write_bytes
 from aqrcmt.models.camera import build_image_backbone
 from aqrcmt.models.transformer import Decoder
 from aqrcmt.presets import load_config
+from aqrcmt.training.memory import resident_bytes
 
 SETTINGS = {"none": (False, False), "image backbone": (True, False), "decoder": (False, True),
             "both": (True, True)}            # name -> (model.camera.checkpointing, model.head.checkpointing)
 DENOISING_QUERIES = 300                      # 10 groups x 30 GT, as the device check's kernel sizes
-
-
-def resident_bytes() -> int:
-    """The process's resident memory now (Linux /proc)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize()
 
 
 class CameraPath(nn.Module):

@@ -33,7 +33,8 @@ from aqrcmt.models import build_model
 from aqrcmt.presets import load_config
 from aqrcmt.structures import Batch
 from aqrcmt.training.loop import LossModel
-from aqrcmt.training.memory import DETECTOR, LOSSES, MODULE_GROUPS, SavedTensorLedger, state_bytes_by_group
+from aqrcmt.training.memory import (DETECTOR, LOSSES, MODULE_GROUPS, SavedTensorLedger, resident_bytes,
+                                   state_bytes_by_group)
 from aqrcmt.training.optim import freeze_and_build_optimizer
 
 POINTS = 262_144                 # about 10 nuScenes sweeps
@@ -86,11 +87,6 @@ def cpu_model() -> str:
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
              if line.startswith("model name")]
     return f"{names[0] if names else platform.machine()}, {len(names)} logical cores"
-
-
-def resident_bytes() -> int:
-    """The process's resident memory now (Linux /proc)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
 def counted_forward(model: LossModel, batch: Batch, dtype: torch.dtype) -> dict[str, int]:

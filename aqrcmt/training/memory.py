@@ -15,8 +15,10 @@ inputs a ``torch.utils.checkpoint`` segment keeps for its recomputation (those a
 """
 from __future__ import annotations
 
+import resource
 import weakref
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
@@ -40,6 +42,11 @@ def module_group(name: str) -> str:
         if name == prefix or name.startswith(prefix + "."):
             return group
     return DETECTOR
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
 def storage_key(tensor: Tensor) -> tuple[int, int]:
