@@ -176,9 +176,14 @@ class AQRGeneratorConfig:
     # joint: one softmax over the BEV and camera windows (the fork); per_modality: a softmax per window, each
     # holding half the attention mass, so a blank modality stays visible to the weight head
     attention: Literal["joint", "per_modality"] = "joint"
+    # sensor_evidence: add to each query's logits what its modalities show over its whole BEV azimuth sector
+    # (of evidence_sectors around the sensor) and its camera view (aqrcmt.models.aqr.generator.SensorEvidence):
+    # the local windows alone do not tell a dropped LiDAR from an empty street
+    sensor_evidence: bool = False
+    evidence_sectors: int = 16
 
     def validate(self, key: str = "model.aqr.generator") -> None:
-        _positive(self, key, "num_heads", "ffn_dim", "camera_window", "bev_window")
+        _positive(self, key, "num_heads", "ffn_dim", "camera_window", "bev_window", "evidence_sectors")
         for name in ("camera_window", "bev_window"):
             _check(getattr(self, name) % 2 == 1, f"{key}.{name}", f"must be odd, got {getattr(self, name)}")
         _in_range(self, key, "dropout", 0.0, 1.0, high_open=True)
@@ -422,6 +427,11 @@ class OptimConfig:
     # Train the AQR module only: everything else frozen (no gradients, BatchNorm in eval mode), whatever lr_mults
     # say; needs model.aqr.enabled. False: end to end, as lr_mults say.
     train_only_aqr: bool = False
+    # Module prefixes whose BatchNorm layers keep their running statistics (eval mode) while their weights still
+    # train; ("",): every BatchNorm. For fine-tuning at small batches: in a batch of 2 in which one sample's LiDAR
+    # is dropped, batch statistics rescale both samples' BEV features, and a batch of two dropped samples is
+    # normalised back to the magnitude of a working LiDAR.
+    batchnorm_eval: tuple[str, ...] = ()
 
     def validate(self, key: str = "optim") -> None:
         _positive(self, key, "lr", "grad_accumulation")

@@ -66,6 +66,10 @@ EVAL_FAILURES: tuple[tuple[str, int, str], ...] = (
     ("object_failure", 2, "object failure (half)"),
 )
 assert {name for name, _, _ in EVAL_FAILURES} == set(FAILURES) and set(TRAIN_FAILURES) <= set(FAILURES)
+# Fine-tuning at batch 2 keeps every BatchNorm's statistics: batch statistics would rescale a batch's BEV features
+# by whether its other sample's LiDAR was dropped, and normalise a batch of two dropped samples back to the
+# magnitude of a working LiDAR (the router could not learn what a drop looks like).
+FINETUNE_BATCHNORM = ('optim.batchnorm_eval=[""]',)
 FAILURE_SPLIT = "val_failures"          # custom split of the benchmark: the val scenes the failures are scored on
 CONDITIONS_SPLIT = "all"                # custom split of the conditions benchmark: every scene
 SCORED_CONDITIONS = ("night", "rain", "clear")
@@ -82,6 +86,9 @@ class Arm:
 
 
 IDENTITY = "model.aqr.identity_start=true"
+# A supervised router sees each modality's evidence over its whole sector / view: its local windows alone do
+# not tell a dropped LiDAR from an empty street (docs/aqr_study.md, "Why the LiDAR weight did not route").
+SUPERVISED = (IDENTITY, "model.aqr.router_loss_weight={router}", "model.aqr.generator.sensor_evidence=true")
 ARMS: tuple[Arm, ...] = (
     Arm("control", "tiny", "plain CMT, fine-tuned on (no AQR)"),
     Arm("fork_original", "tiny_aqr_fork_original",
@@ -90,9 +97,9 @@ ARMS: tuple[Arm, ...] = (
     Arm("recommended", "tiny_aqr_recommended", "recommended (normalized kernel s2, convex r 0.5), end to end"),
     Arm("recommended_identity", "tiny_aqr_recommended", "recommended with identity start", (IDENTITY,)),
     Arm("supervised_frozen", "tiny_aqr_recommended", "identity start + router supervision, AQR trained alone",
-        (IDENTITY, "model.aqr.router_loss_weight={router}", "optim.train_only_aqr=true")),
+        (*SUPERVISED, "optim.train_only_aqr=true")),
     Arm("supervised_e2e", "tiny_aqr_recommended", "identity start + router supervision, end to end",
-        (IDENTITY, "model.aqr.router_loss_weight={router}")),
+        SUPERVISED),
 )
 ARM_NAMES = tuple(arm.name for arm in ARMS)
 
@@ -111,8 +118,8 @@ class StudyPlan:
     pretrain_steps: int = MAIN_JOB_STEPS
     finetune_steps: int = 100
     finetune_lr: float = 2e-4            # the fork's base learning rate, with its multipliers
-    aqr_lr_mult: float = 5.0             # the AQR module's multiplier (the fork's: 1)
-    router_loss_weight: float = 1.0
+    aqr_lr_mult: float = 50.0            # the AQR module's multiplier (the fork's: 1): a new module, trained at 1e-2
+    router_loss_weight: float = 20.0
     robustness_corruptions: tuple[str, ...] = tuple(c for c in CORRUPTIONS if c not in FAILURES)
     robustness_severity: int = 2
     overrides: tuple[str, ...] = ()      # config overrides applied to every arm after its own (``--set``)
@@ -234,7 +241,8 @@ def arm_config(plan: StudyPlan, arm: Arm, seed: int, data_root: Path, run_dir: P
     return load_config(arm.preset, [*_base_overrides(plan, data_root, run_dir, seed),
                                     f"data.augment.failures={json.dumps(TRAIN_FAILURE_PROBABILITIES)}",
                                     f"train.max_steps={plan.finetune_steps}", f"optim.lr={plan.finetune_lr}",
-                                    f"optim.lr_mults={json.dumps(lr_mults)}", *overrides, *plan.overrides])
+                                    f"optim.lr_mults={json.dumps(lr_mults)}", *FINETUNE_BATCHNORM, *overrides,
+                                    *plan.overrides])
 
 
 def run_arm(plan: StudyPlan, arm: Arm, seed: int, data_root: Path, conditions_root: Path, weights: Path,
@@ -448,7 +456,8 @@ def report_markdown(plan: StudyPlan, pretrain_cfg: Config, pretrained: dict, res
         f"Pretrained: plain `{pretrain_cfg.name}` CMT with ModalMask3D, {plan.pretrain_steps} steps, written as an "
         "official `.pth` and converted back.",
         f"Every arm and seed ({', '.join(map(str, plan.seeds))}): {plan.finetune_steps} steps at lr "
-        f"{plan.finetune_lr:g} with the AQR fork's multipliers (backbones frozen; AQR x{plan.aqr_lr_mult:g}), "
+        f"{plan.finetune_lr:g} with the AQR fork's multipliers (backbones frozen; AQR x{plan.aqr_lr_mult:g}) and "
+        "every BatchNorm's statistics fixed, "
         f"failure-aware data: ModalMask3D and {json.dumps(TRAIN_FAILURE_PROBABILITIES)} per sample. Failures "
         f"trained on: {', '.join(trained)}; held out: {', '.join(held_out)}. Router supervision weight "
         f"{plan.router_loss_weight:g}.",

@@ -156,3 +156,40 @@ def test_per_modality_attention_of_a_query_no_camera_sees_uses_half_its_bev_wind
     torch.testing.assert_close(out[0, 0], 0.5 * (alone[0, 0] + bias), rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert torch.isfinite(query.grad).all() and query.grad[0, 0].abs().sum() > 0
+
+
+def test_sensor_evidence_starts_at_zero_and_learns():
+    """Off or freshly on, the weights are the same (identity start stays exact); the offset layer gets gradient."""
+    cfg = AQRGeneratorConfig(num_heads=4, ffn_dim=32, dropout=0.0, camera_window=3, bev_window=3)
+    torch.manual_seed(0)
+    plain = AQRWeightGenerator(cfg, C, identity_start=True).eval()
+    torch.manual_seed(0)
+    with_evidence = AQRWeightGenerator(AQRGeneratorConfig(**{**vars(cfg), "sensor_evidence": True}), C,
+                                       identity_start=True, sensor_pixel=(3.0, 3.5)).eval()
+    inputs = _inputs()
+    lidar_w, camera_w = with_evidence(*inputs)
+    assert torch.equal(torch.stack([lidar_w, camera_w]), torch.stack(plain(*inputs)))
+    assert torch.all(lidar_w == 1.0) and torch.all(camera_w == 1.0)
+    (lidar_w - 2 * camera_w).sum().backward()
+    assert with_evidence.weight_predictor.weight.grad.abs().max() > 0      # the head sees the evidence at once
+    with pytest.raises(ValueError, match="sensor_pixel"):
+        AQRWeightGenerator(AQRGeneratorConfig(sensor_evidence=True), C)
+
+
+def test_sensor_evidence_measures_the_query_sector_and_view():
+    """A LiDAR that returns only in one sector and a camera that sees only in one view: each query's evidence is
+    log(1 + the mean norm there) where it looks, 0 elsewhere."""
+    from aqrcmt.models.aqr.generator import SensorEvidence
+    evidence = SensorEvidence(C, sectors=4, sensor_pixel=(3.0, 3.5))        # sector 2: 0..90 deg (dy, dx >= 0)
+    bev_x = torch.zeros(1, C, *BEV)
+    bev_x[0, 0, 3:, 4:] = 2.0                                              # every cell of sector 2, norm 2
+    cam_x = torch.zeros(V, C, *CAM)
+    cam_x[1, 0] = 3.0                                                      # view 1 sees norm 3 everywhere
+    bev_coords = torch.tensor([[[5.0, 6.0], [1.0, 1.0], [5.0, 1.0]]])     # sector 2, sector 0, sector 3
+    view, seen = torch.tensor([[1, 0, 1]]), torch.tensor([[True, True, False]])
+    offsets = evidence.measure(bev_x, cam_x, bev_coords, view, seen)
+    rows, cols = torch.meshgrid(torch.arange(BEV[0]) + 0.5 - 3.0, torch.arange(BEV[1]) + 0.5 - 3.5, indexing="ij")
+    assert (evidence.sector_of(rows, cols) == 2).sum() == 9                 # exactly the filled cells
+    expected_lidar = torch.tensor([2.0, 0.0, 0.0]).log1p()
+    torch.testing.assert_close(offsets[0, :, 0], expected_lidar)
+    torch.testing.assert_close(offsets[0, :, 1], torch.tensor([3.0, 0.0, 0.0]).log1p())

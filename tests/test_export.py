@@ -48,7 +48,10 @@ def _checkpoint(preset: str, folder: Path, overrides: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("checkpoints")
-    return {preset: _checkpoint(preset, folder, [f"data.root={synthetic_root}", "data.sweeps=1"])
+    # tiny_aqr with the router's sensor evidence (atan2, one-hot, gather) in the graph too
+    extra = {"tiny_aqr": ["model.aqr.generator.sensor_evidence=true"]}
+    return {preset: _checkpoint(preset, folder,
+                                [f"data.root={synthetic_root}", "data.sweeps=1", *extra.get(preset, [])])
             for preset in PRESETS}
 
 

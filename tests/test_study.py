@@ -102,7 +102,7 @@ def test_pretrained_weights_of_another_config_are_refused(quick_study: Path, tmp
 
 
 @pytest.mark.parametrize("option, value", [("--finetune-steps", "0"), ("--router-loss-weight", "-1"),
-                                           ("--router-loss-weight", "nan")])
+                                           ("--router-loss-weight", "nan"), ("--aqr-lr-mult", "0")])
 def test_bad_plan_options_are_refused(tmp_path, capsys, option, value):
     assert main(["study", "--out", str(tmp_path / "s"), "--quick", option, value]) == 2
     err = capsys.readouterr().err
@@ -114,7 +114,8 @@ def test_plan_options_reach_the_plan(tmp_path, monkeypatch):
     plans = []
     monkeypatch.setattr(study_tool, "run_study", lambda plan: plans.append(plan) or tmp_path / "report.md")
     assert main(["study", "--out", str(tmp_path / "s"), "--arms", "supervised_e2e", "--seeds", "0",
-                 "--finetune-steps", "300", "--router-loss-weight", "20", "--no-corruptions"]) == 0
+                 "--finetune-steps", "300", "--router-loss-weight", "5", "--aqr-lr-mult", "25",
+                 "--no-corruptions"]) == 0
     (plan,) = plans
-    assert (plan.arms, plan.seeds, plan.finetune_steps, plan.router_loss_weight, plan.robustness_corruptions) == \
-        (("supervised_e2e",), (0,), 300, 20.0, ())
+    assert (plan.arms, plan.seeds, plan.finetune_steps, plan.router_loss_weight, plan.aqr_lr_mult,
+            plan.robustness_corruptions) == (("supervised_e2e",), (0,), 300, 5.0, 25.0, ())

@@ -58,6 +58,19 @@ def test_zero_multiplier_freezes_module_and_keeps_its_batchnorm_in_eval():
                                                                           "pts_bbox_head": 0}))
 
 
+def test_batchnorm_eval_keeps_statistics_while_weights_train():
+    model = _toy_detector()
+    model.pts_bbox_head.shared_conv = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    opt = freeze_and_build_optimizer(model, OptimConfig(lr_mults={}, batchnorm_eval=("pts_bbox_head",)))
+    norm = model.pts_bbox_head.shared_conv[1]
+    assert not model.train().pts_bbox_head.shared_conv[1].training and model.img_backbone[1].training
+    norm(torch.randn(2, 4, 3, 3) * 5 + 3)
+    assert torch.equal(norm.running_mean, torch.zeros(4)) and torch.equal(norm.running_var, torch.ones(4))
+    assert any(norm.weight is p for g in opt.param_groups for p in g["params"])      # its affine weights train
+    with pytest.raises(ConfigError, match="'optim.batchnorm_eval': 'pts_head' names no module"):
+        freeze_and_build_optimizer(_toy_detector(), OptimConfig(lr_mults={}, batchnorm_eval=("pts_head",)))
+
+
 def test_frozen_prefixes_are_the_zero_multipliers_and_nothing_trains_inside_them():
     cfg = OptimConfig(lr_mults={"img_backbone": 0.0, "pts_backbone": 0, "img_neck": 0.1})
     assert frozen_module_prefixes(cfg) == ["img_backbone", "pts_backbone"]

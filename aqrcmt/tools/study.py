@@ -3,7 +3,7 @@
     aqrcmt study --out study/            # the full study (docs/aqr_study.md)
     aqrcmt study --out study/ --quick    # every arm for a few steps on one seed (the end-to-end check)
     aqrcmt study --out study/ --arms control supervised_frozen --seeds 0 1
-    aqrcmt study --out probe/ --arms supervised_e2e --seeds 0 --router-loss-weight 20 --finetune-steps 300 --no-corruptions
+    aqrcmt study --out probe/ --arms supervised_e2e --seeds 0 --router-loss-weight 5 --aqr-lr-mult 25 --no-corruptions
     aqrcmt study --out probe/ --arms supervised_e2e --seeds 0 --set model.aqr.generator.attention=per_modality
 """
 from __future__ import annotations
@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-steps", type=int, default=None, metavar="N",
                         help="fine-tuning steps of every arm and seed (default: 100; --quick: 4)")
     parser.add_argument("--router-loss-weight", type=float, default=None, metavar="W",
-                        help="router supervision weight of the supervised arms (default: 1)")
+                        help="router supervision weight of the supervised arms (default: 20)")
+    parser.add_argument("--aqr-lr-mult", type=float, default=None, metavar="M",
+                        help="learning-rate multiplier of the AQR module in every AQR arm (default: 50)")
     parser.add_argument("--no-corruptions", action="store_true",
                         help="leave out the corruption table (mRA of the control and the best arm)")
     add_set_option(parser)
@@ -49,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--seeds must name distinct seeds, got {args.seeds}")
     if args.finetune_steps is not None and args.finetune_steps < 1:
         raise CommandError(f"--finetune-steps must be >= 1, got {args.finetune_steps}")
-    if args.router_loss_weight is not None and not (math.isfinite(args.router_loss_weight)
-                                                    and args.router_loss_weight > 0):
-        raise CommandError(f"--router-loss-weight must be a finite number > 0, got {args.router_loss_weight}")
+    for option, value in (("--router-loss-weight", args.router_loss_weight), ("--aqr-lr-mult", args.aqr_lr_mult)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise CommandError(f"{option} must be a finite number > 0, got {value}")
     for arm in ARMS:    # a bad --set is refused before anything is written
         try:
             load_config(arm.preset, args.set)
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--set: {err}") from None
     plan = StudyPlan.quick(out, tuple(args.arms)) if args.quick else StudyPlan(out=out, arms=tuple(args.arms))
     changes = {"seeds": None if args.seeds is None else tuple(args.seeds), "finetune_steps": args.finetune_steps,
-               "router_loss_weight": args.router_loss_weight,
+               "router_loss_weight": args.router_loss_weight, "aqr_lr_mult": args.aqr_lr_mult,
                "robustness_corruptions": () if args.no_corruptions else None, "overrides": tuple(args.set) or None}
     plan = dataclasses.replace(plan, **{key: value for key, value in changes.items() if value is not None})
     report = run_study(plan)

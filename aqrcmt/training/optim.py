@@ -67,7 +67,8 @@ def frozen_module_prefixes(cfg: OptimConfig) -> list[str]:
 
 def freeze_and_build_optimizer(model: FreezableModule, cfg: OptimConfig) -> torch.optim.AdamW:
     """Freeze the lr_mult-0 modules (and, with ``cfg.train_only_aqr``, everything outside AQR) with
-    ``model.freeze`` and build AdamW over the rest, one param group per multiplier pair.
+    ``model.freeze``, keep the BatchNorm statistics below ``cfg.batchnorm_eval`` fixed, and build AdamW over the
+    rest, one param group per multiplier pair.
 
     Each group records its ``base_lr`` (``cfg.lr * lr_mult``) for the schedules.
     """
@@ -75,6 +76,11 @@ def freeze_and_build_optimizer(model: FreezableModule, cfg: OptimConfig) -> torc
     if cfg.train_only_aqr:
         frozen += prefixes_outside(model, AQR_PREFIX.rstrip("."))
     model.freeze(frozen)
+    modules = [name for name, _ in model.named_modules()]
+    for prefix in cfg.batchnorm_eval:
+        if not any(is_under(name, prefix) for name in modules):
+            raise ConfigError(f"config field 'optim.batchnorm_eval': {prefix!r} names no module of the model")
+    model.keep_batchnorm_eval(cfg.batchnorm_eval)
     params = dict(model.named_parameters())
     param_groups = []
     for spec in group_parameters(model, cfg).values():

@@ -5,8 +5,10 @@ fork. Each query attends only to a ``bev_window`` x ``bev_window`` window of the
 and a ``camera_window`` x ``camera_window`` window of the first camera map that sees it (15 x 15 and 5 x 5 in
 the fork). Instead of a (Q x 56400) attention mask the windows are *gathered*: each query picks its
 K = bev_window^2 + camera_window^2 keys by index (the key/value projections are folded into the query side,
-see LocalCrossAttention), with window cells outside a map (or queries seen by no camera) masked out. A Linear(C, 2) and a sigmoid (bias 2.0, weights start near 0.88) or tanh (the fork's later variant,
-bias 1.5) give the two weights.
+see LocalCrossAttention), with window cells outside a map (or queries seen by no camera) masked out. A
+Linear(C, 2) and a sigmoid (bias 2.0, weights start near 0.88) or tanh (the fork's later variant, bias 1.5)
+give the two weights. With ``sensor_evidence`` (:class:`SensorEvidence`) each query also sees how
+strongly each modality responds where it looks, measured over its whole BEV sector and camera view.
 
 Parameter names follow the fork (``encoder.layers.0.attentions.0.attn.in_proj_weight``,
 ``encoder.layers.0.ffns.0.layers.0.0.weight``, ``encoder.post_norm``, ``weight_predictor``,
@@ -15,6 +17,8 @@ Parameter names follow the fork (``encoder.layers.0.attentions.0.attn.in_proj_we
 from __future__ import annotations
 
 from typing import Optional
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -175,13 +179,73 @@ class LocalDecoder(nn.Module):
         return self.post_norm(target)
 
 
+class SensorEvidence(nn.Module):
+    """How much signal each query's modalities carry where it looks, embedded beside the query's features.
+
+    Per query: log(1 + mean feature norm) of the BEV cells in its azimuth sector (``sectors`` equal sectors around
+    the sensor) and of the camera view that sees it first (0 when none does). A dropped LiDAR, or the sectors a
+    narrowed field of view leaves empty, shrink the BEV norms (a dropped LiDAR to about a quarter on the tiny
+    benchmark); a dropped view leaves black-image features. The local windows alone cannot tell a dropped LiDAR
+    from an empty street: their camera tokens are several times larger than the BEV tokens, and the decoder's
+    LayerNorms remove what is left of a difference in BEV magnitude. A Linear(2, C) embeds the two log norms;
+    the generator adds the embedding to the decoded query features, so the weight head (C inputs, not 2) can
+    move the weights within a short fine-tuning, and identity start (a zero weight head) stays exact. The norms
+    are measurements of the sensors, not trained through (detached).
+
+    sensor_pixel: (y, x) continuous BEV pixel of the sensor (the LiDAR origin) on the map.
+    """
+
+    def __init__(self, dim: int, sectors: int, sensor_pixel: tuple[float, float]):
+        super().__init__()
+        self.sectors = sectors
+        self.sensor_pixel = sensor_pixel
+        self.embed = nn.Linear(2, dim)
+        # the scale of the LayerNorm'ed features it joins (unit variance per channel and unit of log norm): a
+        # drop's change of ~1 in log norm then moves every channel by ~1, which the weight head can use within
+        # a short fine-tuning (with the default Linear init of fan-in 2 it would move them ~3x less)
+        nn.init.normal_(self.embed.weight)
+        nn.init.zeros_(self.embed.bias)
+
+    def sector_of(self, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """Azimuth sector (int64, 0 .. sectors - 1) of BEV pixel offsets (dy, dx) from the sensor."""
+        turn = (torch.atan2(dy, dx) + math.pi) / (2 * math.pi)
+        return (turn * self.sectors).floor().long().clamp(0, self.sectors - 1)
+
+    def measure(self, bev_features: torch.Tensor, camera_features: torch.Tensor, bev_coords: torch.Tensor,
+                view: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """bev_features (B, C, H, W); camera_features (B*V, C, h, w); bev_coords (B, Q, 2) (y, x) pixels;
+        view / seen (B, Q) the first view that sees each query and whether any does.
+        Returns (B, Q, 2) float32: log(1 + mean norm) of the query's BEV sector and camera view."""
+        b, _, height, width = bev_features.shape
+        sensor_y, sensor_x = self.sensor_pixel
+        rows = torch.arange(height, device=bev_features.device, dtype=torch.float32) + 0.5 - sensor_y
+        cols = torch.arange(width, device=bev_features.device, dtype=torch.float32) + 0.5 - sensor_x
+        cell_sector = self.sector_of(rows[:, None].expand(height, width), cols[None, :].expand(height, width))
+        members = F.one_hot(cell_sector.flatten(), self.sectors).float()                     # (HW, S)
+        cell_norm = bev_features.detach().float().norm(dim=1).flatten(1)                     # (B, HW)
+        sector_norm = (cell_norm @ members) / members.sum(0).clamp(min=1.0)                  # (B, S)
+        query_sector = self.sector_of(bev_coords[..., 0] - sensor_y, bev_coords[..., 1] - sensor_x)
+        lidar = sector_norm.gather(1, query_sector)                                          # (B, Q)
+        view_norm = camera_features.detach().float().norm(dim=1).flatten(1).mean(1).view(b, -1)   # (B, V)
+        camera = view_norm.gather(1, view) * seen
+        return torch.stack([lidar, camera], dim=-1).log1p()
+
+    def forward(self, bev_features: torch.Tensor, camera_features: torch.Tensor, bev_coords: torch.Tensor,
+                view: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """(B, Q, C) embedding of :meth:`measure`'s evidence (same arguments)."""
+        evidence = self.measure(bev_features, camera_features, bev_coords, view, seen)
+        return self.embed(evidence.to(self.embed.weight.dtype))
+
+
 class AQRWeightGenerator(nn.Module):
     """Per-query (LiDAR weight, camera weight) from local BEV and camera windows.
 
-    dim: feature/embedding width C (the head's hidden_dim).
+    dim: feature/embedding width C (the head's hidden_dim); sensor_pixel: (y, x) BEV pixel of the LiDAR origin
+    (needed with ``cfg.sensor_evidence``).
     """
 
-    def __init__(self, cfg: AQRGeneratorConfig, dim: int, identity_start: bool = False):
+    def __init__(self, cfg: AQRGeneratorConfig, dim: int, identity_start: bool = False,
+                 sensor_pixel: Optional[tuple[float, float]] = None):
         super().__init__()
         self.cfg = cfg
         self.encoder = LocalDecoder(dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
@@ -202,6 +266,11 @@ class AQRWeightGenerator(nn.Module):
         if not cfg.use_type_embed:    # kept for the fork's checkpoint names; unused, so frozen (DDP needs grads)
             self.bev_type_embed.requires_grad_(False)
             self.rv_type_embed.requires_grad_(False)
+        self.evidence = None
+        if cfg.sensor_evidence:
+            if sensor_pixel is None:
+                raise ValueError("sensor_evidence needs the sensor's BEV pixel (sensor_pixel)")
+            self.evidence = SensorEvidence(dim, cfg.evidence_sectors, sensor_pixel)
 
     def forward(self, query_pos: torch.Tensor, bev_features: torch.Tensor, bev_pos: torch.Tensor,
                 camera_features: torch.Tensor, camera_pos: torch.Tensor, bev: Projection,
@@ -242,6 +311,9 @@ class AQRWeightGenerator(nn.Module):
         keep = torch.cat([bev_keep, cam_keep], dim=-1)
 
         split = self.cfg.bev_window ** 2 if self.cfg.attention == "per_modality" else None
-        logits = self.weight_predictor(self.encoder(query_pos, keys, values, index, keep, split))
+        features = self.encoder(query_pos, keys, values, index, keep, split)
+        if self.evidence is not None:
+            features = features + self.evidence(bev_features, camera_features, bev.coords[:, :, 0], view, seen)
+        logits = self.weight_predictor(features)
         weights = self.scale * torch.sigmoid(logits) if self.cfg.activation == "sigmoid" else torch.tanh(logits)
         return weights[..., 0], weights[..., 1]
