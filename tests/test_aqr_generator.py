@@ -193,3 +193,38 @@ def test_sensor_evidence_measures_the_query_sector_and_view():
     expected_lidar = torch.tensor([2.0, 0.0, 0.0]).log1p()
     torch.testing.assert_close(offsets[0, :, 0], expected_lidar)
     torch.testing.assert_close(offsets[0, :, 1], torch.tensor([3.0, 0.0, 0.0]).log1p())
+
+
+@pytest.mark.parametrize("evidence", [True, False])
+def test_a_supervised_router_learns_a_dropped_lidar_from_its_evidence(evidence):
+    """Samples whose BEV features are 4x weaker (a dropped LiDAR) beside strong camera features: trained against
+    targets 0 (dropped) / 1 (working) at the study's learning rate, the router separates them only with the
+    sensor evidence (in the windows the weak BEV tokens drown in the camera tokens and the LayerNorms)."""
+    cfg = AQRGeneratorConfig(num_heads=4, ffn_dim=32, dropout=0.0, camera_window=3, bev_window=3,
+                             sensor_evidence=evidence)
+    torch.manual_seed(0)
+    gen = AQRWeightGenerator(cfg, C, identity_start=True, sensor_pixel=(3.0, 3.5))
+    optimizer = torch.optim.Adam(gen.parameters(), lr=1e-2)
+
+    def batch(seed):
+        query_pos, bev_x, bev_pos, cam_x, cam_pos, bev, cameras = _inputs(batch=4, queries=8, seed=seed)
+        dropped = torch.tensor([True, False, True, False])
+        bev_x = torch.where(dropped[:, None, None, None], 0.25 * bev_x, bev_x)
+        return (query_pos, bev_x, bev_pos, 4.0 * cam_x, cam_pos, bev, cameras), dropped
+
+    for step in range(60):
+        inputs, dropped = batch(100 + step)
+        lidar_w, _ = gen(*inputs)
+        loss = ((lidar_w - (~dropped).float()[:, None]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        inputs, dropped = batch(7)
+        lidar_w, _ = gen(*inputs)
+    failed, intact = lidar_w[dropped].mean().item(), lidar_w[~dropped].mean().item()
+    print(f"evidence {evidence}: dropped {failed:.3f}, working {intact:.3f}")
+    if evidence:
+        assert failed <= 0.3 and intact >= 0.7
+    else:
+        assert failed > 0.3 or intact < 0.7
