@@ -176,9 +176,10 @@ class AQRGeneratorConfig:
     # joint: one softmax over the BEV and camera windows (the fork); per_modality: a softmax per window, each
     # holding half the attention mass, so a blank modality stays visible to the weight head
     attention: Literal["joint", "per_modality"] = "joint"
-    # sensor_evidence: add to each query's logits what its modalities show over its whole BEV azimuth sector
-    # (of evidence_sectors around the sensor) and its camera view (aqrcmt.models.aqr.generator.SensorEvidence):
-    # the local windows alone do not tell a dropped LiDAR from an empty street
+    # sensor_evidence: give each query, embedded beside its decoded features, what its modalities show over its
+    # whole BEV azimuth sector (of evidence_sectors around the sensor) and its camera view
+    # (aqrcmt.models.aqr.generator.SensorEvidence): the local windows alone do not tell a dropped LiDAR from an
+    # empty street
     sensor_evidence: bool = False
     evidence_sectors: int = 16
 

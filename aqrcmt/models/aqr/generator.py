@@ -16,9 +16,8 @@ Parameter names follow the fork (``encoder.layers.0.attentions.0.attn.in_proj_we
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
