@@ -165,14 +165,14 @@ def test_sensor_evidence_starts_at_zero_and_learns():
     plain = AQRWeightGenerator(cfg, C, identity_start=True).eval()
     torch.manual_seed(0)
     with_evidence = AQRWeightGenerator(AQRGeneratorConfig(**{**vars(cfg), "sensor_evidence": True}), C,
-                                       identity_start=True, sensor_pixel=(3.0, 3.5)).eval()
+                                       identity_start=True, bev_size=BEV, sensor_pixel=(3.0, 3.5)).eval()
     inputs = _inputs()
     lidar_w, camera_w = with_evidence(*inputs)
     assert torch.equal(torch.stack([lidar_w, camera_w]), torch.stack(plain(*inputs)))
     assert torch.all(lidar_w == 1.0) and torch.all(camera_w == 1.0)
     (lidar_w - 2 * camera_w).sum().backward()
     assert with_evidence.weight_predictor.weight.grad.abs().max() > 0      # the head sees the evidence at once
-    with pytest.raises(ValueError, match="sensor_pixel"):
+    with pytest.raises(ValueError, match="bev_size and sensor_pixel"):
         AQRWeightGenerator(AQRGeneratorConfig(sensor_evidence=True), C)
 
 
@@ -180,7 +180,7 @@ def test_sensor_evidence_measures_the_query_sector_and_view():
     """A LiDAR that returns only in one sector and a camera that sees only in one view: each query's evidence is
     log(1 + the mean norm there) where it looks, 0 elsewhere."""
     from aqrcmt.models.aqr.generator import SensorEvidence
-    evidence = SensorEvidence(C, sectors=4, sensor_pixel=(3.0, 3.5))        # sector 2: 0..90 deg (dy, dx >= 0)
+    evidence = SensorEvidence(C, sectors=4, bev_size=BEV, sensor_pixel=(3.0, 3.5))   # sector 2: 0..90 deg
     bev_x = torch.zeros(1, C, *BEV)
     bev_x[0, 0, 3:, 4:] = 2.0                                              # every cell of sector 2, norm 2
     cam_x = torch.zeros(V, C, *CAM)
@@ -203,7 +203,7 @@ def test_a_supervised_router_learns_a_dropped_lidar_from_its_evidence(evidence):
     cfg = AQRGeneratorConfig(num_heads=4, ffn_dim=32, dropout=0.0, camera_window=3, bev_window=3,
                              sensor_evidence=evidence)
     torch.manual_seed(0)
-    gen = AQRWeightGenerator(cfg, C, identity_start=True, sensor_pixel=(3.0, 3.5))
+    gen = AQRWeightGenerator(cfg, C, identity_start=True, bev_size=BEV, sensor_pixel=(3.0, 3.5))
     optimizer = torch.optim.Adam(gen.parameters(), lr=1e-2)
 
     def batch(seed):

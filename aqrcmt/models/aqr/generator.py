@@ -191,13 +191,21 @@ class SensorEvidence(nn.Module):
     move the weights within a short fine-tuning, and identity start (a zero weight head) stays exact. The norms
     are measurements of the sensors, not trained through (detached).
 
-    sensor_pixel: (y, x) continuous BEV pixel of the sensor (the LiDAR origin) on the map.
+    bev_size: (H, W) of the BEV map; sensor_pixel: (y, x) continuous BEV pixel of the sensor (the LiDAR origin).
     """
 
-    def __init__(self, dim: int, sectors: int, sensor_pixel: tuple[float, float]):
+    def __init__(self, dim: int, sectors: int, bev_size: tuple[int, int], sensor_pixel: tuple[float, float]):
         super().__init__()
         self.sectors = sectors
+        self.bev_size = tuple(bev_size)
         self.sensor_pixel = sensor_pixel
+        height, width = self.bev_size
+        rows = torch.arange(height, dtype=torch.float32) + 0.5 - sensor_pixel[0]
+        cols = torch.arange(width, dtype=torch.float32) + 0.5 - sensor_pixel[1]
+        cell_sector = self.sector_of(rows[:, None].expand(height, width), cols[None, :].expand(height, width))
+        members = F.one_hot(cell_sector.flatten(), sectors).float()                               # (HW, S)
+        # (HW, S) weights that average a map's cells over each sector; fixed by the geometry, so not saved
+        self.register_buffer("sector_mean", members / members.sum(0).clamp(min=1.0), persistent=False)
         self.embed = nn.Linear(2, dim)
         # the scale of the LayerNorm'ed features it joins (unit variance per channel and unit of log norm): a
         # drop's change of ~1 in log norm then moves every channel by ~1, which the weight head can use within
@@ -212,17 +220,13 @@ class SensorEvidence(nn.Module):
 
     def measure(self, bev_features: torch.Tensor, camera_features: torch.Tensor, bev_coords: torch.Tensor,
                 view: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """bev_features (B, C, H, W); camera_features (B*V, C, h, w); bev_coords (B, Q, 2) (y, x) pixels;
-        view / seen (B, Q) the first view that sees each query and whether any does.
+        """bev_features (B, C, H, W) on the map of `bev_size`; camera_features (B*V, C, h, w); bev_coords (B, Q, 2)
+        (y, x) pixels; view / seen (B, Q) the first view that sees each query and whether any does.
         Returns (B, Q, 2) float32: log(1 + mean norm) of the query's BEV sector and camera view."""
-        b, _, height, width = bev_features.shape
-        sensor_y, sensor_x = self.sensor_pixel
-        rows = torch.arange(height, device=bev_features.device, dtype=torch.float32) + 0.5 - sensor_y
-        cols = torch.arange(width, device=bev_features.device, dtype=torch.float32) + 0.5 - sensor_x
-        cell_sector = self.sector_of(rows[:, None].expand(height, width), cols[None, :].expand(height, width))
-        members = F.one_hot(cell_sector.flatten(), self.sectors).float()                     # (HW, S)
+        b = bev_features.shape[0]
         cell_norm = bev_features.detach().float().norm(dim=1).flatten(1)                     # (B, HW)
-        sector_norm = (cell_norm @ members) / members.sum(0).clamp(min=1.0)                  # (B, S)
+        sector_norm = cell_norm @ self.sector_mean.to(cell_norm)                             # (B, S)
+        sensor_y, sensor_x = self.sensor_pixel
         query_sector = self.sector_of(bev_coords[..., 0] - sensor_y, bev_coords[..., 1] - sensor_x)
         lidar = sector_norm.gather(1, query_sector)                                          # (B, Q)
         view_norm = camera_features.detach().float().norm(dim=1).flatten(1).mean(1).view(b, -1)   # (B, V)
@@ -239,12 +243,12 @@ class SensorEvidence(nn.Module):
 class AQRWeightGenerator(nn.Module):
     """Per-query (LiDAR weight, camera weight) from local BEV and camera windows.
 
-    dim: feature/embedding width C (the head's hidden_dim); sensor_pixel: (y, x) BEV pixel of the LiDAR origin
-    (needed with ``cfg.sensor_evidence``).
+    dim: feature/embedding width C (the head's hidden_dim); bev_size (H, W) and sensor_pixel ((y, x) BEV pixel of
+    the LiDAR origin): the BEV map's geometry, needed with ``cfg.sensor_evidence``.
     """
 
     def __init__(self, cfg: AQRGeneratorConfig, dim: int, identity_start: bool = False,
-                 sensor_pixel: Optional[tuple[float, float]] = None):
+                 bev_size: Optional[tuple[int, int]] = None, sensor_pixel: Optional[tuple[float, float]] = None):
         super().__init__()
         self.cfg = cfg
         self.encoder = LocalDecoder(dim, cfg.num_heads, cfg.ffn_dim, cfg.dropout)
@@ -267,9 +271,9 @@ class AQRWeightGenerator(nn.Module):
             self.rv_type_embed.requires_grad_(False)
         self.evidence = None
         if cfg.sensor_evidence:
-            if sensor_pixel is None:
-                raise ValueError("sensor_evidence needs the sensor's BEV pixel (sensor_pixel)")
-            self.evidence = SensorEvidence(dim, cfg.evidence_sectors, sensor_pixel)
+            if bev_size is None or sensor_pixel is None:
+                raise ValueError("sensor_evidence needs the BEV map's geometry (bev_size and sensor_pixel)")
+            self.evidence = SensorEvidence(dim, cfg.evidence_sectors, bev_size, sensor_pixel)
 
     def forward(self, query_pos: torch.Tensor, bev_features: torch.Tensor, bev_pos: torch.Tensor,
                 camera_features: torch.Tensor, camera_pos: torch.Tensor, bev: Projection,

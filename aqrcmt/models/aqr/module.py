@@ -53,7 +53,7 @@ class AQRModulation(nn.Module):
         x_min, y_min, _, x_max, y_max, _ = self.pc_range
         sensor_pixel = (-y_min / (y_max - y_min) * bev_size[0], -x_min / (x_max - x_min) * bev_size[1])
         self.weight_generator = AQRWeightGenerator(cfg.generator, head_cfg.hidden_dim, cfg.identity_start,
-                                                   sensor_pixel)
+                                                   self.bev_size, sensor_pixel)
         self.monitor = HealthMonitor()
         self.monitor_this_step = False
         self.last_routing: Optional[QueryRouting] = None       # detached, of the last forward (evaluations read it)
