@@ -83,9 +83,9 @@ class CameraConfig:
     grid_mask: bool = True
     grid_mask_prob: float = 0.7
     frozen_bn: bool = True                                 # norm_eval=True of the released configs
-    # Activation checkpointing of the image backbone in training: its activations are recomputed in the backward
-    # instead of kept (docs/benchmarks.md, "Memory"). With trainable BatchNorm (frozen_bn False) the recomputation
-    # updates the running statistics a second time.
+    # Activation checkpointing of the image backbone in training, block by block (the VoVNet stem, each OSA or
+    # ResNet block): only block inputs are kept, each block recomputed in the backward (docs/benchmarks.md,
+    # "Memory"). With trainable BatchNorm (frozen_bn False) the recomputation updates the running statistics twice.
     checkpointing: bool = False
 
     def validate(self, key: str = "model.camera") -> None:

@@ -52,7 +52,8 @@ PRESETS = {
     "cmt_camera_vov_1600x640_cbgs": (),
 }
 SETTINGS = {"plain": [], "camera ckpt": ["model.camera.checkpointing=true"],
-            "head ckpt": ["model.head.checkpointing=true"]}
+            "head ckpt": ["model.head.checkpointing=true"],
+            "camera + head ckpt": ["model.camera.checkpointing=true", "model.head.checkpointing=true"]}
 GROUPS = tuple(dict.fromkeys(group for _, group in MODULE_GROUPS)) + (DETECTOR, LOSSES)
 GIB, MIB = 2 ** 30, 2 ** 20
 ADAM_STATES = 2                  # exp_avg, exp_avg_sq per trainable parameter (fp32)
@@ -140,7 +141,7 @@ def run_worker(preset: str, setting: str, forward_only: bool, limit_gib: float) 
 
 def measure(preset: str, setting: str, limit_gib: float, cache: Optional[Path]) -> dict:
     """A cached result, or the step (falling back to the forward alone when the step does not fit)."""
-    path = cache / f"{preset}__{setting.replace(' ', '_')}.json" if cache else None
+    path = cache / f"{preset}__{'_'.join(setting.replace('+', ' ').split())}.json" if cache else None
     if path is not None and path.exists():
         return json.loads(path.read_text())
     result, error = run_worker(preset, setting, False, limit_gib)
@@ -243,9 +244,15 @@ def markdown(results: dict[str, dict], checkpointing: dict[str, dict[str, dict]]
                       "|---|---|---|---|---|"]
             for name, variant in {"plain": base, **variants}.items():
                 saved = sum(variant["saved_fp32"].values()) / GIB
-                lines.append(f"| {name} | {saved:.2f} | {variant['peak_bytes'] / GIB:.2f} | "
-                             f"{1 - variant['peak_bytes'] / base['peak_bytes']:.1%} | "
-                             f"{variant['step_s'] / base['step_s']:.2f} |")
+                if "peak_bytes" not in variant:
+                    lines.append(f"| {name} | {saved:.2f} | did not fit {limit_gib:g} GiB | - | - |")
+                elif "peak_bytes" not in base:
+                    lines.append(f"| {name} | {saved:.2f} | {variant['peak_bytes'] / GIB:.2f} | plain did not fit "
+                                 f"| - ({variant['step_s']:.0f} s) |")
+                else:
+                    lines.append(f"| {name} | {saved:.2f} | {variant['peak_bytes'] / GIB:.2f} | "
+                                 f"{1 - variant['peak_bytes'] / base['peak_bytes']:.1%} | "
+                                 f"{variant['step_s'] / base['step_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -253,8 +260,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
     parser.add_argument("--checkpointing", nargs="*", choices=PRESETS,
-                        default=["cmt_voxel0100_r50_800x320_cbgs", "cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs"],
-                        help="presets also measured with model.camera / model.head checkpointing")
+                        default=["cmt_voxel0100_r50_800x320_cbgs", "cmt_aqr_recommended_voxel0075_vov_1600x640_cbgs",
+                                 "cmt_voxel0075_vov_1600x640_cbgs", "cmt_camera_vov_1600x640_cbgs"],
+                        help="presets also measured with model.camera / model.head checkpointing (each alone; "
+                             "where the plain step does not fit: the camera's alone and both)")
     parser.add_argument("--limit-gib", type=float, default=18.0, help="address-space limit of each run (GiB)")
     parser.add_argument("--cache", type=Path, default=None, help="keep each run's JSON here and reuse it")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here")
@@ -272,8 +281,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             results[preset] = measure(preset, "plain", args.limit_gib, args.cache)
             print(preset, "plain done", flush=True)
             if preset in args.checkpointing:
+                # each option alone; where the plain step does not fit, the backbone's option alone and both
+                fits = "peak_bytes" in results[preset]
+                settings = ("camera ckpt", "head ckpt") if fits else ("camera ckpt", "camera + head ckpt")
                 checkpointing[preset] = {setting: measure(preset, setting, args.limit_gib, args.cache)
-                                         for setting in SETTINGS if setting != "plain"}
+                                         for setting in settings}
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -2,11 +2,17 @@
 state-dict keys, the same outputs and gradients in training, and no recomputation outside training."""
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from aqrcmt.config import CameraConfig
-from aqrcmt.models.camera import CheckpointedResNet, build_image_backbone
+from aqrcmt.models import camera
+from aqrcmt.models.camera import build_image_backbone, recompute_blocks_in_training
+from aqrcmt.models.resnet import BasicBlock
 from aqrcmt.models.transformer import Decoder
+from aqrcmt.models.vovnet import VoVNet, VoVNetSpec
 
 
 def outputs_and_grads(module: torch.nn.Module, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -18,18 +24,43 @@ def outputs_and_grads(module: torch.nn.Module, *inputs: torch.Tensor) -> list[to
     return [out.detach(), *grads]
 
 
-def test_checkpointed_backbone_is_the_same_module_with_the_same_gradients():
-    cfg = CameraConfig(backbone="tiny", backbone_out_channels=(32, 48), image_size=(64, 96), frozen_bn=False)
+def checkpointed_copy(plain: torch.nn.Module) -> torch.nn.Module:
+    recomputed = copy.deepcopy(plain)
+    recompute_blocks_in_training(recomputed)
+    return recomputed
+
+
+SMALL_VOVNET = VoVNetSpec(stem_channels=(8, 8, 16), stage_conv_channels=(8, 8, 8, 8),
+                          stage_out_channels=(16, 24, 32, 40), layers_per_block=2, blocks_per_stage=(1, 2, 1, 1))
+
+
+@pytest.mark.parametrize("make_plain, segments", [
+    (lambda: build_image_backbone(CameraConfig(backbone="tiny", backbone_out_channels=(32, 48), image_size=(64, 96),
+                                               frozen_bn=False)), 4),               # four BasicBlocks
+    (lambda: VoVNet(SMALL_VOVNET, frozen_bn=False), 1 + 5),                         # the stem and five OSA blocks
+], ids=["resnet", "vovnet"])
+def test_checkpointed_backbone_recomputes_each_block_with_the_same_gradients(make_plain, segments, monkeypatch):
     torch.manual_seed(0)
-    plain = build_image_backbone(cfg).train()
-    cfg.checkpointing = True
-    recomputed = build_image_backbone(cfg).train()
-    assert isinstance(recomputed, CheckpointedResNet) and not isinstance(plain, CheckpointedResNet)
+    plain = make_plain().train()
+    recomputed = checkpointed_copy(plain)
     assert list(recomputed.state_dict()) == list(plain.state_dict())
-    recomputed.load_state_dict(plain.state_dict())
+    calls = []
+    original = camera.checkpoint
+    monkeypatch.setattr(camera, "checkpoint", lambda fn, *args, **kw: calls.append(fn) or original(fn, *args, **kw))
     images = torch.randn(2, 3, 64, 96)
     for a, b in zip(outputs_and_grads(plain, images), outputs_and_grads(recomputed, images)):
         torch.testing.assert_close(a, b)
+    assert len(calls) == segments                                   # one checkpoint per block, none around it
+    with torch.no_grad():
+        recomputed(images)
+    recomputed.eval()(images)
+    assert len(calls) == segments                                   # no recomputation outside a training step
+
+
+def test_the_config_option_checkpoints_the_blocks():
+    cfg = CameraConfig(backbone="tiny", backbone_out_channels=(32, 48), image_size=(64, 96), checkpointing=True)
+    kinds = {type(m) for m in build_image_backbone(cfg).modules()}
+    assert camera.CheckpointedBasicBlock in kinds and BasicBlock not in kinds
 
 
 def test_checkpointed_decoder_replays_dropout_and_matches():

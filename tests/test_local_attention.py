@@ -103,5 +103,5 @@ def test_config_needs_the_prior():
     load_config("tiny", [*local, "model.lidar.enabled=false"])               # camera only: camera keys only
     with pytest.raises(ConfigError, match="model.head.local_attention_sigmas"):
         load_config("tiny", ["model.head.local_attention_sigmas=-1"])
-    for preset in ("cmt_voxel0100_r50_800x320_cbgs", "tiny"):                 # dense unless asked for
-        assert load_config(preset).model.head.local_attention_sigmas == 0
+    assert load_config("cmt_voxel0100_r50_800x320_cbgs").model.head.local_attention_sigmas == 0   # the release
+    assert load_config("tiny").model.head.local_attention_sigmas == 3.0                            # the CPU step

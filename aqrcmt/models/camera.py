@@ -12,36 +12,57 @@ The head consumes level 0 only. In training the detector first applies
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aqrcmt.config import CameraConfig, ConfigError
 from aqrcmt.models.cpfpn import CPFPN
-from aqrcmt.models.resnet import ResNet, resnet50, tiny_resnet
-from aqrcmt.models.vovnet import VoVNet
+from aqrcmt.models.resnet import BasicBlock, Bottleneck, ResNet, resnet50, tiny_resnet
+from aqrcmt.models.vovnet import OSABlock, VoVNet
 
 # Output channels (stride 16, stride 32) each pretrained architecture fixes.
 FIXED_OUT_CHANNELS: dict[str, tuple[int, int]] = {"vovnet99": (768, 1024), "resnet50": (1024, 2048)}
 
 
 class _RecomputedInTraining:
-    """Backbone mixin (``model.camera.checkpointing``): in a training step with gradients the forward keeps no
-    activations and runs again in the backward (torch.utils.checkpoint); parameters and state-dict keys unchanged."""
+    """Module mixin (``model.camera.checkpointing``): in a training step with gradients the forward keeps only its
+    input and runs again in the backward (torch.utils.checkpoint); parameters and state-dict keys unchanged."""
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, x: torch.Tensor):
         if self.training and torch.is_grad_enabled():
-            return checkpoint(super().forward, images, use_reentrant=False)
-        return super().forward(images)
+            return checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x)
 
 
-class CheckpointedVoVNet(_RecomputedInTraining, VoVNet):
+class CheckpointedSequential(_RecomputedInTraining, nn.Sequential):
     pass
 
 
-class CheckpointedResNet(_RecomputedInTraining, ResNet):
+class CheckpointedOSABlock(_RecomputedInTraining, OSABlock):
     pass
 
 
-CHECKPOINTED = {VoVNet: CheckpointedVoVNet, ResNet: CheckpointedResNet}
+class CheckpointedBasicBlock(_RecomputedInTraining, BasicBlock):
+    pass
+
+
+class CheckpointedBottleneck(_RecomputedInTraining, Bottleneck):
+    pass
+
+
+# The segments: the VoVNet stem and every OSA block, every ResNet block. Between segments only the block inputs
+# are kept, and the backward recomputes one block at a time (mmdet's `with_cp` cuts at the same blocks).
+CHECKPOINTED = {OSABlock: CheckpointedOSABlock, BasicBlock: CheckpointedBasicBlock,
+                Bottleneck: CheckpointedBottleneck}
+
+
+def recompute_blocks_in_training(backbone: VoVNet | ResNet) -> None:
+    """Make each segment of `backbone` (see CHECKPOINTED) recompute its activations in the backward, in place."""
+    if isinstance(backbone, VoVNet):
+        backbone.stem.__class__ = CheckpointedSequential
+    for module in backbone.modules():
+        if type(module) in CHECKPOINTED:
+            module.__class__ = CHECKPOINTED[type(module)]
 
 
 def build_image_backbone(cfg: CameraConfig) -> VoVNet | ResNet:
@@ -62,7 +83,7 @@ def build_image_backbone(cfg: CameraConfig) -> VoVNet | ResNet:
     else:
         raise ConfigError(f"config field 'model.camera.backbone': unknown backbone {cfg.backbone!r}")
     if cfg.checkpointing:
-        backbone.__class__ = CHECKPOINTED[type(backbone)]      # the same module, its forward recomputed
+        recompute_blocks_in_training(backbone)
     return backbone
 
 
