@@ -100,8 +100,9 @@ def main() -> int:
     median = {name: statistics.median(values) for name, values in times.items()}
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
-    dirty = " (with uncommitted changes)" if subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD"]
-                                                           ).returncode else ""
+    unwritten = [f":!{Path(args.out).resolve().relative_to(REPO)}"] if args.out else []     # this file itself
+    dirty = " (with uncommitted changes)" if subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--",
+                                                            ".", *unwritten]).returncode else ""
     sets = "".join(f" --set {item}" for item in args.set)
     lines = [f"# Tiny training step: {head}{dirty}{sets} against {args.base}", "",
              f"`python bench/step_speedup.py --base {args.base} --config {args.config} --rounds {args.rounds} "
