@@ -197,9 +197,8 @@ class SensorEvidence(nn.Module):
     def __init__(self, dim: int, sectors: int, bev_size: tuple[int, int], sensor_pixel: tuple[float, float]):
         super().__init__()
         self.sectors = sectors
-        self.bev_size = tuple(bev_size)
         self.sensor_pixel = sensor_pixel
-        height, width = self.bev_size
+        height, width = bev_size
         rows = torch.arange(height, dtype=torch.float32) + 0.5 - sensor_pixel[0]
         cols = torch.arange(width, dtype=torch.float32) + 0.5 - sensor_pixel[1]
         cell_sector = self.sector_of(rows[:, None].expand(height, width), cols[None, :].expand(height, width))

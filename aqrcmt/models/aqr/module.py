@@ -51,7 +51,8 @@ class AQRModulation(nn.Module):
         self.pc_range = tuple(float(v) for v in pc_range)
         self.bev_size = tuple(bev_size)
         x_min, y_min, _, x_max, y_max, _ = self.pc_range
-        sensor_pixel = (-y_min / (y_max - y_min) * bev_size[0], -x_min / (x_max - x_min) * bev_size[1])
+        sensor = torch.tensor([[[-x_min / (x_max - x_min), -y_min / (y_max - y_min), 0.0]]])    # LiDAR origin
+        sensor_pixel = tuple(project_to_bev(sensor, self.bev_size).coords[0, 0, 0].tolist())
         self.weight_generator = AQRWeightGenerator(cfg.generator, head_cfg.hidden_dim, cfg.identity_start,
                                                    self.bev_size, sensor_pixel)
         self.monitor = HealthMonitor()
