@@ -92,6 +92,9 @@ def _case(tmp: Path, name: str) -> tuple[str, list[str], str]:
                                   "--threads must be >= 0, got -1"),
         "demo bad override": ("demo", ["--out", str(tmp / "run"), "--data", str(tmp / "data"), "--set",
                                        "optim.lr=fast"], "optim.lr"),
+        "demo batch across processes": ("demo", ["--processes", "2", "--out", str(tmp / "run"), "--root",
+                                                 str(tmp / "data"), "--set", "data.batch_size=3"],
+                                        "--processes 2: data.batch_size=3 does not split evenly"),
     }
     return cases[name]
 
@@ -104,7 +107,8 @@ CASES = ["synthetic over a used root", "synthetic bad scenes", "synthetic bad sh
          "train eval-only without weights", "train unknown failure", "train failure probability",
          "train router without AQR", "train identity start of a sum kernel", "aqrcmt train bad override",
          "aqrcmt train eval-only without weights", "configs unknown preset", "configs set without a name",
-         "inspect missing directory", "demo no steps", "demo negative threads", "demo bad override"]
+         "inspect missing directory", "demo no steps", "demo negative threads", "demo bad override",
+         "demo batch across processes"]
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -12,11 +12,11 @@ from torch import nn
 from aqrcmt.checkpoint.manifest import load_manifest
 from aqrcmt.config import HeadConfig
 from aqrcmt.models.assigner import focal_match_cost, hungarian_assign
-from aqrcmt.models.bbox_coder import decode_codes, decode_detections, encode_boxes
+from aqrcmt.models.bbox_coder import decode_codes, decode_detections, encode_boxes, oriented_box_codes
 from aqrcmt.models.camera_geometry import projection_matrices
 from aqrcmt.models.cmt_head import CmtHead
 from aqrcmt.models.denoising import prepare_denoising
-from aqrcmt.models.losses import sigmoid_focal_loss, weighted_l1_loss
+from aqrcmt.models.losses import heading_axis_l1, sigmoid_focal_loss, weighted_l1_loss
 from aqrcmt.models.position_encoding import (
     bev_grid_coords, image_ray_points, pos2embed, query_ray_points, ray_depths,
 )
@@ -276,6 +276,77 @@ def test_focal_and_l1_losses():
     pred = torch.tensor([[1.0, float("inf")]])
     l1 = weighted_l1_loss(pred, torch.tensor([[3.0, 0.0]]), torch.tensor([[0.5, 0.0]]))
     assert l1.tolist() == [[1.0, 0.0]]                                   # zero weight masks a non-finite entry
+
+
+def test_heading_axis_term_is_blind_to_front_and_back():
+    target = torch.tensor([[0.6, 0.8]])                                 # (sin, cos) of one yaw
+    ones = torch.ones(1)
+    assert heading_axis_l1(target, target, ones).item() == 0.0
+    assert heading_axis_l1(-target, target, ones).item() == 0.0            # the box turned by 180 degrees
+    torch.testing.assert_close(heading_axis_l1(0.5 * target, target, ones), torch.tensor([0.7]))
+    across = torch.tensor([[0.8, -0.6]])                                # the axis at 90 degrees
+    assert heading_axis_l1(across, target, 2 * ones).item() == pytest.approx(2 * 1.6)
+    assert heading_axis_l1(torch.tensor([[float("nan"), 0.0]]), target, torch.zeros(1)).item() == 0.0
+
+    # Why the term exists: with front and back equally likely, the expected plain L1 is the same at 0 and
+    # anywhere between -t and t, so it gives no pull towards the axis; the axis term does.
+    def plain(pred):
+        return sum(weighted_l1_loss(pred, t, torch.ones(2)).sum() for t in (target, -target)) / 2
+    assert plain(torch.zeros(1, 2)) == plain(0.5 * target)
+    assert heading_axis_l1(0.5 * target, target, ones) < heading_axis_l1(torch.zeros(1, 2), target, ones)
+
+
+def test_heading_axis_weight_adds_to_the_box_losses_only():
+    head, cfg = tiny_head()
+    head.train()
+    gen = torch.Generator().manual_seed(0)
+    boxes, labels = random_gt([4, 3], gen)
+    out = head(**tiny_inputs(head), dn=prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range))
+    by_weight = {}
+    for weight in (0.0, 1.0, 2.0):
+        head.cfg.heading_axis_weight = weight
+        by_weight[weight] = {k: v.detach() for k, v in head.loss(out, boxes, labels).items()}
+    for name in by_weight[0.0]:
+        added = by_weight[1.0][name] - by_weight[0.0][name]
+        if "bbox" in name:
+            assert added > 0, name
+            torch.testing.assert_close(by_weight[2.0][name] - by_weight[0.0][name], 2 * added)
+        else:
+            assert added == 0, name
+
+
+def test_heading_flip_output_is_trained_apart_from_the_regression_and_turns_decoded_boxes():
+    head, cfg = tiny_head(heading_flip_weight=1.0)
+    head.train()
+    gen = torch.Generator().manual_seed(0)
+    boxes, labels = random_gt([4, 3], gen)
+    out = head(**tiny_inputs(head), dn=prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range))
+    assert out["heading_flip"].shape == (cfg.num_layers, 2, cfg.num_query, 1)
+    losses = head.loss(out, boxes, labels)
+    assert {"loss_heading_flip", "d0.loss_heading_flip", "dn_loss_heading_flip"} <= set(losses)
+    flip_params = dict(head.task_heads[0].heading_flip.named_parameters())
+    rot_params = dict(head.task_heads[0].rot.named_parameters())
+    grads = torch.autograd.grad(losses["loss_heading_flip"] + losses["dn_loss_heading_flip"],
+                                [*flip_params.values(), *rot_params.values()], allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[:len(flip_params)])
+    assert all(g is None or g.abs().sum() == 0 for g in grads[len(flip_params):])    # the target is detached
+
+    # the target: 1 where the regressed (sin, cos) points away from the GT heading
+    codes = encode_boxes(boxes[0]).unsqueeze(0)                          # (1, 4, 10): regression = truth
+    turned = codes.clone()
+    turned[..., 6:8] *= -1
+    weight = torch.ones(1, 4, 10)
+    for regression, backwards in ((codes, 0.0), (turned, 1.0)):
+        for logit in (-5.0, 5.0):
+            bce = head._heading_flip_loss(torch.full((1, 4, 1), logit), regression, codes, weight)
+            expected = 4 * F.binary_cross_entropy_with_logits(torch.tensor(logit), torch.tensor(backwards))
+            torch.testing.assert_close(bce, expected.reshape(1))
+
+    outputs = {"center": codes[..., :2], "height": codes[..., 2:3], "dim": codes[..., 3:6], "rot": turned[..., 6:8],
+               "vel": codes[..., 8:], "heading_flip": torch.tensor([[[3.0], [3.0], [-3.0], [-3.0]]])}
+    oriented = oriented_box_codes(outputs)
+    torch.testing.assert_close(oriented[0, :2], codes[0, :2])           # flipped back to the truth
+    torch.testing.assert_close(oriented[0, 2:], turned[0, 2:])          # left as regressed
 
 
 def test_hungarian_assign_is_optimal():

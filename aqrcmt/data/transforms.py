@@ -106,13 +106,14 @@ def rot_scale_trans_matrix(angle: float, scale: float, translation: np.ndarray) 
     return matrix
 
 
-def random_global_rot_scale_trans(sample: Sample, rng: np.random.Generator, rot_range: tuple[float, float],
-                                  scale_range: tuple[float, float], translation_std: float) -> None:
-    """GlobalRotScaleTransAll: angle ~ U(rot_range), scale ~ U(scale_range), translation ~ N(0, std) per axis."""
+def draw_global_rot_scale_trans(rng: np.random.Generator, rot_range: tuple[float, float],
+                                scale_range: tuple[float, float], translation_std: float) -> np.ndarray:
+    """GlobalRotScaleTransAll's (4, 4) matrix: angle ~ U(rot_range), scale ~ U(scale_range), translation ~ N(0,
+    std) per axis."""
     angle = rng.uniform(*rot_range)
     scale = rng.uniform(*scale_range)
     translation = rng.normal(0.0, translation_std, size=3)
-    transform_3d(sample, rot_scale_trans_matrix(angle, scale, translation))
+    return rot_scale_trans_matrix(angle, scale, translation)
 
 
 def bev_flip_matrix(horizontal: bool, vertical: bool) -> np.ndarray:
@@ -120,11 +121,10 @@ def bev_flip_matrix(horizontal: bool, vertical: bool) -> np.ndarray:
     return np.diag([-1.0 if vertical else 1.0, -1.0 if horizontal else 1.0, 1.0, 1.0])
 
 
-def random_bev_flip(sample: Sample, rng: np.random.Generator) -> None:
-    """CustomRandomFlip3D: horizontal and vertical flips, each with probability 0.5."""
+def draw_bev_flip(rng: np.random.Generator) -> np.ndarray:
+    """CustomRandomFlip3D's (4, 4) matrix: horizontal and vertical flips, each with probability 0.5."""
     horizontal, vertical = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
-    if horizontal or vertical:
-        transform_3d(sample, bev_flip_matrix(horizontal, vertical))
+    return bev_flip_matrix(horizontal, vertical)
 
 
 def random_modality_drop(sample: Sample, rng: np.random.Generator) -> None:
@@ -144,9 +144,12 @@ def random_modality_drop(sample: Sample, rng: np.random.Generator) -> None:
 
 def filter_points_in_range(sample: Sample, point_cloud_range: tuple[float, ...]) -> None:
     """PointsRangeFilter: keep points strictly inside (x_min, y_min, z_min, x_max, y_max, z_max)."""
-    lo, hi = np.asarray(point_cloud_range[:3]), np.asarray(point_cloud_range[3:])
-    xyz = sample.points[:, :3]
-    sample.points = sample.points[np.all((xyz > lo) & (xyz < hi), axis=1)]
+    points = sample.points
+    inside = np.ones(len(points), dtype=bool)
+    for axis in range(3):                        # column by column: no (N, 3) temporaries
+        column = points[:, axis]
+        inside &= (column > np.float32(point_cloud_range[axis])) & (column < np.float32(point_cloud_range[axis + 3]))
+    sample.points = points[inside]
 
 
 def filter_boxes_in_range(sample: Sample, point_cloud_range: tuple[float, ...]) -> None:
@@ -164,7 +167,7 @@ def wrap_angle(angle: np.ndarray) -> np.ndarray:
 
 
 def shuffle_points(sample: Sample, rng: np.random.Generator) -> None:
-    sample.points = sample.points[rng.permutation(len(sample.points))]
+    sample.points = np.take(sample.points, rng.permutation(len(sample.points)), axis=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,10 +271,11 @@ class Pipeline:
                 self.paste(sample, rng)
             if aug.modality_drop:
                 random_modality_drop(sample, rng)
-            random_global_rot_scale_trans(sample, rng, aug.global_rot_range, aug.global_scale_range,
-                                          aug.global_translation_std)
+            matrix = draw_global_rot_scale_trans(rng, aug.global_rot_range, aug.global_scale_range,
+                                                 aug.global_translation_std)
             if aug.bev_flip:
-                random_bev_flip(sample, rng)
+                matrix = draw_bev_flip(rng) @ matrix
+            transform_3d(sample, matrix)                 # the global transform, then the flips, in one pass
         filter_points_in_range(sample, self.point_cloud_range)
         filter_boxes_in_range(sample, self.point_cloud_range)
         if self.random and aug.shuffle_points:

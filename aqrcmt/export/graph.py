@@ -28,7 +28,7 @@ from aqrcmt.config import ModelConfig
 from aqrcmt.kernels.modulate_cpu import modulate_forward_torch
 from aqrcmt.kernels.splat_cpu import splat_forward_separable
 from aqrcmt.kernels.splat_params import SplatParams
-from aqrcmt.models.bbox_coder import box_codes, decode_codes, select_topk
+from aqrcmt.models.bbox_coder import decode_codes, oriented_box_codes, select_topk
 from aqrcmt.models.detector import CmtDetector
 from aqrcmt.models.sparse_encoder import SparseEncoder
 from aqrcmt.models.voxelize import HardSimpleVFE, HardVoxelizer
@@ -82,7 +82,7 @@ class DenseGraph(nn.Module):
         bev_feat = det.pts_neck(det.pts_backbone(named["bev"])) if det.with_lidar else None
         img_feat = det.extract_img_feat(named["images"]) if det.with_camera else None
         outputs = det.pts_bbox_head(bev_feat, img_feat, named.get("lidar2img"), self.img_shape)
-        logits, codes = outputs["cls_logits"][-1, 0].float(), box_codes(outputs)[-1, 0].float()
+        logits, codes = outputs["cls_logits"][-1, 0].float(), oriented_box_codes(outputs)[-1, 0].float()
         scores, labels, query = select_topk(logits, det.cfg.head.max_num)
         boxes = decode_codes(codes)
         return scores[None], labels[None], boxes[query][None], logits.sigmoid()[None], boxes[None]

@@ -16,6 +16,7 @@ from torch import Tensor
 from aqrcmt.structures import Detections
 
 OUTPUT_KEYS: tuple[str, ...] = ("center", "height", "dim", "rot", "vel")
+ROT_CODES = slice(6, 8)          # (sin yaw, cos yaw) in the code layout
 
 
 def encode_boxes(boxes: Tensor) -> Tensor:
@@ -33,6 +34,17 @@ def decode_codes(codes: Tensor) -> Tensor:
 def box_codes(outputs: dict[str, Tensor], prefix: str = "") -> Tensor:
     """Concatenate the head outputs (``prefix`` + center/height/dim/rot/vel) into (..., 10) codes."""
     return torch.cat([outputs[prefix + key] for key in OUTPUT_KEYS], dim=-1)
+
+
+def oriented_box_codes(outputs: dict[str, Tensor], prefix: str = "") -> Tensor:
+    """:func:`box_codes`, with (sin, cos) negated where the optional ``heading_flip`` output (logit > 0) says the
+    regressed heading points backwards: the codes that are decoded into boxes."""
+    codes = box_codes(outputs, prefix)
+    flip = outputs.get(prefix + "heading_flip")
+    if flip is None:
+        return codes
+    sign = torch.where(flip > 0, -1.0, 1.0).to(codes.dtype)
+    return torch.cat((codes[..., :ROT_CODES.start], codes[..., ROT_CODES] * sign, codes[..., ROT_CODES.stop:]), -1)
 
 
 def select_topk(logits: Tensor, max_num: int) -> tuple[Tensor, Tensor, Tensor]:

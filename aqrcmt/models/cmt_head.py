@@ -14,16 +14,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aqrcmt.config import AQRConfig, HeadConfig
 from aqrcmt.models.assigner import hungarian_assign, match_cost
-from aqrcmt.models.bbox_coder import box_codes, decode_detections, encode_boxes
+from aqrcmt.models.bbox_coder import ROT_CODES, box_codes, decode_detections, encode_boxes, oriented_box_codes
 from aqrcmt.models.camera_geometry import projection_matrices
 from aqrcmt.models.denoising import Denoising
 from aqrcmt.models.local_attention import LocalAttention
 from aqrcmt.models.locality import cross_attention_locality_bias
-from aqrcmt.models.losses import sigmoid_focal_loss, weighted_l1_loss
+from aqrcmt.models.losses import heading_axis_l1, sigmoid_focal_loss, weighted_l1_loss
 from aqrcmt.models.position_encoding import (
     bev_grid_coords, image_ray_points, inverse_sigmoid, pos2embed, query_ray_points, ray_depths,
 )
@@ -32,7 +33,6 @@ from aqrcmt.models.transformer import CmtTransformer
 from aqrcmt.models.aqr.routing import router_loss
 from aqrcmt.structures import Detections, SensorStates
 
-PRED_KEYS: tuple[str, ...] = ("center", "height", "dim", "rot", "vel", "cls_logits")
 # Official DN classification normaliser: expected positives = N * (sphere / cube volume) = N pi/6 split^3,
 # with pi written as 3.14159 in the official code.
 _DN_PI = 3.14159
@@ -86,6 +86,8 @@ class CmtHead(nn.Module):
         self.bev_embedding = _mlp(2 * hidden, hidden, hidden)
         self.rv_embedding = _mlp(3 * cfg.depth_num, 4 * hidden, hidden) if with_camera else None
         heads = {"center": 2, "height": 1, "dim": 3, "rot": 2, "vel": 2, "cls_logits": cfg.num_classes}
+        if cfg.heading_flip_weight > 0:
+            heads["heading_flip"] = 1
         self.task_heads = nn.ModuleList([SeparateTaskHead(hidden, heads, groups=cfg.num_layers,
                                                           head_conv=cfg.head_conv, final_kernel=cfg.final_kernel)])
         self.register_buffer("bev_coords", bev_grid_coords(self.bev_size), persistent=False)
@@ -139,8 +141,8 @@ class CmtHead(nn.Module):
         float64 (needed with cameras); img_shape: (H, W) of the (padded) images. dn: the training batch's
         denoising queries from :func:`~aqrcmt.models.denoising.prepare_denoising` (built by the caller, outside
         torch.compile, so that varying GT counts do not recompile the head), or None.
-        Returns {key: (L, B, Nq, k)} for center (m), height (m, carries log dx), dim, rot, vel, cls_logits;
-        with denoising also ``dn_<key>`` (L, B, P, k); ``dn`` holds the :class:`Denoising` record or None,
+        Returns {key: (L, B, Nq, k)} for center (m), height (m, carries log dx), dim, rot, vel, cls_logits
+        (and heading_flip with ``heading_flip_weight`` > 0); with denoising also ``dn_<key>`` (L, B, P, k); ``dn`` holds the :class:`Denoising` record or None,
         ``aqr_routing`` the AQR query weights (:class:`~aqrcmt.models.aqr.routing.QueryRouting`) or None.
         """
         x, x_img, batch = self._check_inputs(bev_feat, img_feat, lidar2img)
@@ -186,7 +188,7 @@ class CmtHead(nn.Module):
         preds = self._to_metres(preds, inverse_sigmoid(reference))
 
         outputs: dict = {"dn": dn, "aqr_routing": routing}
-        for key in PRED_KEYS:
+        for key in preds:
             outputs[key] = preds[key][:, :, num_dn:]
             if dn is not None:
                 outputs["dn_" + key] = preds[key][:, :, :num_dn]
@@ -245,14 +247,13 @@ class CmtHead(nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             gt_boxes = [b.to(device).float() for b in gt_boxes]
             gt_labels = [lab.to(device).long() for lab in gt_labels]
-            cls, bbox = self._matching_losses(outputs["cls_logits"].float(), codes, gt_boxes, gt_labels)
-            terms = {"loss_cls": cls, "loss_bbox": bbox}
+            terms = self._matching_losses(outputs, codes, gt_boxes, gt_labels)
             dn = outputs.get("dn")
             if dn is not None:
-                terms["dn_loss_cls"], terms["dn_loss_bbox"] = self._denoising_losses(outputs, dn)
+                terms.update(self._denoising_losses(outputs, dn))
             elif self.training and self.cfg.use_dn:  # no GT in the batch: keep the keys, add zero
                 zero = outputs["cls_logits"].float().sum((1, 2, 3)) * 0.0
-                terms["dn_loss_cls"], terms["dn_loss_bbox"] = zero, zero
+                terms.update({"dn_" + name: zero for name in list(terms)})
         losses = {}
         if self.aqr is not None and self.aqr.cfg.router_loss_weight > 0:
             routing = outputs["aqr_routing"]
@@ -267,10 +268,12 @@ class CmtHead(nn.Module):
                 losses[f"d{layer}.{name}"] = per_layer[layer]
         return losses
 
-    def _matching_losses(self, logits: Tensor, codes: Tensor, gt_boxes: list[Tensor],
-                         gt_labels: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Hungarian-matched focal and L1 losses per decoder layer: logits (L, B, Q, C), codes (L, B, Q, 10)."""
+    def _matching_losses(self, outputs: dict, codes: Tensor, gt_boxes: list[Tensor],
+                         gt_labels: list[Tensor]) -> dict[str, Tensor]:
+        """Hungarian-matched focal and L1 losses (and the heading-flip loss, when the head has that output) per
+        decoder layer (L,): codes (L, B, Q, 10) of `outputs`."""
         cfg = self.cfg
+        logits = outputs["cls_logits"].float()
         layers, batch, queries, num_classes = logits.shape
         labels = torch.full((layers, batch, queries), num_classes, dtype=torch.long, device=logits.device)
         targets = codes.new_zeros(codes.shape)
@@ -296,10 +299,17 @@ class CmtHead(nn.Module):
         focal = sigmoid_focal_loss(logits, labels, cfg.focal_alpha, cfg.focal_gamma).flatten(1).sum(1)
         weight = (positive & torch.isfinite(targets).all(-1)).unsqueeze(-1) * self.code_weights
         l1 = weighted_l1_loss(codes, targets, weight).flatten(1).sum(1)
-        return cfg.loss_cls_weight * focal / cls_norm, cfg.loss_bbox_weight * l1 / num_pos.clamp(min=1.0)
+        l1 = l1 + self._heading_axis_loss(codes, targets, weight)
+        terms = {"loss_cls": cfg.loss_cls_weight * focal / cls_norm,
+                 "loss_bbox": cfg.loss_bbox_weight * l1 / num_pos.clamp(min=1.0)}
+        if "heading_flip" in outputs:
+            flip = self._heading_flip_loss(outputs["heading_flip"].float(), codes, targets, weight)
+            terms["loss_heading_flip"] = flip / num_pos.clamp(min=1.0)
+        return terms
 
-    def _denoising_losses(self, outputs: dict, dn: Denoising) -> tuple[Tensor, Tensor]:
-        """Focal loss with the noised labels and L1 to the clean boxes on every denoising query, per layer."""
+    def _denoising_losses(self, outputs: dict, dn: Denoising) -> dict[str, Tensor]:
+        """Focal loss with the noised labels and L1 to the clean boxes (and the heading-flip loss, when the head
+        has that output) on every denoising query, per layer (L,)."""
         cfg = self.cfg
         index = (slice(None), dn.batch_index, dn.slot_index)
         logits = outputs["dn_cls_logits"].float()[index]                     # (L, N, C)
@@ -309,9 +319,31 @@ class CmtHead(nn.Module):
         cls_norm = (count * _DN_PI / 6 * cfg.dn_split ** 3).clamp(min=1.0)
         focal = sigmoid_focal_loss(logits, dn.labels.expand(logits.shape[:2]), cfg.focal_alpha, cfg.focal_gamma)
         weight = torch.isfinite(targets).all(-1, keepdim=True) * self.code_weights
-        l1 = weighted_l1_loss(codes, targets, weight)
-        return (cfg.loss_cls_weight * focal.flatten(1).sum(1) / cls_norm,
-                cfg.loss_bbox_weight * l1.flatten(1).sum(1) / count.clamp(min=1.0))
+        l1 = weighted_l1_loss(codes, targets, weight).flatten(1).sum(1)
+        l1 = l1 + self._heading_axis_loss(codes, targets, weight)
+        terms = {"dn_loss_cls": cfg.loss_cls_weight * focal.flatten(1).sum(1) / cls_norm,
+                 "dn_loss_bbox": cfg.loss_bbox_weight * l1 / count.clamp(min=1.0)}
+        if "dn_heading_flip" in outputs:
+            flip = self._heading_flip_loss(outputs["dn_heading_flip"].float()[index], codes, targets, weight)
+            terms["dn_loss_heading_flip"] = flip / count.clamp(min=1.0)
+        return terms
+
+    def _heading_axis_loss(self, codes: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+        """The front/back-blind heading term per layer: codes / targets / weight (L, ..., 10) -> (L,)."""
+        if self.cfg.heading_axis_weight == 0:
+            return codes.new_zeros(codes.shape[0])
+        axis_weight = self.cfg.heading_axis_weight * (weight[..., ROT_CODES] != 0).all(-1)
+        return heading_axis_l1(codes[..., ROT_CODES], targets[..., ROT_CODES], axis_weight).flatten(1).sum(1)
+
+    def _heading_flip_loss(self, flip_logits: Tensor, codes: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+        """Binary cross-entropy of the flip logit (..., 1) against "the regressed (sin, cos) points away from the
+        true heading" (negative dot product; the regression is not trained by this term), summed per layer (L,)
+        over the queries whose rotation targets count (`weight` (..., 10) non-zero)."""
+        counted = (weight[..., ROT_CODES] != 0).all(-1)
+        backwards = (codes[..., ROT_CODES].detach() * targets[..., ROT_CODES]).sum(-1) < 0
+        bce = F.binary_cross_entropy_with_logits(flip_logits.squeeze(-1), backwards.float(), reduction="none")
+        bce = torch.where(counted, bce, torch.zeros_like(bce))
+        return self.cfg.heading_flip_weight * bce.flatten(1).sum(1)
 
     def _normalizer(self, local_count: Tensor) -> Tensor:
         """A loss normaliser: the local count, or its mean over processes with `sync_loss_normalizers`."""
@@ -328,6 +360,6 @@ class CmtHead(nn.Module):
     @torch.no_grad()
     def decode(self, outputs: dict) -> list[Detections]:
         """NMS-free detections of the last decoder layer, gravity-centre boxes (see aqrcmt.structures)."""
-        return decode_detections(outputs["cls_logits"][-1], box_codes(outputs)[-1], max_num=self.cfg.max_num,
-                                 post_center_range=self.cfg.post_center_range,
+        return decode_detections(outputs["cls_logits"][-1], oriented_box_codes(outputs)[-1],
+                                 max_num=self.cfg.max_num, post_center_range=self.cfg.post_center_range,
                                  score_threshold=self.cfg.score_threshold)

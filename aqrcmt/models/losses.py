@@ -32,3 +32,14 @@ def weighted_l1_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     """|pred - target| * weight element-wise; zero-weight elements give exactly 0 (even if non-finite)."""
     diff = (pred - target).abs() * weight
     return torch.where(weight != 0, diff, torch.zeros_like(diff))
+
+
+def heading_axis_l1(pred_rot: Tensor, target_rot: Tensor, weight: Tensor) -> Tensor:
+    """Front/back-blind L1 on (sin yaw, cos yaw): min(|p - t|, |p + t|) summed over the pair, times weight.
+
+    pred_rot / target_rot: (..., 2); weight: (...) -> (...). Where front and back cannot be told apart yet, the
+    expected plain L1 is flat between -t and t (no pull towards the box axis); this term is zero at either end,
+    so the axis is learned first, and the plain L1 keeps the pull towards the true front.
+    """
+    error = torch.minimum((pred_rot - target_rot).abs().sum(-1), (pred_rot + target_rot).abs().sum(-1)) * weight
+    return torch.where(weight != 0, error, torch.zeros_like(error))
