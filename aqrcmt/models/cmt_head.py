@@ -142,8 +142,9 @@ class CmtHead(nn.Module):
         denoising queries from :func:`~aqrcmt.models.denoising.prepare_denoising` (built by the caller, outside
         torch.compile, so that varying GT counts do not recompile the head), or None.
         Returns {key: (L, B, Nq, k)} for center (m), height (m, carries log dx), dim, rot, vel, cls_logits
-        (and heading_flip with ``heading_flip_weight`` > 0); with denoising also ``dn_<key>`` (L, B, P, k); ``dn`` holds the :class:`Denoising` record or None,
-        ``aqr_routing`` the AQR query weights (:class:`~aqrcmt.models.aqr.routing.QueryRouting`) or None.
+        (and heading_flip with ``heading_flip_weight`` > 0); with denoising also ``dn_<key>`` (L, B, P, k);
+        ``dn`` holds the :class:`Denoising` record or None, ``aqr_routing`` the AQR query weights
+        (:class:`~aqrcmt.models.aqr.routing.QueryRouting`) or None.
         """
         x, x_img, batch = self._check_inputs(bev_feat, img_feat, lidar2img)
         if x is not None:
