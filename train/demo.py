@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=0, choices=(0, 1, 2),
                    help="training processes sharing the global batch of 2 (0: two when two cores are idle, else one)")
     p.add_argument("--threads", type=int, default=0,
-                   help="intra-op CPU threads per process (0: the idle cores divided among the processes, from the "
-                        "load average at start; more threads than free cores make a step several times slower)")
+                   help="intra-op CPU threads per process (0: the idle cores divided among the processes, measured "
+                        "at start; more threads than free cores make a step several times slower)")
     add_set_option(p)
     add_debug_flag(p)
     args = p.parse_args(argv)
