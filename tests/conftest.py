@@ -1,6 +1,8 @@
 """Shared fixtures. `synthetic_root` is the default synthetic nuScenes, written once per test session."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if marker is not None and not parity_file(marker.args[0]).is_file():
         _SKIPPED_PARITY.append(item.nodeid)
         pytest.skip(f"parity bundle file {parity_file(marker.args[0])} not found (set AQRCMT_PARITY_DIR)")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The free space where the tests write (runs, checkpoints, datasets): a full disk fails the training tests."""
+    given = Path(config.option.basetemp or tempfile.gettempdir()).resolve()
+    base = next(folder for folder in (given, *given.parents) if folder.exists())
+    return f"free disk space for the tests' files in {base}: {shutil.disk_usage(base).free / 2**30:.1f} GiB"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
