@@ -127,9 +127,11 @@ class HeadConfig:
     # (sin, cos) yaw; 0 = off (the release). Not in the released CMT: the tiny CPU configs use it so that the box
     # axis is learned before front and back can be told apart.
     heading_axis_weight: float = 0.0
-    # > 0: one more output per query, the logit that the regressed (sin, cos) heading points backwards (trained with
-    # this weight on binary cross-entropy; decoding turns such boxes by 180 degrees); 0 = no such output (the release).
-    heading_flip_weight: float = 0.0
+    # > 0: a two-layer conv branch reads (sin, cos) of the yaw from the BEV features, trained with this weight on the
+    # L1 at points over each GT box (dense supervision: the LiDAR branch learns front from back); decoding turns a
+    # box by 180 degrees where its regressed (sin, cos) points against the map's at its centre. 0 = no such branch
+    # (the release), as without the LiDAR branch. Not in the released CMT.
+    bev_heading_weight: float = 0.0
     # Normalise losses by the mean of the processes' positive/query counts (all-reduce) instead of the
     # local counts (the release). With it, N processes compute exactly the 1-process loss of the global batch.
     sync_loss_normalizers: bool = False
@@ -154,7 +156,7 @@ class HeadConfig:
                f"{self.hidden_dim} must be divisible by num_heads ({self.num_heads})")
         _in_range(self, key, "dropout", 0.0, 1.0, high_open=True)
         _non_negative(self, key, "dn_noise_scale", "dn_noise_trans", "dn_max_gt", "loss_cls_weight",
-                      "loss_bbox_weight", "focal_gamma", "heading_axis_weight", "heading_flip_weight")
+                      "loss_bbox_weight", "focal_gamma", "heading_axis_weight", "bev_heading_weight")
         _in_range(self, key, "focal_alpha", 0.0, 1.0)
         _non_negative(self, key, "locality_sigma_bev", "locality_sigma_camera", "local_attention_sigmas")
         _check(len(self.code_weights) == 10 and all(w >= 0 for w in self.code_weights), f"{key}.code_weights",

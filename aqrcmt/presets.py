@@ -213,7 +213,8 @@ def tiny() -> Config:
     sparse levels, stride 4: a 64 x 64 BEV map of 1.2 m cells; SECOND 64/128 channels x 3 layers), the
     cross-attention starts local (locality prior) and is computed only within 3 sigmas of each query (local
     attention), 300 queries (which also give query denoising its 10 groups of 16 GT slots instead of 6), and a
-    front/back-blind heading term beside the L1 on (sin, cos) yaw, without which the box axis is not learned
+    front/back-blind heading term beside the L1 on (sin, cos) yaw, without which the box axis is not learned,
+    and a BEV heading branch trained densely over the boxes, whose map turns decoded boxes front to back
     (docs/benchmark.md, "Heading"). docs/training.md, "Third round", has the speed and accuracy of local
     attention and the query count."""
     lidar = LidarConfig(
@@ -229,7 +230,7 @@ def tiny() -> Config:
                       num_heads=4, ffn_dim=128, head_conv=32, dropout=0.0, dn_max_gt=16, max_num=100,
                       post_center_range=(-45.0, -45.0, -10.0, 45.0, 45.0, 10.0),
                       locality_sigma_bev=4.0, locality_sigma_camera=2.0, local_attention_sigmas=3.0,
-                      heading_axis_weight=1.0)
+                      heading_axis_weight=1.0, bev_heading_weight=2.0)
     cfg = Config(
         model=ModelConfig(lidar=lidar, camera=camera, head=head),
         data=DataConfig(root="data/synthetic_nuscenes", version="v1.0-mini", train_split="mini_train",

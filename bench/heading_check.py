@@ -15,6 +15,9 @@
    yaw for the axis) of the vehicles' features, fitted on the train split and scored on `--split`: the BEV map
    after the head's shared conv at the box centre (3 x 3 cells) and the last decoder layer's feature of the
    query nearest the box (within 2 m); beside them the model's own rotation output of that query.
+5. The BEV heading map (with --checkpoint, on a model with ``model.head.bev_heading_weight`` > 0): its (sin, cos)
+   at the vehicles' centres and at the centres of their nearest queries, and the queries' rotation as decoded
+   (turned where it points against the map), each as yaw error, axis error and the share with the front right.
 """
 from __future__ import annotations
 
@@ -22,11 +25,13 @@ import argparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from aqrcmt.data import build_dataloader, build_dataset
 from aqrcmt.data.box_geometry import points_in_boxes
 from aqrcmt.eval.predict import predict_dataset
 from aqrcmt.inference import load_detector_from_checkpoint
+from aqrcmt.models.bbox_coder import ROT_CODES, oriented_box_codes
 from aqrcmt.presets import load_config
 from aqrcmt.structures import CLASS_NAMES
 
@@ -102,12 +107,15 @@ def prediction_errors(detector, loader) -> dict[int, np.ndarray]:
 
 def vehicle_features(detector, loader) -> dict[str, np.ndarray]:
     """For each GT vehicle with a query within 2 m: "bev" (C * 9) the shared-conv BEV map around its centre, "query"
-    (C) the last decoder layer's feature of the nearest query, "rot" (2) that query's (sin, cos), "yaw" (rad)."""
+    (C) the last decoder layer's feature of the nearest query, "rot" (2) that query's (sin, cos), "yaw" (rad); with
+    a BEV heading branch also "map_at_box" / "map_at_query" (2) its (sin, cos) at the box / query centre and
+    "decoded_rot" (2) the query's (sin, cos) as decoded."""
     head, captured = detector.pts_bbox_head, {}
     hooks = [head.shared_conv.register_forward_hook(lambda m, i, out: captured.__setitem__("bev", out)),
              head.transformer.register_forward_hook(lambda m, i, out: captured.__setitem__("query", out))]
     x_min, y_min, _, x_max, y_max, _ = head.pc_range
-    rows: dict[str, list] = {"bev": [], "query": [], "rot": [], "yaw": []}
+    rows: dict[str, list] = {"bev": [], "query": [], "rot": [], "yaw": [], "map_at_box": [], "map_at_query": [],
+                             "decoded_rot": []}
     try:
         with torch.no_grad():
             for batch in loader:
@@ -127,10 +135,21 @@ def vehicle_features(detector, loader) -> dict[str, np.ndarray]:
                         rows["query"].append(captured["query"][-1, b, query].numpy())
                         rows["rot"].append(outputs["rot"][-1, b, query].numpy())
                         rows["yaw"].append(box[6])
+                        if "bev_heading" in outputs:
+                            for key, xy in (("map_at_box", box[:2]), ("map_at_query", outputs["center"][-1, b, query])):
+                                rows[key].append(read_map(outputs["bev_heading"][b], xy, head.pc_range))
+                            rows["decoded_rot"].append(oriented_box_codes(outputs)[-1, b, query, ROT_CODES].numpy())
     finally:
         for hook in hooks:
             hook.remove()
     return {key: np.array(values) for key, values in rows.items()}
+
+
+def read_map(heading_map: torch.Tensor, xy, pc_range: tuple[float, ...]) -> np.ndarray:
+    """The (2, H, W) map read bilinearly at the point (x, y) in metres: (2,)."""
+    low, high = np.array(pc_range[:2]), np.array(pc_range[3:5])
+    grid = torch.as_tensor((np.asarray(xy, dtype=np.float64) - low) / (high - low) * 2 - 1, dtype=torch.float32)
+    return F.grid_sample(heading_map[None], grid.view(1, 1, 1, 2), align_corners=False).flatten().numpy()
 
 
 def ridge_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, strength: float = 100.0) -> np.ndarray:
@@ -187,6 +206,12 @@ def main() -> None:
                 errors.append(error.mean() if turns == 1 else np.minimum(error, np.pi - error).mean())
             print(f"probe of the {name} features: yaw error {errors[0]:.2f} rad (random 1.57), axis error "
                   f"{errors[1]:.2f} rad (random 0.79)")
+        for name in ("map_at_box", "map_at_query", "decoded_rot"):
+            if len(test[name]):
+                error = yaw_difference(np.arctan2(test[name][:, 0], test[name][:, 1]), test["yaw"])
+                print(f"{name}: yaw error {error.mean():.2f}, axis error {np.minimum(error, np.pi - error).mean():.2f}"
+                      f" rad, front right {np.mean(error < np.pi / 2):.0%}, |(sin, cos)| "
+                      f"{np.linalg.norm(test[name], axis=1).mean():.2f}")
 
 
 if __name__ == "__main__":

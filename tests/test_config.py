@@ -37,6 +37,7 @@ BAD_VALUES = [
     ("model.head.code_weights", "[1, 1]"),
     ("model.head.final_kernel", "2"),
     ("model.head.heading_axis_weight", "-1"),
+    ("model.head.bev_heading_weight", "-0.5"),
     ("model.lidar.voxel.voxel_size", "[0.1, 0.0, 0.2]"),
     ("model.lidar.voxel.point_cloud_range", "[54, -54, -5, -54, 54, 3]"),
     ("model.lidar.voxel.max_points_per_voxel", "0"),

@@ -48,9 +48,9 @@ def _checkpoint(preset: str, folder: Path, overrides: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("checkpoints")
-    # tiny_aqr with the router's sensor evidence (atan2, one-hot, gather) in the graph too, tiny with the
-    # heading-flip output (the decoded (sin, cos) turned where its logit is positive)
-    extra = {"tiny_aqr": ["model.aqr.generator.sensor_evidence=true"], "tiny": ["model.head.heading_flip_weight=1"]}
+    # tiny_aqr with the router's sensor evidence (atan2, one-hot, gather) in the graph too (tiny's BEV heading
+    # branch, read at the query centres by grid_sample, is in every tiny graph)
+    extra = {"tiny_aqr": ["model.aqr.generator.sensor_evidence=true"]}
     return {preset: _checkpoint(preset, folder,
                                 [f"data.root={synthetic_root}", "data.sweeps=1", *extra.get(preset, [])])
             for preset in PRESETS}

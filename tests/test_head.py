@@ -315,38 +315,55 @@ def test_heading_axis_weight_adds_to_the_box_losses_only():
             assert added == 0, name
 
 
-def test_heading_flip_output_is_trained_apart_from_the_regression_and_turns_decoded_boxes():
-    head, cfg = tiny_head(heading_flip_weight=1.0)
+def test_bev_heading_term_reads_the_yaw_over_the_boxes():
+    head, cfg = tiny_head(bev_heading_weight=2.0)
     head.train()
     gen = torch.Generator().manual_seed(0)
     boxes, labels = random_gt([4, 3], gen)
     out = head(**tiny_inputs(head), dn=prepare_denoising(boxes, labels, cfg=head.cfg, pc_range=head.pc_range))
-    assert out["heading_flip"].shape == (cfg.num_layers, 2, cfg.num_query, 1)
+    assert out["bev_heading"].shape == (2, 2, *head.bev_size)
     losses = head.loss(out, boxes, labels)
-    assert {"loss_heading_flip", "d0.loss_heading_flip", "dn_loss_heading_flip"} <= set(losses)
-    flip_params = dict(head.task_heads[0].heading_flip.named_parameters())
-    rot_params = dict(head.task_heads[0].rot.named_parameters())
-    grads = torch.autograd.grad(losses["loss_heading_flip"] + losses["dn_loss_heading_flip"],
-                                [*flip_params.values(), *rot_params.values()], allow_unused=True)
-    assert all(g is not None and g.abs().sum() > 0 for g in grads[:len(flip_params)])
-    assert all(g is None or g.abs().sum() == 0 for g in grads[len(flip_params):])    # the target is detached
+    assert losses["loss_bev_heading"] > 0 and not any(k.startswith("d0.loss_bev") for k in losses)
+    grads = torch.autograd.grad(losses["loss_bev_heading"], [*head.bev_heading.parameters(), out["bev_heading"]])
+    assert all(g.abs().sum() > 0 for g in grads)
 
-    # the target: 1 where the regressed (sin, cos) points away from the GT heading
-    codes = encode_boxes(boxes[0]).unsqueeze(0)                          # (1, 4, 10): regression = truth
-    turned = codes.clone()
-    turned[..., 6:8] *= -1
-    weight = torch.ones(1, 4, 10)
-    for regression, backwards in ((codes, 0.0), (turned, 1.0)):
-        for logit in (-5.0, 5.0):
-            bce = head._heading_flip_loss(torch.full((1, 4, 1), logit), regression, codes, weight)
-            expected = 4 * F.binary_cross_entropy_with_logits(torch.tensor(logit), torch.tensor(backwards))
-            torch.testing.assert_close(bce, expected.reshape(1))
+    # one box per sample, a map that holds its (sin, cos) everywhere: no loss; turned by 180 degrees: 2 x L1
+    yaw = torch.tensor([0.7, -2.0])
+    one = [torch.tensor([[10.0 * b, -5.0, 0.0, 4.0, 2.0, 1.5, float(yaw[b]), 0.0, 0.0]]) for b in range(2)]
+    truth = torch.stack((torch.sin(yaw), torch.cos(yaw)), dim=1)[:, :, None, None].expand(2, 2, *head.bev_size)
+    assert head._bev_heading_loss(truth, one, [False, False]).item() == pytest.approx(0.0, abs=1e-6)
+    expected = 2.0 * (2 * truth[:, :, 0, 0].abs().sum(1)).mean()
+    torch.testing.assert_close(head._bev_heading_loss(-truth, one, [False, False]), expected)
+    # a sample whose LiDAR was dropped, and a box outside the BEV range, do not count
+    torch.testing.assert_close(head._bev_heading_loss(-truth, one, [True, False]),
+                               2.0 * 2 * truth[1, :, 0, 0].abs().sum())
+    outside = [one[0], one[1] + torch.tensor([100.0, 0, 0, 0, 0, 0, 0, 0, 0])]
+    torch.testing.assert_close(head._bev_heading_loss(-truth, outside, [False, False]),
+                               2.0 * 2 * truth[0, :, 0, 0].abs().sum())
+    plain = tiny_head(bev_heading_weight=0.0)[0]                        # as in the releases: no branch
+    assert plain.bev_heading is None and "bev_heading" not in plain(**tiny_inputs(plain))
 
-    outputs = {"center": codes[..., :2], "height": codes[..., 2:3], "dim": codes[..., 3:6], "rot": turned[..., 6:8],
-               "vel": codes[..., 8:], "heading_flip": torch.tensor([[[3.0], [3.0], [-3.0], [-3.0]]])}
-    oriented = oriented_box_codes(outputs)
-    torch.testing.assert_close(oriented[0, :2], codes[0, :2])           # flipped back to the truth
-    torch.testing.assert_close(oriented[0, 2:], turned[0, 2:])          # left as regressed
+
+def test_decoding_turns_the_boxes_whose_heading_points_against_the_bev_heading_map():
+    head, cfg = tiny_head(bev_heading_weight=1.0)
+    head.eval()
+    out = head(**tiny_inputs(head))
+    assert out["heading_flip"].shape == (cfg.num_layers, 2, cfg.num_query, 1)
+
+    # a map pointing along +x in the left half (x < 0) and along -x in the right half; queries regress +x
+    h, w = head.bev_size
+    heading_map = torch.zeros(2, 2, h, w)
+    heading_map[:, 1, :, :w // 2], heading_map[:, 1, :, w // 2:] = 1.0, -1.0
+    preds = {"center": torch.tensor([-20.0, 0.0, 20.0, 5.0]).view(1, 1, 2, 2).expand(1, 2, 2, 2),
+             "rot": torch.tensor([0.0, 1.0]).expand(1, 2, 2, 2)}
+    flip = head._against_bev_heading(preds, heading_map)
+    assert flip[..., 0].tolist() == [[[-1.0, 1.0], [-1.0, 1.0]]]
+    codes = encode_boxes(torch.tensor([[-20.0, 0.0, 0.0, 4.0, 2.0, 1.5, 0.0, 0.0, 0.0],
+                                       [20.0, 5.0, 0.0, 4.0, 2.0, 1.5, 0.0, 0.0, 0.0]])).unsqueeze(0)
+    outputs = {"center": codes[..., :2], "height": codes[..., 2:3], "dim": codes[..., 3:6], "rot": codes[..., 6:8],
+               "vel": codes[..., 8:], "heading_flip": flip[:, 0]}
+    yaw = decode_codes(oriented_box_codes(outputs))[0, :, 6]
+    torch.testing.assert_close(torch.cos(yaw), torch.tensor([1.0, -1.0]))  # the right-hand box turned to face -x
 
 
 def test_hungarian_assign_is_optimal():
@@ -394,8 +411,8 @@ def test_tiny_head_train_step_shapes_losses_and_gradients():
     assert out["cls_logits"].shape == (cfg.num_layers, 2, cfg.num_query, cfg.num_classes)
     assert out["dn_cls_logits"].shape == (cfg.num_layers, 2, pad, cfg.num_classes)
     losses = head.loss(out, boxes, labels)
-    assert set(losses) == {"loss_cls", "loss_bbox", "d0.loss_cls", "d0.loss_bbox",
-                           "dn_loss_cls", "dn_loss_bbox", "d0.dn_loss_cls", "d0.dn_loss_bbox"}
+    assert set(losses) == {"loss_cls", "loss_bbox", "d0.loss_cls", "d0.loss_bbox", "dn_loss_cls", "dn_loss_bbox",
+                           "d0.dn_loss_cls", "d0.dn_loss_bbox", "loss_bev_heading"}
     assert all(v.dtype == torch.float32 and v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     for name in ("reference_points.weight", "shared_conv.conv.weight", "rv_embedding.0.weight",

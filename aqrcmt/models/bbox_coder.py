@@ -37,8 +37,8 @@ def box_codes(outputs: dict[str, Tensor], prefix: str = "") -> Tensor:
 
 
 def oriented_box_codes(outputs: dict[str, Tensor], prefix: str = "") -> Tensor:
-    """:func:`box_codes`, with (sin, cos) negated where the optional ``heading_flip`` output (logit > 0) says the
-    regressed heading points backwards: the codes that are decoded into boxes."""
+    """:func:`box_codes`, with (sin, cos) negated where the optional ``heading_flip`` output (> 0) says the
+    regressed heading points backwards (see CmtHead's ``bev_heading_weight``): the codes decoded into boxes."""
     codes = box_codes(outputs, prefix)
     flip = outputs.get(prefix + "heading_flip")
     if flip is None:

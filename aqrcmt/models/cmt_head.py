@@ -31,12 +31,16 @@ from aqrcmt.models.position_encoding import (
 from aqrcmt.models.task_head import SeparateTaskHead
 from aqrcmt.models.transformer import CmtTransformer
 from aqrcmt.models.aqr.routing import router_loss
-from aqrcmt.structures import Detections, SensorStates
+from aqrcmt.structures import SENSOR_DROPPED, Detections, SensorStates
 
 # Official DN classification normaliser: expected positives = N * (sphere / cube volume) = N pi/6 split^3,
 # with pi written as 3.14159 in the official code.
 _DN_PI = 3.14159
 _NEG_CLS_AVG_WEIGHT = 0.1
+
+
+# Where the BEV heading map is supervised in each GT box: (along, across) as fractions of (dx, dy), a 3 x 3 grid.
+_FOOTPRINT_POINTS = tuple((along, across) for along in (-0.3, 0.0, 0.3) for across in (-0.3, 0.0, 0.3))
 
 
 class ConvBNReLU(nn.Module):
@@ -79,6 +83,10 @@ class CmtHead(nn.Module):
         hidden = cfg.hidden_dim
 
         self.shared_conv = ConvBNReLU(cfg.in_channels, hidden) if with_lidar else None
+        self.bev_heading = None
+        if with_lidar and cfg.bev_heading_weight > 0:     # the BEV features -> (sin, cos) of the heading per cell
+            self.bev_heading = nn.Sequential(nn.Conv2d(cfg.in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
+                                             nn.Conv2d(hidden, 2, 1))
         self.transformer = CmtTransformer(cfg.num_layers, hidden, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
                                           cfg.checkpointing)
         self.reference_points = nn.Embedding(cfg.num_query, 3)
@@ -86,8 +94,6 @@ class CmtHead(nn.Module):
         self.bev_embedding = _mlp(2 * hidden, hidden, hidden)
         self.rv_embedding = _mlp(3 * cfg.depth_num, 4 * hidden, hidden) if with_camera else None
         heads = {"center": 2, "height": 1, "dim": 3, "rot": 2, "vel": 2, "cls_logits": cfg.num_classes}
-        if cfg.heading_flip_weight > 0:
-            heads["heading_flip"] = 1
         self.task_heads = nn.ModuleList([SeparateTaskHead(hidden, heads, groups=cfg.num_layers,
                                                           head_conv=cfg.head_conv, final_kernel=cfg.final_kernel)])
         self.register_buffer("bev_coords", bev_grid_coords(self.bev_size), persistent=False)
@@ -142,12 +148,16 @@ class CmtHead(nn.Module):
         denoising queries from :func:`~aqrcmt.models.denoising.prepare_denoising` (built by the caller, outside
         torch.compile, so that varying GT counts do not recompile the head), or None.
         Returns {key: (L, B, Nq, k)} for center (m), height (m, carries log dx), dim, rot, vel, cls_logits
-        (and heading_flip with ``heading_flip_weight`` > 0); with denoising also ``dn_<key>`` (L, B, P, k);
+        (with ``bev_heading_weight`` > 0 also heading_flip: > 0 where rot points against the BEV heading map at
+        the box centre); with denoising also ``dn_<key>`` (L, B, P, k); ``bev_heading`` (B, 2, H, W) that map;
         ``dn`` holds the :class:`Denoising` record or None, ``aqr_routing`` the AQR query weights
         (:class:`~aqrcmt.models.aqr.routing.QueryRouting`) or None.
         """
         x, x_img, batch = self._check_inputs(bev_feat, img_feat, lidar2img)
+        outputs: dict = {}
         if x is not None:
+            if self.bev_heading is not None:
+                outputs["bev_heading"] = self.bev_heading(x)
             x = self.shared_conv(x)
 
         reference = self.reference_points.weight.unsqueeze(0).expand(batch, -1, -1)
@@ -187,8 +197,10 @@ class CmtHead(nn.Module):
                                     dn.attn_mask if dn is not None else None, cross_attn_bias=locality)
         preds = self.task_heads[0](torch.nan_to_num(features))
         preds = self._to_metres(preds, inverse_sigmoid(reference))
+        if "bev_heading" in outputs:
+            preds["heading_flip"] = self._against_bev_heading(preds, outputs["bev_heading"])
 
-        outputs: dict = {"dn": dn, "aqr_routing": routing}
+        outputs.update(dn=dn, aqr_routing=routing)
         for key in preds:
             outputs[key] = preds[key][:, :, num_dn:]
             if dn is not None:
@@ -238,7 +250,8 @@ class CmtHead(nn.Module):
              sensors: Optional[SensorStates] = None) -> dict[str, Tensor]:
         """The official loss terms in fp32: ``loss_cls``, ``loss_bbox`` (last layer), ``d{i}.loss_*`` (earlier
         layers) and the same with ``dn_`` for the denoising queries (when training with denoising); with router
-        supervision (``model.aqr.router_loss_weight`` > 0) also ``loss_router``.
+        supervision (``model.aqr.router_loss_weight`` > 0) also ``loss_router``; with the BEV heading output
+        ``loss_bev_heading``.
 
         gt_boxes: B tensors (n_b, 9) gravity-centre boxes; gt_labels: B tensors (n_b,); sensors: the batch's
         sensor states (None: every sensor intact).
@@ -255,7 +268,12 @@ class CmtHead(nn.Module):
             elif self.training and self.cfg.use_dn:  # no GT in the batch: keep the keys, add zero
                 zero = outputs["cls_logits"].float().sum((1, 2, 3)) * 0.0
                 terms.update({"dn_" + name: zero for name in list(terms)})
-        losses = {}
+            losses = {}
+            if "bev_heading" in outputs:
+                lidar_dropped = ((sensors.lidar == SENSOR_DROPPED).tolist() if sensors is not None
+                                 else [False] * len(gt_boxes))
+                losses["loss_bev_heading"] = self._bev_heading_loss(outputs["bev_heading"].float(), gt_boxes,
+                                                                    lidar_dropped)
         if self.aqr is not None and self.aqr.cfg.router_loss_weight > 0:
             routing = outputs["aqr_routing"]
             if sensors is None:
@@ -271,8 +289,7 @@ class CmtHead(nn.Module):
 
     def _matching_losses(self, outputs: dict, codes: Tensor, gt_boxes: list[Tensor],
                          gt_labels: list[Tensor]) -> dict[str, Tensor]:
-        """Hungarian-matched focal and L1 losses (and the heading-flip loss, when the head has that output) per
-        decoder layer (L,): codes (L, B, Q, 10) of `outputs`."""
+        """Hungarian-matched focal and L1 losses per decoder layer (L,): codes (L, B, Q, 10) of `outputs`."""
         cfg = self.cfg
         logits = outputs["cls_logits"].float()
         layers, batch, queries, num_classes = logits.shape
@@ -303,14 +320,10 @@ class CmtHead(nn.Module):
         l1 = l1 + self._heading_axis_loss(codes, targets, weight)
         terms = {"loss_cls": cfg.loss_cls_weight * focal / cls_norm,
                  "loss_bbox": cfg.loss_bbox_weight * l1 / num_pos.clamp(min=1.0)}
-        if "heading_flip" in outputs:
-            flip = self._heading_flip_loss(outputs["heading_flip"].float(), codes, targets, weight)
-            terms["loss_heading_flip"] = flip / num_pos.clamp(min=1.0)
         return terms
 
     def _denoising_losses(self, outputs: dict, dn: Denoising) -> dict[str, Tensor]:
-        """Focal loss with the noised labels and L1 to the clean boxes (and the heading-flip loss, when the head
-        has that output) on every denoising query, per layer (L,)."""
+        """Focal loss with the noised labels and L1 to the clean boxes on every denoising query, per layer (L,)."""
         cfg = self.cfg
         index = (slice(None), dn.batch_index, dn.slot_index)
         logits = outputs["dn_cls_logits"].float()[index]                     # (L, N, C)
@@ -324,9 +337,6 @@ class CmtHead(nn.Module):
         l1 = l1 + self._heading_axis_loss(codes, targets, weight)
         terms = {"dn_loss_cls": cfg.loss_cls_weight * focal.flatten(1).sum(1) / cls_norm,
                  "dn_loss_bbox": cfg.loss_bbox_weight * l1 / count.clamp(min=1.0)}
-        if "dn_heading_flip" in outputs:
-            flip = self._heading_flip_loss(outputs["dn_heading_flip"].float()[index], codes, targets, weight)
-            terms["dn_loss_heading_flip"] = flip / count.clamp(min=1.0)
         return terms
 
     def _heading_axis_loss(self, codes: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
@@ -336,15 +346,40 @@ class CmtHead(nn.Module):
         axis_weight = self.cfg.heading_axis_weight * (weight[..., ROT_CODES] != 0).all(-1)
         return heading_axis_l1(codes[..., ROT_CODES], targets[..., ROT_CODES], axis_weight).flatten(1).sum(1)
 
-    def _heading_flip_loss(self, flip_logits: Tensor, codes: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
-        """Binary cross-entropy of the flip logit (..., 1) against "the regressed (sin, cos) points away from the
-        true heading" (negative dot product; the regression is not trained by this term), summed per layer (L,)
-        over the queries whose rotation targets count (`weight` (..., 10) non-zero)."""
-        counted = (weight[..., ROT_CODES] != 0).all(-1)
-        backwards = (codes[..., ROT_CODES].detach() * targets[..., ROT_CODES]).sum(-1) < 0
-        bce = F.binary_cross_entropy_with_logits(flip_logits.squeeze(-1), backwards.float(), reduction="none")
-        bce = torch.where(counted, bce, torch.zeros_like(bce))
-        return self.cfg.heading_flip_weight * bce.flatten(1).sum(1)
+    def _bev_heading_loss(self, heading_map: Tensor, gt_boxes: list[Tensor], lidar_dropped: list[bool]) -> Tensor:
+        """``bev_heading_weight`` x the L1 between the (sin, cos) map (B, 2, H, W), read bilinearly at 3 x 3 points
+        spread over each GT box's footprint (the map is read at predicted centres, not the true ones), and
+        (sin, cos) of the box's yaw, averaged over the points inside the BEV range (none of a sample whose LiDAR
+        was dropped: its map has nothing to read the heading from)."""
+        x_min, y_min, _, x_max, y_max, _ = self.pc_range
+        spread = heading_map.new_tensor(_FOOTPRINT_POINTS)                          # (9, 2) fractions of (dx, dy)
+        total, count = heading_map.sum() * 0.0, heading_map.new_zeros(())   # the map takes part in every step
+        for b, boxes in enumerate(gt_boxes):
+            if lidar_dropped[b]:
+                continue
+            yaw = boxes[:, 6:7]
+            along, across = spread[:, 0] * boxes[:, 3:4], spread[:, 1] * boxes[:, 4:5]       # (n, 9) metres
+            x = boxes[:, 0:1] + along * torch.cos(yaw) - across * torch.sin(yaw)
+            y = boxes[:, 1:2] + along * torch.sin(yaw) + across * torch.cos(yaw)
+            grid = torch.stack(((x - x_min) / (x_max - x_min), (y - y_min) / (y_max - y_min)), dim=-1) * 2.0 - 1.0
+            target = torch.cat((torch.sin(yaw), torch.cos(yaw)), dim=-1).unsqueeze(1)          # (n, 1, 2)
+            counted = (grid.abs() < 1.0).all(-1) & torch.isfinite(target).all(-1)              # (n, 9)
+            sampled = F.grid_sample(heading_map[b:b + 1], torch.nan_to_num(grid).view(1, 1, -1, 2),
+                                    align_corners=False)[0, :, 0].T.reshape(grid.shape)
+            error = (sampled - torch.nan_to_num(target)).abs().sum(-1)
+            total = total + torch.where(counted, error, torch.zeros_like(error)).sum()
+            count = count + counted.sum()
+        return self.cfg.bev_heading_weight * total / self._normalizer(count.float()).clamp(min=1.0)
+
+    def _against_bev_heading(self, preds: dict[str, Tensor], heading_map: Tensor) -> Tensor:
+        """Minus the dot product of each query's (sin, cos) with the heading map (B, 2, H, W) read bilinearly at its
+        centre: (L, B, Q, 1), > 0 where the two point apart (the decoded box is turned by 180 degrees)."""
+        layers, batch, queries, _ = preds["rot"].shape
+        low, high = preds["center"].new_tensor(self.pc_range[:2]), preds["center"].new_tensor(self.pc_range[3:5])
+        grid = ((preds["center"] - low) / (high - low) * 2.0 - 1.0).transpose(0, 1).reshape(batch, 1, -1, 2)
+        sampled = F.grid_sample(heading_map.to(grid.dtype), grid, align_corners=False)      # (B, 2, 1, L * Q)
+        sampled = sampled.reshape(batch, 2, layers, queries).permute(2, 0, 3, 1)
+        return -(preds["rot"] * sampled.to(preds["rot"].dtype)).sum(-1, keepdim=True)
 
     def _normalizer(self, local_count: Tensor) -> Tensor:
         """A loss normaliser: the local count, or its mean over processes with `sync_loss_normalizers`."""
