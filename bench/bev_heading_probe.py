@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from aqrcmt.data import build_dataloader
 from aqrcmt.models.detector import build_model
+from aqrcmt.models.position_encoding import read_bev_map
 from aqrcmt.presets import load_config
 from aqrcmt.structures import CLASS_NAMES
 
@@ -32,9 +32,7 @@ def read_at_vehicles(heading_map: torch.Tensor, batch, pc_range) -> tuple[torch.
     read, yaws = [heading_map.new_zeros(0, 2)], [heading_map.new_zeros(0)]
     for b, (boxes, labels) in enumerate(zip(batch.gt_boxes, batch.gt_labels)):
         boxes = boxes[torch.isin(labels, VEHICLES)]
-        grid = torch.stack([(boxes[:, 0] - pc_range[0]) / (pc_range[3] - pc_range[0]),
-                            (boxes[:, 1] - pc_range[1]) / (pc_range[4] - pc_range[1])], -1) * 2 - 1
-        read.append(F.grid_sample(heading_map[b:b + 1], grid.view(1, 1, -1, 2), align_corners=False)[0, :, 0].T)
+        read.append(read_bev_map(heading_map[b:b + 1], boxes[None, :, :2], pc_range)[0])
         yaws.append(boxes[:, 6])
     return torch.cat(read), torch.cat(yaws)
 

@@ -25,13 +25,13 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from aqrcmt.data import build_dataloader, build_dataset
 from aqrcmt.data.box_geometry import points_in_boxes
 from aqrcmt.eval.predict import predict_dataset
 from aqrcmt.inference import load_detector_from_checkpoint
 from aqrcmt.models.bbox_coder import ROT_CODES, oriented_box_codes
+from aqrcmt.models.position_encoding import read_bev_map
 from aqrcmt.presets import load_config
 from aqrcmt.structures import CLASS_NAMES
 
@@ -122,6 +122,7 @@ def vehicle_features(detector, loader) -> dict[str, np.ndarray]:
                 outputs = detector(batch)
                 bev = captured["bev"]
                 height, width = bev.shape[-2:]
+                decoded_rot = oriented_box_codes(outputs)[-1, ..., ROT_CODES]
                 for b, (boxes, labels) in enumerate(zip(batch.gt_boxes, batch.gt_labels)):
                     for box, label in zip(boxes.numpy(), labels.numpy()):
                         col = int((box[0] - x_min) / (x_max - x_min) * width)
@@ -136,20 +137,15 @@ def vehicle_features(detector, loader) -> dict[str, np.ndarray]:
                         rows["rot"].append(outputs["rot"][-1, b, query].numpy())
                         rows["yaw"].append(box[6])
                         if "bev_heading" in outputs:
-                            for key, xy in (("map_at_box", box[:2]), ("map_at_query", outputs["center"][-1, b, query])):
-                                rows[key].append(read_map(outputs["bev_heading"][b], xy, head.pc_range))
-                            rows["decoded_rot"].append(oriented_box_codes(outputs)[-1, b, query, ROT_CODES].numpy())
+                            points = torch.stack((torch.from_numpy(box[:2]).float(), outputs["center"][-1, b, query]))
+                            read = read_bev_map(outputs["bev_heading"][b:b + 1], points[None], head.pc_range)[0]
+                            rows["map_at_box"].append(read[0].numpy())
+                            rows["map_at_query"].append(read[1].numpy())
+                            rows["decoded_rot"].append(decoded_rot[b, query].numpy())
     finally:
         for hook in hooks:
             hook.remove()
     return {key: np.array(values) for key, values in rows.items()}
-
-
-def read_map(heading_map: torch.Tensor, xy, pc_range: tuple[float, ...]) -> np.ndarray:
-    """The (2, H, W) map read bilinearly at the point (x, y) in metres: (2,)."""
-    low, high = np.array(pc_range[:2]), np.array(pc_range[3:5])
-    grid = torch.as_tensor((np.asarray(xy, dtype=np.float64) - low) / (high - low) * 2 - 1, dtype=torch.float32)
-    return F.grid_sample(heading_map[None], grid.view(1, 1, 1, 2), align_corners=False).flatten().numpy()
 
 
 def ridge_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, strength: float = 100.0) -> np.ndarray:

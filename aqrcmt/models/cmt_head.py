@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aqrcmt.config import AQRConfig, HeadConfig
@@ -26,7 +25,7 @@ from aqrcmt.models.local_attention import LocalAttention
 from aqrcmt.models.locality import cross_attention_locality_bias
 from aqrcmt.models.losses import heading_axis_l1, sigmoid_focal_loss, weighted_l1_loss
 from aqrcmt.models.position_encoding import (
-    bev_grid_coords, image_ray_points, inverse_sigmoid, pos2embed, query_ray_points, ray_depths,
+    bev_grid_coords, image_ray_points, inverse_sigmoid, pos2embed, query_ray_points, ray_depths, read_bev_map,
 )
 from aqrcmt.models.task_head import SeparateTaskHead
 from aqrcmt.models.transformer import CmtTransformer
@@ -261,7 +260,7 @@ class CmtHead(nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             gt_boxes = [b.to(device).float() for b in gt_boxes]
             gt_labels = [lab.to(device).long() for lab in gt_labels]
-            terms = self._matching_losses(outputs, codes, gt_boxes, gt_labels)
+            terms = self._matching_losses(outputs["cls_logits"].float(), codes, gt_boxes, gt_labels)
             dn = outputs.get("dn")
             if dn is not None:
                 terms.update(self._denoising_losses(outputs, dn))
@@ -287,11 +286,10 @@ class CmtHead(nn.Module):
                 losses[f"d{layer}.{name}"] = per_layer[layer]
         return losses
 
-    def _matching_losses(self, outputs: dict, codes: Tensor, gt_boxes: list[Tensor],
+    def _matching_losses(self, logits: Tensor, codes: Tensor, gt_boxes: list[Tensor],
                          gt_labels: list[Tensor]) -> dict[str, Tensor]:
-        """Hungarian-matched focal and L1 losses per decoder layer (L,): codes (L, B, Q, 10) of `outputs`."""
+        """Hungarian-matched focal and L1 losses per decoder layer (L,): logits (L, B, Q, C), codes (L, B, Q, 10)."""
         cfg = self.cfg
-        logits = outputs["cls_logits"].float()
         layers, batch, queries, num_classes = logits.shape
         labels = torch.full((layers, batch, queries), num_classes, dtype=torch.long, device=logits.device)
         targets = codes.new_zeros(codes.shape)
@@ -318,9 +316,8 @@ class CmtHead(nn.Module):
         weight = (positive & torch.isfinite(targets).all(-1)).unsqueeze(-1) * self.code_weights
         l1 = weighted_l1_loss(codes, targets, weight).flatten(1).sum(1)
         l1 = l1 + self._heading_axis_loss(codes, targets, weight)
-        terms = {"loss_cls": cfg.loss_cls_weight * focal / cls_norm,
-                 "loss_bbox": cfg.loss_bbox_weight * l1 / num_pos.clamp(min=1.0)}
-        return terms
+        return {"loss_cls": cfg.loss_cls_weight * focal / cls_norm,
+                "loss_bbox": cfg.loss_bbox_weight * l1 / num_pos.clamp(min=1.0)}
 
     def _denoising_losses(self, outputs: dict, dn: Denoising) -> dict[str, Tensor]:
         """Focal loss with the noised labels and L1 to the clean boxes on every denoising query, per layer (L,)."""
@@ -335,9 +332,8 @@ class CmtHead(nn.Module):
         weight = torch.isfinite(targets).all(-1, keepdim=True) * self.code_weights
         l1 = weighted_l1_loss(codes, targets, weight).flatten(1).sum(1)
         l1 = l1 + self._heading_axis_loss(codes, targets, weight)
-        terms = {"dn_loss_cls": cfg.loss_cls_weight * focal.flatten(1).sum(1) / cls_norm,
-                 "dn_loss_bbox": cfg.loss_bbox_weight * l1 / count.clamp(min=1.0)}
-        return terms
+        return {"dn_loss_cls": cfg.loss_cls_weight * focal.flatten(1).sum(1) / cls_norm,
+                "dn_loss_bbox": cfg.loss_bbox_weight * l1 / count.clamp(min=1.0)}
 
     def _heading_axis_loss(self, codes: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
         """The front/back-blind heading term per layer: codes / targets / weight (L, ..., 10) -> (L,)."""
@@ -351,7 +347,7 @@ class CmtHead(nn.Module):
         spread over each GT box's footprint (the map is read at predicted centres, not the true ones), and
         (sin, cos) of the box's yaw, averaged over the points inside the BEV range (none of a sample whose LiDAR
         was dropped: its map has nothing to read the heading from)."""
-        x_min, y_min, _, x_max, y_max, _ = self.pc_range
+        low, high = heading_map.new_tensor(self.pc_range[:2]), heading_map.new_tensor(self.pc_range[3:5])
         spread = heading_map.new_tensor(_FOOTPRINT_POINTS)                          # (9, 2) fractions of (dx, dy)
         total, count = heading_map.sum() * 0.0, heading_map.new_zeros(())   # the map takes part in every step
         for b, boxes in enumerate(gt_boxes):
@@ -359,14 +355,12 @@ class CmtHead(nn.Module):
                 continue
             yaw = boxes[:, 6:7]
             along, across = spread[:, 0] * boxes[:, 3:4], spread[:, 1] * boxes[:, 4:5]       # (n, 9) metres
-            x = boxes[:, 0:1] + along * torch.cos(yaw) - across * torch.sin(yaw)
-            y = boxes[:, 1:2] + along * torch.sin(yaw) + across * torch.cos(yaw)
-            grid = torch.stack(((x - x_min) / (x_max - x_min), (y - y_min) / (y_max - y_min)), dim=-1) * 2.0 - 1.0
+            xy = torch.stack((boxes[:, 0:1] + along * torch.cos(yaw) - across * torch.sin(yaw),
+                              boxes[:, 1:2] + along * torch.sin(yaw) + across * torch.cos(yaw)), dim=-1)
             target = torch.cat((torch.sin(yaw), torch.cos(yaw)), dim=-1).unsqueeze(1)          # (n, 1, 2)
-            counted = (grid.abs() < 1.0).all(-1) & torch.isfinite(target).all(-1)              # (n, 9)
-            sampled = F.grid_sample(heading_map[b:b + 1], torch.nan_to_num(grid).view(1, 1, -1, 2),
-                                    align_corners=False)[0, :, 0].T.reshape(grid.shape)
-            error = (sampled - torch.nan_to_num(target)).abs().sum(-1)
+            counted = ((xy > low) & (xy < high)).all(-1) & torch.isfinite(target).all(-1)       # (n, 9)
+            sampled = read_bev_map(heading_map[b:b + 1], torch.nan_to_num(xy).view(1, -1, 2), self.pc_range)
+            error = (sampled.view(xy.shape) - torch.nan_to_num(target)).abs().sum(-1)
             total = total + torch.where(counted, error, torch.zeros_like(error)).sum()
             count = count + counted.sum()
         return self.cfg.bev_heading_weight * total / self._normalizer(count.float()).clamp(min=1.0)
@@ -375,10 +369,8 @@ class CmtHead(nn.Module):
         """Minus the dot product of each query's (sin, cos) with the heading map (B, 2, H, W) read bilinearly at its
         centre: (L, B, Q, 1), > 0 where the two point apart (the decoded box is turned by 180 degrees)."""
         layers, batch, queries, _ = preds["rot"].shape
-        low, high = preds["center"].new_tensor(self.pc_range[:2]), preds["center"].new_tensor(self.pc_range[3:5])
-        grid = ((preds["center"] - low) / (high - low) * 2.0 - 1.0).transpose(0, 1).reshape(batch, 1, -1, 2)
-        sampled = F.grid_sample(heading_map.to(grid.dtype), grid, align_corners=False)      # (B, 2, 1, L * Q)
-        sampled = sampled.reshape(batch, 2, layers, queries).permute(2, 0, 3, 1)
+        centres = preds["center"].transpose(0, 1).reshape(batch, layers * queries, 2)
+        sampled = read_bev_map(heading_map, centres, self.pc_range).view(batch, layers, queries, 2).transpose(0, 1)
         return -(preds["rot"] * sampled.to(preds["rot"].dtype)).sum(-1, keepdim=True)
 
     def _normalizer(self, local_count: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from aqrcmt.models.camera_geometry import project_to_images
@@ -54,6 +55,14 @@ def bev_grid_coords(bev_size: tuple[int, int], device: torch.device | str | None
 def ray_depths(depth_num: int, max_depth: float, device: torch.device | str | None = None) -> Tensor:
     """Sample depths along each camera ray in metres: ``1 + k (max_depth - 1) / depth_num``, k < depth_num."""
     return 1 + torch.arange(depth_num, dtype=torch.float32, device=device) * (max_depth - 1) / depth_num
+
+
+def read_bev_map(bev_map: Tensor, xy: Tensor, pc_range: tuple[float, ...]) -> Tensor:
+    """A BEV map (B, C, H, W) over `pc_range` (rows +y, columns +x) read bilinearly at xy (B, N, 2) metres:
+    (B, N, C); 0 outside the map."""
+    low, high = xy.new_tensor(pc_range[:2]), xy.new_tensor(pc_range[3:5])
+    grid = ((xy - low) / (high - low) * 2.0 - 1.0).unsqueeze(1)                       # (B, 1, N, 2) in [-1, 1]
+    return F.grid_sample(bev_map.to(grid.dtype), grid, align_corners=False)[:, :, 0].transpose(1, 2)
 
 
 def _normalise(points: Tensor, pc_range: tuple[float, ...]) -> Tensor:
