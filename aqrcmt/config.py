@@ -541,6 +541,13 @@ class Config:
         _check_literals(self, "")
         return self
 
+    def min_batch_per_process(self) -> int:
+        """Samples each training process needs per step: 2 with ModalMask3D and a LiDAR branch (a LiDAR-dropped
+        sample is one voxel, its points zeroed at the origin, on which the sparse encoder's BatchNorm has no
+        training statistics), else 1."""
+        augment = self.data.augment
+        return 2 if augment.enabled and augment.modality_drop and self.model.lidar.enabled else 1
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

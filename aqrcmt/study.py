@@ -4,9 +4,11 @@
 
 1. The synthetic benchmark (train scenes / held-out val scenes) is written to ``out/data``, and a second one of
    another seed with many night and rain scenes to ``out/conditions`` (none of it is trained on).
-2. A plain tiny CMT is pretrained with ModalMask3D (as the released fusion model is), written in the official
-   ``.pth`` layout and brought back with the converter (``out/pretrained``): the path a user takes with the
-   released weights. It is evaluated like every arm (``out/pretrained/evaluation.json``).
+2. A plain tiny CMT is pretrained with ModalMask3D (as the released fusion model is), starting from a camera-only
+   tiny CMT trained first (``out/pretrain_camera``; the released fusion model too starts from trained image
+   weights), written in the official ``.pth`` layout and brought back with the converter (``out/pretrained``):
+   the path a user takes with the released weights. It is evaluated like every arm
+   (``out/pretrained/evaluation.json``).
 3. Every arm fine-tunes that model for the same number of steps, seeds and data order, with failure-aware training
    (ModalMask3D plus the failure scenarios of :data:`TRAIN_FAILURES`): plain CMT continued (the control), the
    fork's original AQR (the collapse), the recommended AQR end to end, with identity start, and with router
@@ -73,6 +75,9 @@ FINETUNE_BATCHNORM = ('optim.batchnorm_eval=[""]',)
 FAILURE_SPLIT = "val_failures"          # custom split of the benchmark: the val scenes the failures are scored on
 CONDITIONS_SPLIT = "all"                # custom split of the conditions benchmark: every scene
 SCORED_CONDITIONS = ("night", "rain", "clear")
+# Parameters of the fusion model that a camera-only model lacks (the LiDAR branch and the head's BEV convolutions).
+LIDAR_ONLY_KEYS = ("pts_middle_encoder.*", "pts_backbone.*", "pts_neck.*", "pts_bbox_head.shared_conv.*",
+                   "pts_bbox_head.bev_heading.*")
 METRICS = ("mAP", "NDS", "mATE", "mAOE")
 
 
@@ -115,6 +120,7 @@ class StudyPlan:
                                                                   seed=2)
     condition_shares: ConditionShares = ConditionShares(night=0.6, rain=0.4, fog=0.0)
     failure_scenes: int = 3              # val scenes the failure scenarios are scored on
+    camera_pretrain_steps: int = MAIN_JOB_STEPS  # camera-only steps before the ModalMask3D pretraining (0: none)
     pretrain_steps: int = MAIN_JOB_STEPS
     finetune_steps: int = 100
     finetune_lr: float = 2e-4            # the fork's base learning rate, with its multipliers
@@ -131,15 +137,17 @@ class StudyPlan:
                    benchmark=SyntheticBenchmark("v1.0-mini", scenes=3, samples_per_scene=2, seed=0),
                    conditions_benchmark=SyntheticBenchmark("v1.0-mini", scenes=3, samples_per_scene=2, seed=1),
                    condition_shares=ConditionShares(night=1.0, rain=1.0, fog=0.0), failure_scenes=1,
-                   pretrain_steps=4, finetune_steps=4, robustness_corruptions=("brightness",))
+                   camera_pretrain_steps=4, pretrain_steps=4, finetune_steps=4,
+                   robustness_corruptions=("brightness",))
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.arms if a not in ARM_NAMES]
         if unknown:
             raise ValueError(f"unknown study arm(s) {unknown}; known arms: {list(ARM_NAMES)}")
-        if self.finetune_steps < 1 or self.pretrain_steps < 1 or not self.seeds:
-            raise ValueError(f"finetune_steps and pretrain_steps must be >= 1 and seeds not empty, got "
-                             f"{self.finetune_steps}, {self.pretrain_steps}, {self.seeds}")
+        if self.finetune_steps < 1 or self.pretrain_steps < 1 or self.camera_pretrain_steps < 0 or not self.seeds:
+            raise ValueError(f"finetune_steps and pretrain_steps must be >= 1, camera_pretrain_steps >= 0 and seeds "
+                             f"not empty, got {self.finetune_steps}, {self.pretrain_steps}, "
+                             f"{self.camera_pretrain_steps}, {self.seeds}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -206,8 +214,26 @@ def _base_overrides(plan: StudyPlan, data_root: Path, run_dir: Path, seed: int) 
             "train.epochs=100000", "train.eval_every_epochs=0", "data.augment.modality_drop=true"]
 
 
+def camera_pretrain(plan: StudyPlan, data_root: Path, log: Callable[[str], None]) -> Path:
+    """Camera-only tiny CMT on the train scenes (no modality drop: it has one modality); returns its weights."""
+    run_dir, weights = plan.out / "pretrain_camera", plan.out / "pretrained" / "cmt_tiny_camera.safetensors"
+    if weights.is_file():
+        log(f"[study] reusing the camera-only model {weights}")
+        return weights
+    if run_dir.exists():
+        shutil.rmtree(run_dir)                       # an unfinished pretraining restarts
+    cfg = load_config("tiny", [*_base_overrides(plan, data_root, run_dir, seed=0), "model.lidar.enabled=false",
+                               "data.augment.modality_drop=false", f"train.max_steps={plan.camera_pretrain_steps}"])
+    log(f"[study] pretraining camera-only tiny CMT for {plan.camera_pretrain_steps} steps in {run_dir}")
+    result = train(cfg, TrainOptions())
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(weights, (result.last_checkpoint / "model.safetensors").read_bytes())
+    return weights
+
+
 def pretrain(plan: StudyPlan, data_root: Path, log: Callable[[str], None]) -> tuple[Path, Config]:
-    """Plain tiny CMT with ModalMask3D on the train scenes -> official .pth layout -> converted back."""
+    """Plain tiny CMT with ModalMask3D on the train scenes, from the camera-only model when
+    ``plan.camera_pretrain_steps`` -> official .pth layout -> converted back."""
     run_dir, folder = plan.out / "pretrain", plan.out / "pretrained"
     official, converted = folder / "cmt_tiny_official.pth", folder / "cmt_tiny.safetensors"
     cfg_path = run_dir / "config.json"
@@ -216,12 +242,15 @@ def pretrain(plan: StudyPlan, data_root: Path, log: Callable[[str], None]) -> tu
         load_weights(build_model(cfg.model), converted, missing_ok_prefixes=())   # CheckpointError if it does not fit
         log(f"[study] reusing the pretrained model {converted}")
         return converted, cfg
+    camera = camera_pretrain(plan, data_root, log) if plan.camera_pretrain_steps else None
     if run_dir.exists():
         shutil.rmtree(run_dir)                       # an unfinished pretraining restarts
     cfg = load_config("tiny", [*_base_overrides(plan, data_root, run_dir, seed=0),
                                f"train.max_steps={plan.pretrain_steps}"])
-    log(f"[study] pretraining plain tiny CMT with ModalMask3D for {plan.pretrain_steps} steps in {run_dir}")
-    result = train(cfg, TrainOptions())
+    log(f"[study] pretraining plain tiny CMT with ModalMask3D for {plan.pretrain_steps} steps in {run_dir}"
+        + (f", from {camera}" if camera else ""))
+    options = TrainOptions(load_from=str(camera), allow_missing=list(LIDAR_ONLY_KEYS)) if camera else TrainOptions()
+    result = train(cfg, options)
     folder.mkdir(parents=True, exist_ok=True)
     for path in (official, converted):
         path.unlink(missing_ok=True)
@@ -453,8 +482,9 @@ def report_markdown(plan: StudyPlan, pretrain_cfg: Config, pretrained: dict, res
         f"(split `{FAILURE_SPLIT}`), condition scores on a second benchmark ({c.scenes} scenes x "
         f"{c.samples_per_scene} samples, seed {c.seed}, night share {plan.condition_shares.night}, rain share "
         f"{plan.condition_shares.rain}); nothing of either is trained on. Official DetectionEval throughout.",
-        f"Pretrained: plain `{pretrain_cfg.name}` CMT with ModalMask3D, {plan.pretrain_steps} steps, written as an "
-        "official `.pth` and converted back.",
+        f"Pretrained: plain `{pretrain_cfg.name}` CMT with ModalMask3D, {plan.pretrain_steps} steps"
+        + (f", starting from a camera-only `{pretrain_cfg.name}` CMT of {plan.camera_pretrain_steps} steps"
+           if plan.camera_pretrain_steps else "") + "; written as an official `.pth` and converted back.",
         f"Every arm and seed ({', '.join(map(str, plan.seeds))}): {plan.finetune_steps} steps at lr "
         f"{plan.finetune_lr:g} with the AQR fork's multipliers (backbones frozen; AQR x{plan.aqr_lr_mult:g}) and "
         "every BatchNorm's statistics fixed, "

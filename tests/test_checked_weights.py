@@ -118,11 +118,15 @@ def test_a_full_disk_during_a_checkpoint_is_one_error_and_leaves_no_temporaries(
     assert not list(run.glob(".*")) and not list((run / "checkpoints").glob(".*"))
 
 
-def test_fp16_on_the_cpu_and_a_batch_larger_than_the_split_are_one_line_each(synthetic_root, tmp_path):
+def test_fp16_on_the_cpu_a_batch_larger_than_the_split_and_modality_drop_at_batch_1_are_one_line_each(
+        synthetic_root, tmp_path):
     common = [f"data.root={synthetic_root}", f"train.output_dir={tmp_path / 'run'}", *SMALL[:-1]]
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="train.mixed_precision 'fp16' needs a CUDA GPU"):
             train(load_config("tiny", [*common, "train.mixed_precision=fp16"]), TrainOptions())
+    with pytest.raises(ConfigError, match=r"data.batch_size=1 with data.augment.modality_drop=true: a LiDAR-dropped "
+                                          r"sample is one voxel"):
+        train(load_config("tiny", [*common, "data.batch_size=1", "data.augment.modality_drop=true"]), TrainOptions())
     with pytest.raises(DatasetError, match=r"12 samples, 12 per process, make 0 whole batches of data.batch_size = "
                                            r"13 per process"):
         train(load_config("tiny", [*common, "data.batch_size=13"]), TrainOptions())

@@ -34,3 +34,14 @@ def test_demo_in_two_processes_splits_the_batch_and_reports_the_evaluated_checkp
     assert metrics["num_samples"] == 2     # the 1 val scene
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["batch_size"] == 1 and config["model"]["head"]["sync_loss_normalizers"] is True
+
+
+def test_demo_refuses_two_processes_of_one_sample_with_modality_drop_before_writing_anything(tmp_path: Path) -> None:
+    run, data = tmp_path / "run", tmp_path / "data"
+    done = subprocess.run([sys.executable, str(DEMO), "--processes", "2", "--out", str(run), "--root", str(data),
+                           "--set", "data.augment.modality_drop=true"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --processes 2: data.batch_size=2 leaves 1 sample per process; ModalMask3D "
+        "(data.augment.modality_drop) needs 2 (a LiDAR-dropped sample is one voxel)"]
+    assert not run.exists() and not data.exists()

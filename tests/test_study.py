@@ -2,12 +2,15 @@
 inputs are refused."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from aqrcmt.cli import main
@@ -18,8 +21,12 @@ from aqrcmt.study import ARM_NAMES, EVAL_FAILURES, best_aqr_arm, separation
 
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory) -> Path:
+    """The quick study's folder; what it printed is in <folder>_stdout.txt beside it."""
     out = tmp_path_factory.mktemp("study")
-    assert main(["study", "--out", str(out), "--quick"]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["study", "--out", str(out), "--quick"]) == 0
+    out.with_name(out.name + "_stdout.txt").write_text(printed.getvalue())
     return out
 
 
@@ -48,6 +55,14 @@ def test_quick_study_writes_the_report_for_every_arm(quick_study: Path):
     assert runs["control"]["routing"]["lidar_drop_s1"]["lidar_failed_count"] == 0
     assert results["best"] in ARM_NAMES[2:] and set(results["robustness"]) == {"control", results["best"]}
     assert (quick_study / "pretrained" / "cmt_tiny_official.pth").is_file()
+    # the ModalMask3D pretraining starts from the camera-only model: all but the LiDAR-only tensors come from it
+    with safe_open(quick_study / "pretrained" / "cmt_tiny_camera.safetensors", "pt") as camera:
+        camera_keys = set(camera.keys())
+    assert any(k.startswith("img_backbone.") for k in camera_keys)
+    assert not any(k.startswith(("pts_middle_encoder.", "pts_bbox_head.shared_conv.")) for k in camera_keys)
+    printed = quick_study.with_name(quick_study.name + "_stdout.txt").read_text()
+    assert f"with ModalMask3D for 4 steps in {quick_study / 'pretrain'}, from " in printed
+    assert "keep their initialisation" in printed and "starting from a camera-only `tiny` CMT of 4 steps" in report
     for name in ("lidar_drop", "view_drop"):
         assert Image.open(quick_study / f"maps_{results['best']}_{name}.png").size[0] > 100
 
@@ -101,7 +116,7 @@ def test_pretrained_weights_of_another_config_are_refused(quick_study: Path, tmp
     assert not (out / "arms").exists()
 
 
-@pytest.mark.parametrize("option, value", [("--finetune-steps", "0"), ("--router-loss-weight", "-1"),
+@pytest.mark.parametrize("option, value", [("--finetune-steps", "0"), ("--camera-pretrain-steps", "-1"), ("--router-loss-weight", "-1"),
                                            ("--router-loss-weight", "nan"), ("--aqr-lr-mult", "0")])
 def test_bad_plan_options_are_refused(tmp_path, capsys, option, value):
     assert main(["study", "--out", str(tmp_path / "s"), "--quick", option, value]) == 2
@@ -115,7 +130,8 @@ def test_plan_options_reach_the_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(study_tool, "run_study", lambda plan: plans.append(plan) or tmp_path / "report.md")
     assert main(["study", "--out", str(tmp_path / "s"), "--arms", "supervised_e2e", "--seeds", "0",
                  "--finetune-steps", "300", "--router-loss-weight", "5", "--aqr-lr-mult", "25",
-                 "--no-corruptions"]) == 0
+                 "--no-corruptions", "--camera-pretrain-steps", "0"]) == 0
     (plan,) = plans
     assert (plan.arms, plan.seeds, plan.finetune_steps, plan.router_loss_weight, plan.aqr_lr_mult,
-            plan.robustness_corruptions) == (("supervised_e2e",), (0,), 300, 5.0, 25.0, ())
+            plan.robustness_corruptions, plan.camera_pretrain_steps) == (("supervised_e2e",), (0,), 300, 5.0, 25.0,
+                                                                          (), 0)

@@ -8,7 +8,8 @@
 2. trains the `tiny_aqr_recommended` config (recommended AQR settings) on the train scenes for
    ``presets.MAIN_JOB_STEPS`` steps (`--steps 3600` is the longer run of docs/training.md); with two idle cores
    in two processes of one thread each (``accelerate launch train/main.py``, batch 1 per process, the same global
-   batch of 2), since one process with two intra-op threads steps much slower on 2 cores (docs/benchmark.md),
+   batch of 2), since one process with two intra-op threads steps much slower on 2 cores (docs/benchmark.md);
+   in one process with ModalMask3D (``--set data.augment.modality_drop=true``), which needs two samples per process,
 3. evaluates it with the official nuScenes DetectionEval on the val scenes,
 4. prints val mAP/NDS and where the safetensors checkpoint, the metrics and the TensorBoard logs are (the result
    measured on a 2-core CPU machine is in docs/benchmark.md).
@@ -64,17 +65,23 @@ def demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     root = Path(args.root)
     cores = idle_cores()
-    processes = args.processes or min(2, cores)
-    threads = args.threads or max(1, cores // processes)
     overrides = [f"data.root={root}", f"data.version={MAIN_JOB_BENCHMARK.version}", "data.train_split=train",
                  "data.val_split=val", f"train.max_steps={args.steps}", "train.epochs=1000",
                  "train.eval_every_epochs=0", f"train.output_dir={args.out}"]
-    if processes > 1:                  # losses normalised over the global batch, as in one process
-        overrides.append("model.head.sync_loss_normalizers=true")
     cfg = load_config(args.config, overrides + args.set)   # a bad override is refused before anything is written
+    needed = cfg.min_batch_per_process()
+    processes = args.processes or max(1, min(2, cores, cfg.data.batch_size // needed))
+    threads = args.threads or max(1, cores // processes)
     if cfg.data.batch_size % processes:
         raise CommandError(f"--processes {processes}: data.batch_size={cfg.data.batch_size} does not split evenly "
                            "among the processes")
+    if cfg.data.batch_size // processes < needed:
+        raise CommandError(f"--processes {processes}: data.batch_size={cfg.data.batch_size} leaves "
+                           f"{cfg.data.batch_size // processes} sample per process; ModalMask3D "
+                           f"(data.augment.modality_drop) needs {needed} (a LiDAR-dropped sample is one voxel)")
+    if processes > 1:                  # losses normalised over the global batch, as in one process
+        overrides.append("model.head.sync_loss_normalizers=true")
+        cfg = load_config(args.config, overrides + args.set)
     if not (root / MAIN_JOB_BENCHMARK.version / "sample.json").is_file():
         print(f"[1/3] writing the synthetic benchmark to {root}")
         make_synthetic_nuscenes(root, **asdict(MAIN_JOB_BENCHMARK))

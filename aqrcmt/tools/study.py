@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training seeds of every arm (default: 0 1 2; --quick: 0)")
     parser.add_argument("--finetune-steps", type=int, default=None, metavar="N",
                         help="fine-tuning steps of every arm and seed (default: 100; --quick: 4)")
+    parser.add_argument("--camera-pretrain-steps", type=int, default=None, metavar="N",
+                        help="camera-only steps the pretraining starts from (default: 1100; --quick: 4; 0: none, "
+                             "the ModalMask3D pretraining starts from scratch)")
     parser.add_argument("--router-loss-weight", type=float, default=None, metavar="W",
                         help="router supervision weight of the supervised arms (default: 20)")
     parser.add_argument("--aqr-lr-mult", type=float, default=None, metavar="M",
@@ -51,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--seeds must name distinct seeds, got {args.seeds}")
     if args.finetune_steps is not None and args.finetune_steps < 1:
         raise CommandError(f"--finetune-steps must be >= 1, got {args.finetune_steps}")
+    if args.camera_pretrain_steps is not None and args.camera_pretrain_steps < 0:
+        raise CommandError(f"--camera-pretrain-steps must be >= 0, got {args.camera_pretrain_steps}")
     for option, value in (("--router-loss-weight", args.router_loss_weight), ("--aqr-lr-mult", args.aqr_lr_mult)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise CommandError(f"{option} must be a finite number > 0, got {value}")
@@ -61,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--set: {err}") from None
     plan = StudyPlan.quick(out, tuple(args.arms)) if args.quick else StudyPlan(out=out, arms=tuple(args.arms))
     changes = {"seeds": None if args.seeds is None else tuple(args.seeds), "finetune_steps": args.finetune_steps,
+               "camera_pretrain_steps": args.camera_pretrain_steps,
                "router_loss_weight": args.router_loss_weight, "aqr_lr_mult": args.aqr_lr_mult,
                "robustness_corruptions": () if args.no_corruptions else None, "overrides": tuple(args.set) or None}
     plan = dataclasses.replace(plan, **{key: value for key, value in changes.items() if value is not None})

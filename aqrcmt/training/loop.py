@@ -263,6 +263,14 @@ def adopt_required_settings(accelerator: Accelerator, cfg: Config, options: Trai
         accelerator.print(f"--load-from {options.load_from} needs {note}")
 
 
+def check_batch_per_process(cfg: Config) -> None:
+    """ConfigError unless ``data.batch_size`` (per process) is at least ``cfg.min_batch_per_process()``."""
+    if cfg.data.batch_size < cfg.min_batch_per_process():
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} with data.augment.modality_drop=true: a "
+                          "LiDAR-dropped sample is one voxel, too few for the sparse encoder's BatchNorm in training; "
+                          f"use data.batch_size >= {cfg.min_batch_per_process()} per process (or modality_drop=false)")
+
+
 def setup(accelerator: Accelerator, cfg: Config, options: TrainOptions) -> Run:
     """Everything a run needs, with the resumed state loaded (see the module doc, phase 1)."""
     # ---- run directory and resumed checkpoint: checked before anything is written ----
@@ -714,6 +722,8 @@ def train(cfg: Config, options: TrainOptions) -> TrainResult:
     SIGTERM / SIGUSR1 / SIGINT stop the run after the current step with a checkpoint
     (:mod:`aqrcmt.training.interrupt`); raises TrainingStopped (alarm) or TrainingInterrupted (signal) after the
     run was closed on every process."""
+    if not options.eval_only:
+        check_batch_per_process(cfg)
     with stop_requests() as requests:
         accelerator = build_accelerator(cfg)
         lock = lock_run_dir(accelerator, Path(cfg.train.output_dir))
