@@ -116,8 +116,9 @@ def test_pretrained_weights_of_another_config_are_refused(quick_study: Path, tmp
     assert not (out / "arms").exists()
 
 
-@pytest.mark.parametrize("option, value", [("--finetune-steps", "0"), ("--camera-pretrain-steps", "-1"), ("--router-loss-weight", "-1"),
-                                           ("--router-loss-weight", "nan"), ("--aqr-lr-mult", "0")])
+@pytest.mark.parametrize("option, value", [("--finetune-steps", "0"), ("--camera-pretrain-steps", "-1"),
+                                           ("--router-loss-weight", "-1"), ("--router-loss-weight", "nan"),
+                                           ("--aqr-lr-mult", "0")])
 def test_bad_plan_options_are_refused(tmp_path, capsys, option, value):
     assert main(["study", "--out", str(tmp_path / "s"), "--quick", option, value]) == 2
     err = capsys.readouterr().err
