@@ -37,9 +37,10 @@ def read_at_boxes(bev_map: torch.Tensor, batch, pc_range, target: str) -> tuple[
     for b, (boxes, labels) in enumerate(zip(batch.gt_boxes, batch.gt_labels)):
         if target == "heading":
             boxes = boxes[torch.isin(labels, VEHICLES)]
+            targets.append(torch.stack([torch.sin(boxes[:, 6]), torch.cos(boxes[:, 6])], -1))
+        else:
+            targets.append(boxes[:, 7:9])
         read.append(read_bev_map(bev_map[b:b + 1], boxes[None, :, :2], pc_range)[0])
-        targets.append(torch.stack([torch.sin(boxes[:, 6]), torch.cos(boxes[:, 6])], -1) if target == "heading"
-                       else boxes[:, 7:9])
     return torch.cat(read), torch.cat(targets)
 
 
@@ -61,7 +62,8 @@ def score(model, branch, loader, pc_range, target: str) -> str:
     yaw = torch.atan2(truth[:, 0], truth[:, 1])
     error = (torch.remainder(torch.atan2(read[:, 0], read[:, 1]) - yaw + np.pi, 2 * np.pi) - np.pi).abs()
     return (f"{len(yaw)} val vehicles: yaw error {error.mean():.2f} rad, axis error "
-            f"{torch.minimum(error, np.pi - error).mean():.2f} rad, front right {(error < np.pi / 2).float().mean():.0%}")
+            f"{torch.minimum(error, np.pi - error).mean():.2f} rad, "
+            f"front right {(error < np.pi / 2).float().mean():.0%}")
 
 
 def main() -> None:
